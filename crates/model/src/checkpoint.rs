@@ -1,0 +1,486 @@
+//! HF safetensors checkpoint IO: single file or sharded (`model.safetensors.index.json`), both
+//! naming generations, tied `lm_head`, and export back to the HF layout.
+//!
+//! The Burn module tree mirrors the HF key tree, so the mapping is a short declared table of
+//! prefix rewrites (file key → module path) plus two per-type rules:
+//!
+//! | file key prefix                          | module path prefix        |
+//! |------------------------------------------|---------------------------|
+//! | `language_model.model.` (hub, 4.x)       | `language_model.`         |
+//! | `model.language_model.` (5.x in memory)  | `language_model.`         |
+//! | `vision_tower.vision_model.` (hub, 4.x)  | `vision_tower.`           |
+//! | `model.vision_tower.` / `vision_tower.`  | `vision_tower.`           |
+//! | `model.multi_modal_projector.`           | `multi_modal_projector.`  |
+//! | `lm_head.weight`, `language_model.lm_head.weight` | tied to `embed_tokens` (skipped) |
+//!
+//! - `Linear.weight` is `[out, in]` in PyTorch and `[in, out]` in Burn: transposed both ways.
+//! - `LayerNorm.{weight,bias}` are Burn's `gamma`/`beta`.
+//!
+//! A missing tensor, an unexpected one, or a shape mismatch is an error naming the tensor.
+
+use std::collections::{BTreeMap, HashMap};
+use std::fs::File;
+use std::path::{Path, PathBuf};
+
+use burn::module::{Module, ModuleMapper, ModuleVisitor, Param, ParamId};
+use burn::tensor::backend::Backend;
+use burn::tensor::{bf16, f16, Tensor, TensorData};
+use safetensors::{Dtype, SafeTensors};
+
+use crate::error::{io_err, Error, Result};
+
+/// Which part of a model a checkpoint fills.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Tower {
+    /// A full PaliGemma checkpoint.
+    All,
+    /// A SigLIP checkpoint (`SiglipVisionModel` or `SiglipModel`; the text tower is ignored).
+    Vision,
+    /// A Gemma checkpoint (`GemmaForCausalLM` / `Gemma2ForCausalLM`).
+    Language,
+}
+
+/// Maps a file key to a module path, `None` for keys that are deliberately ignored.
+pub fn module_path(key: &str, tower: Tower) -> Option<String> {
+    let rules: &[(&str, &str)] = match tower {
+        Tower::All => &[
+            ("language_model.model.", "language_model."),
+            ("model.language_model.", "language_model."),
+            ("vision_tower.vision_model.", "vision_tower."),
+            ("model.vision_tower.", "vision_tower."),
+            ("vision_tower.", "vision_tower."),
+            ("model.multi_modal_projector.", "multi_modal_projector."),
+            ("multi_modal_projector.", "multi_modal_projector."),
+        ],
+        Tower::Vision => &[
+            ("vision_model.", "vision_tower."),
+            ("vision_tower.vision_model.", "vision_tower."),
+        ],
+        Tower::Language => &[
+            ("model.", "language_model."),
+            ("language_model.model.", "language_model."),
+        ],
+    };
+    let tied = ["lm_head.weight", "language_model.lm_head.weight"];
+    if tied.contains(&key) {
+        return None;
+    }
+    if tower == Tower::Vision
+        && (key.starts_with("text_model.") || key == "logit_scale" || key == "logit_bias")
+    {
+        return None; // the other tower of a two-tower SigLIP checkpoint
+    }
+    rules
+        .iter()
+        .find_map(|(from, to)| key.strip_prefix(from).map(|rest| format!("{to}{rest}")))
+        .or_else(|| Some(format!("?{key}")))
+}
+
+/// Module path → the legacy hub key (what transformers 4.x and 5.x both load).
+pub fn hub_key(path: &str) -> String {
+    for (from, to) in [
+        ("language_model.", "language_model.model."),
+        ("vision_tower.", "vision_tower.vision_model."),
+    ] {
+        if let Some(rest) = path.strip_prefix(from) {
+            return format!("{to}{rest}");
+        }
+    }
+    path.to_string()
+}
+
+/// A tensor read from a file, kept as raw bytes until used.
+struct RawTensor {
+    file: usize,
+    dtype: Dtype,
+    shape: Vec<usize>,
+    start: usize,
+    end: usize,
+}
+
+/// The tensors of a checkpoint (one or more memory-mapped safetensors files).
+pub struct TensorFile {
+    maps: Vec<(PathBuf, memmap2::Mmap)>,
+    tensors: BTreeMap<String, RawTensor>,
+}
+
+impl TensorFile {
+    /// Opens `path`: a `.safetensors` file, a `model.safetensors.index.json`, or a directory
+    /// holding either.
+    pub fn open(path: &Path) -> Result<Self> {
+        let files = if path.is_dir() {
+            let index = path.join("model.safetensors.index.json");
+            if index.exists() {
+                shard_files(&index)?
+            } else {
+                vec![path.join("model.safetensors")]
+            }
+        } else if path.extension().is_some_and(|e| e == "json") {
+            shard_files(path)?
+        } else {
+            vec![path.to_path_buf()]
+        };
+        let mut out = TensorFile {
+            maps: Vec::new(),
+            tensors: BTreeMap::new(),
+        };
+        for (i, f) in files.iter().enumerate() {
+            let file = File::open(f).map_err(io_err(f))?;
+            // SAFETY: the file is opened read-only and not modified while the map lives; a
+            // concurrent writer would be a user error that at worst yields wrong values.
+            let map = unsafe { memmap2::Mmap::map(&file) }.map_err(io_err(f))?;
+            let st = SafeTensors::deserialize(&map).map_err(|e| Error::Safetensors {
+                path: f.clone(),
+                msg: e.to_string(),
+            })?;
+            let base = map.as_ptr() as usize;
+            for (name, view) in st.tensors() {
+                let data = view.data();
+                let start = data.as_ptr() as usize - base;
+                out.tensors.insert(
+                    name,
+                    RawTensor {
+                        file: i,
+                        dtype: view.dtype(),
+                        shape: view.shape().to_vec(),
+                        start,
+                        end: start + data.len(),
+                    },
+                );
+            }
+            out.maps.push((f.clone(), map));
+        }
+        Ok(out)
+    }
+
+    pub fn names(&self) -> impl Iterator<Item = &str> {
+        self.tensors.keys().map(|s| s.as_str())
+    }
+
+    pub fn shape(&self, name: &str) -> Option<&[usize]> {
+        self.tensors.get(name).map(|t| t.shape.as_slice())
+    }
+
+    fn describe(&self) -> String {
+        match self.maps.as_slice() {
+            [(p, _)] => p.display().to_string(),
+            m => format!("{} shards starting at {}", m.len(), m[0].0.display()),
+        }
+    }
+
+    /// The tensor as f32 values (F32, F16, BF16 and F64 are converted).
+    pub fn f32(&self, name: &str) -> Result<(Vec<f32>, Vec<usize>)> {
+        let t = self.tensors.get(name).ok_or_else(|| Error::MissingTensor {
+            name: name.to_string(),
+            expected: vec![],
+            source_desc: self.describe(),
+        })?;
+        let bytes = &self.maps[t.file].1[t.start..t.end];
+        let vals: Vec<f32> = match t.dtype {
+            Dtype::F32 => bytes
+                .chunks_exact(4)
+                .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+                .collect(),
+            Dtype::F64 => bytes
+                .chunks_exact(8)
+                .map(|c| f64::from_le_bytes(c.try_into().unwrap()) as f32)
+                .collect(),
+            Dtype::BF16 => bytes
+                .chunks_exact(2)
+                .map(|c| bf16::from_le_bytes([c[0], c[1]]).to_f32())
+                .collect(),
+            Dtype::F16 => bytes
+                .chunks_exact(2)
+                .map(|c| f16::from_le_bytes([c[0], c[1]]).to_f32())
+                .collect(),
+            other => {
+                return Err(Error::Dtype {
+                    name: name.to_string(),
+                    dtype: format!("{other:?}"),
+                    source_desc: self.maps[t.file].0.display().to_string(),
+                })
+            }
+        };
+        Ok((vals, t.shape.clone()))
+    }
+
+    /// The tensor as i64 values (I64, I32, U8, BOOL).
+    pub fn i64(&self, name: &str) -> Result<(Vec<i64>, Vec<usize>)> {
+        let t = self.tensors.get(name).ok_or_else(|| Error::MissingTensor {
+            name: name.to_string(),
+            expected: vec![],
+            source_desc: self.describe(),
+        })?;
+        let bytes = &self.maps[t.file].1[t.start..t.end];
+        let vals: Vec<i64> = match t.dtype {
+            Dtype::I64 => bytes
+                .chunks_exact(8)
+                .map(|c| i64::from_le_bytes(c.try_into().unwrap()))
+                .collect(),
+            Dtype::I32 => bytes
+                .chunks_exact(4)
+                .map(|c| i32::from_le_bytes(c.try_into().unwrap()) as i64)
+                .collect(),
+            Dtype::U8 | Dtype::BOOL => bytes.iter().map(|b| *b as i64).collect(),
+            other => {
+                return Err(Error::Dtype {
+                    name: name.to_string(),
+                    dtype: format!("{other:?}"),
+                    source_desc: self.maps[t.file].0.display().to_string(),
+                })
+            }
+        };
+        Ok((vals, t.shape.clone()))
+    }
+}
+
+fn shard_files(index: &Path) -> Result<Vec<PathBuf>> {
+    let text = std::fs::read_to_string(index).map_err(io_err(index))?;
+    let v: serde_json::Value = serde_json::from_str(&text).map_err(|source| Error::Json {
+        path: index.to_path_buf(),
+        source,
+    })?;
+    let map = v
+        .get("weight_map")
+        .and_then(|m| m.as_object())
+        .ok_or_else(|| Error::Config {
+            path: index.to_path_buf(),
+            field: "weight_map".into(),
+            msg: "missing or not an object".into(),
+        })?;
+    let dir = index.parent().unwrap_or(Path::new("."));
+    let mut files: Vec<PathBuf> = map
+        .values()
+        .filter_map(|f| f.as_str())
+        .map(|f| dir.join(f))
+        .collect();
+    files.sort();
+    files.dedup();
+    Ok(files)
+}
+
+/// Path of a parameter inside the module tree, with the PyTorch name of its last component.
+#[derive(Default)]
+struct PathStack {
+    names: Vec<String>,
+    owners: Vec<String>,
+}
+
+impl PathStack {
+    fn enter(&mut self, name: &str, container: &str) {
+        self.names.push(name.to_string());
+        self.owners.push(container.to_string());
+    }
+    fn exit(&mut self) {
+        self.names.pop();
+        self.owners.pop();
+    }
+    /// (PyTorch-style path, whether the tensor is a Linear weight needing a transpose).
+    fn current(&self) -> (String, bool) {
+        let owner = self.owners.last().map(String::as_str).unwrap_or("");
+        let mut names = self.names.clone();
+        let mut transpose = false;
+        if let Some(last) = names.last_mut() {
+            match (owner, last.as_str()) {
+                ("Struct:LayerNorm", "gamma") => *last = "weight".into(),
+                ("Struct:LayerNorm", "beta") => *last = "bias".into(),
+                ("Struct:Linear", "weight") => transpose = true,
+                _ => {}
+            }
+        }
+        (names.join("."), transpose)
+    }
+}
+
+fn transpose2(vals: &[f32], rows: usize, cols: usize) -> Vec<f32> {
+    let mut out = vec![0.0; vals.len()];
+    for r in 0..rows {
+        for c in 0..cols {
+            out[c * rows + r] = vals[r * cols + c];
+        }
+    }
+    out
+}
+
+/// Every parameter of a module: (PyTorch-style path, Burn shape).
+pub fn parameter_shapes<B: Backend, M: Module<B>>(module: &M) -> Vec<(String, Vec<usize>)> {
+    struct V(PathStack, Vec<(String, Vec<usize>)>);
+    impl<B: Backend> ModuleVisitor<B> for V {
+        fn enter_module(&mut self, name: &str, container: &str) {
+            self.0.enter(name, container)
+        }
+        fn exit_module(&mut self, _: &str, _: &str) {
+            self.0.exit()
+        }
+        fn visit_float<const D: usize>(&mut self, p: &Param<Tensor<B, D>>) {
+            self.1
+                .push((self.0.current().0, p.lazy_shape().dims::<D>().to_vec()));
+        }
+    }
+    let mut v = V(PathStack::default(), Vec::new());
+    module.visit(&mut v);
+    v.1
+}
+
+struct Loader<'a> {
+    file: &'a TensorFile,
+    /// module path → file key
+    by_path: HashMap<String, String>,
+    used: Vec<String>,
+    errors: Vec<Error>,
+    /// Parameters whose path starts with one of these are left as they are (other tower).
+    only: Option<&'a str>,
+    stack: PathStack,
+}
+
+impl<B: Backend> ModuleMapper<B> for Loader<'_> {
+    fn enter_module(&mut self, name: &str, container: &str) {
+        self.stack.enter(name, container)
+    }
+    fn exit_module(&mut self, _: &str, _: &str) {
+        self.stack.exit()
+    }
+    fn map_float<const D: usize>(&mut self, param: Param<Tensor<B, D>>) -> Param<Tensor<B, D>> {
+        let (path, transpose) = self.stack.current();
+        if self.only.is_some_and(|p| !path.starts_with(p)) {
+            return param;
+        }
+        let burn_shape = param.lazy_shape().dims::<D>().to_vec();
+        let torch_shape: Vec<usize> = if transpose {
+            vec![burn_shape[1], burn_shape[0]]
+        } else {
+            burn_shape.clone()
+        };
+        let Some(key) = self.by_path.get(&path).cloned() else {
+            self.errors.push(Error::MissingTensor {
+                name: hub_key(&path),
+                expected: torch_shape,
+                source_desc: self.file.describe(),
+            });
+            return param;
+        };
+        let (vals, found) = match self.file.f32(&key) {
+            Ok(v) => v,
+            Err(e) => {
+                self.errors.push(e);
+                return param;
+            }
+        };
+        self.used.push(key.clone());
+        if found != torch_shape {
+            self.errors.push(Error::ShapeMismatch {
+                name: key,
+                expected: torch_shape,
+                found,
+                source_desc: self.file.describe(),
+            });
+            return param;
+        }
+        let vals = if transpose {
+            transpose2(&vals, torch_shape[0], torch_shape[1])
+        } else {
+            vals
+        };
+        let device = param.lazy_device();
+        let tensor = Tensor::<B, D>::from_data(TensorData::new(vals, burn_shape), &device);
+        let id: ParamId = param.id;
+        param.transform_for_load(tensor, id)
+    }
+}
+
+/// Loads `file` into `module`. With `Tower::Vision` / `Tower::Language` only that tower's
+/// parameters are filled (a unimodal start); every parameter of the filled part must be in the
+/// file, and every tensor in the file must be used.
+pub fn load_into<B: Backend, M: Module<B>>(
+    module: M,
+    file: &TensorFile,
+    tower: Tower,
+) -> Result<M> {
+    let mut by_path = HashMap::new();
+    for key in file.names() {
+        if let Some(path) = module_path(key, tower) {
+            by_path.insert(path, key.to_string());
+        }
+    }
+    let only = match tower {
+        Tower::All => None,
+        Tower::Vision => Some("vision_tower."),
+        Tower::Language => Some("language_model."),
+    };
+    let mut loader = Loader {
+        file,
+        by_path,
+        used: Vec::new(),
+        errors: Vec::new(),
+        only,
+        stack: PathStack::default(),
+    };
+    let module = module.map(&mut loader);
+    // Shape errors first: they are the most informative.
+    let mut errors = loader.errors;
+    errors.sort_by_key(|e| !matches!(e, Error::ShapeMismatch { .. }));
+    if let Some(e) = errors.into_iter().next() {
+        return Err(e);
+    }
+    let used: std::collections::HashSet<_> = loader.used.into_iter().collect();
+    for key in file.names() {
+        if module_path(key, tower).is_some() && !used.contains(key) {
+            return Err(Error::UnexpectedTensor {
+                name: key.to_string(),
+                shape: file.shape(key).unwrap_or(&[]).to_vec(),
+                source_desc: file.describe(),
+            });
+        }
+    }
+    Ok(module)
+}
+
+/// Writes every parameter of `module` to `path` as f32 safetensors with hub (4.x-style) names,
+/// atomically (temp file + rename).
+pub fn save_safetensors<B: Backend, M: Module<B>>(module: &M, path: &Path) -> Result<()> {
+    struct V(PathStack, Vec<(String, Vec<usize>, Vec<u8>)>);
+    impl<B: Backend> ModuleVisitor<B> for V {
+        fn enter_module(&mut self, name: &str, container: &str) {
+            self.0.enter(name, container)
+        }
+        fn exit_module(&mut self, _: &str, _: &str) {
+            self.0.exit()
+        }
+        fn visit_float<const D: usize>(&mut self, p: &Param<Tensor<B, D>>) {
+            let (path, transpose) = self.0.current();
+            let t = p.val();
+            let shape = t.dims().to_vec();
+            let vals: Vec<f32> = t.into_data().convert::<f32>().to_vec().expect("f32 data");
+            let (vals, shape) = if transpose {
+                (
+                    transpose2(&vals, shape[0], shape[1]),
+                    vec![shape[1], shape[0]],
+                )
+            } else {
+                (vals, shape)
+            };
+            let bytes = vals.iter().flat_map(|v| v.to_le_bytes()).collect();
+            self.1.push((hub_key(&path), shape, bytes));
+        }
+    }
+    let mut v = V(PathStack::default(), Vec::new());
+    module.visit(&mut v);
+    let views: Vec<(String, safetensors::tensor::TensorView)> =
+        v.1.iter()
+            .map(|(n, s, b)| {
+                let view = safetensors::tensor::TensorView::new(Dtype::F32, s.clone(), b)
+                    .expect("consistent view");
+                (n.clone(), view)
+            })
+            .collect();
+    let meta = HashMap::from([("format".to_string(), "pt".to_string())]);
+    let tmp = path.with_extension("safetensors.tmp");
+    safetensors::tensor::serialize_to_file(views, Some(meta), &tmp).map_err(|e| {
+        Error::Safetensors {
+            path: tmp.clone(),
+            msg: e.to_string(),
+        }
+    })?;
+    std::fs::rename(&tmp, path).map_err(io_err(path))?;
+    Ok(())
+}

@@ -1,0 +1,56 @@
+//! The PaliGemma model: SigLIP image encoder → projector → Gemma / Gemma 2 decoder, HF
+//! checkpoint IO, masks and losses. Generic over any Burn `Backend`.
+
+pub mod checkpoint;
+pub mod config;
+pub mod error;
+pub mod gemma;
+pub mod generate;
+pub mod hf;
+pub mod loss;
+pub mod mask;
+pub mod paligemma;
+pub mod presets;
+pub mod projector;
+pub mod siglip;
+
+pub use config::{
+    GemmaConfig, ImageEncoder, LayerType, PaliGemmaConfig, ProjectorKind, SiglipConfig,
+};
+pub use error::{Error, Result};
+pub use gemma::AttentionMasks;
+pub use paligemma::{ModelInput, ModelOutput, PaliGemma, Trace};
+
+use std::path::Path;
+
+use burn::tensor::backend::Backend;
+
+/// Loads an HF PaliGemma checkpoint directory (`config.json` + safetensors, single or sharded).
+pub fn load_hf<B: Backend>(
+    dir: &Path,
+    device: &B::Device,
+) -> Result<(PaliGemmaConfig, PaliGemma<B>)> {
+    let config = hf::parse_config(&dir.join("config.json"))?;
+    let file = checkpoint::TensorFile::open(dir)?;
+    let model = checkpoint::load_into(config.init::<B>(device), &file, checkpoint::Tower::All)?;
+    Ok((config, model))
+}
+
+/// Saves `model` as an HF checkpoint directory (`model.safetensors` + `config.json`).
+pub fn save_hf<B: Backend>(
+    model: &PaliGemma<B>,
+    config: &PaliGemmaConfig,
+    dir: &Path,
+) -> Result<()> {
+    std::fs::create_dir_all(dir).map_err(error::io_err(dir))?;
+    let json = hf::to_hf_config(config).map_err(Error::Input)?;
+    let path = dir.join("config.json");
+    let tmp = dir.join("config.json.tmp");
+    std::fs::write(&tmp, serde_json::to_string_pretty(&json).expect("json"))
+        .map_err(error::io_err(&tmp))?;
+    std::fs::rename(&tmp, &path).map_err(error::io_err(&path))?;
+    checkpoint::save_safetensors(model, &dir.join("model.safetensors"))
+}
+
+#[cfg(test)]
+pub(crate) type TestBackend = burn::backend::Flex;

@@ -1,0 +1,197 @@
+//! SigLIP ViT image encoder, as HF `modeling_siglip.py` (5.24, lines 124-185, 237-356, 566-611)
+//! and big_vision `models/vit.py`: conv patch embedding, learned position embedding (no CLS),
+//! pre-LN blocks (MHA with biases, GELU-tanh MLP), final LayerNorm. No pooling head.
+//!
+//! Field names mirror the HF checkpoint keys (`embeddings.patch_embedding`, `encoder.layers.{i}
+//! .self_attn.q_proj`, …) so that checkpoint IO needs no remap table.
+
+use burn::module::Module;
+use burn::nn::conv::{Conv2d, Conv2dConfig};
+use burn::nn::{Embedding, EmbeddingConfig, LayerNorm, LayerNormConfig, Linear, LinearConfig};
+use burn::tensor::activation::gelu_approximate;
+use burn::tensor::backend::Backend;
+use burn::tensor::module::attention;
+use burn::tensor::ops::AttentionModuleOptions;
+use burn::tensor::Tensor;
+
+use crate::config::SiglipConfig;
+
+#[derive(Module, Debug)]
+pub struct SiglipEmbeddings<B: Backend> {
+    pub patch_embedding: Conv2d<B>,
+    pub position_embedding: Embedding<B>,
+}
+
+#[derive(Module, Debug)]
+pub struct SiglipAttention<B: Backend> {
+    pub q_proj: Linear<B>,
+    pub k_proj: Linear<B>,
+    pub v_proj: Linear<B>,
+    pub out_proj: Linear<B>,
+    pub num_heads: usize,
+}
+
+#[derive(Module, Debug)]
+pub struct SiglipMlp<B: Backend> {
+    pub fc1: Linear<B>,
+    pub fc2: Linear<B>,
+}
+
+#[derive(Module, Debug)]
+pub struct SiglipLayer<B: Backend> {
+    pub layer_norm1: LayerNorm<B>,
+    pub self_attn: SiglipAttention<B>,
+    pub layer_norm2: LayerNorm<B>,
+    pub mlp: SiglipMlp<B>,
+}
+
+#[derive(Module, Debug)]
+pub struct SiglipEncoder<B: Backend> {
+    pub layers: Vec<SiglipLayer<B>>,
+}
+
+#[derive(Module, Debug)]
+pub struct SiglipVision<B: Backend> {
+    pub embeddings: SiglipEmbeddings<B>,
+    pub encoder: SiglipEncoder<B>,
+    pub post_layernorm: LayerNorm<B>,
+    pub patch_size: usize,
+}
+
+impl SiglipConfig {
+    pub fn init<B: Backend>(&self, device: &B::Device) -> SiglipVision<B> {
+        let d = self.hidden_size;
+        let ln = || {
+            LayerNormConfig::new(d)
+                .with_epsilon(self.layer_norm_eps)
+                .init(device)
+        };
+        let lin = |i, o| LinearConfig::new(i, o).init(device);
+        let layers = (0..self.num_layers)
+            .map(|_| SiglipLayer {
+                layer_norm1: ln(),
+                self_attn: SiglipAttention {
+                    q_proj: lin(d, d),
+                    k_proj: lin(d, d),
+                    v_proj: lin(d, d),
+                    out_proj: lin(d, d),
+                    num_heads: self.num_heads,
+                },
+                layer_norm2: ln(),
+                mlp: SiglipMlp {
+                    fc1: lin(d, self.intermediate_size),
+                    fc2: lin(self.intermediate_size, d),
+                },
+            })
+            .collect();
+        // Position embeddings: normal with std 1/sqrt(D), as big_vision's `pos_embedding` init.
+        let pos = EmbeddingConfig::new(self.num_patches(), d)
+            .with_initializer(burn::nn::Initializer::Normal {
+                mean: 0.0,
+                std: (d as f64).powf(-0.5),
+            })
+            .init(device);
+        SiglipVision {
+            embeddings: SiglipEmbeddings {
+                patch_embedding: Conv2dConfig::new([3, d], [self.patch_size; 2])
+                    .with_stride([self.patch_size; 2])
+                    .init(device),
+                position_embedding: pos,
+            },
+            encoder: SiglipEncoder { layers },
+            post_layernorm: ln(),
+            patch_size: self.patch_size,
+        }
+    }
+}
+
+impl<B: Backend> SiglipAttention<B> {
+    /// # Shapes
+    /// - x: [B, N, D] → [B, N, D]
+    pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
+        let [b, n, d] = x.dims();
+        let h = self.num_heads;
+        let heads = |t: Tensor<B, 3>| t.reshape([b, n, h, d / h]).swap_dims(1, 2); // [B, H, N, Dh]
+        let q = heads(self.q_proj.forward(x.clone()));
+        let k = heads(self.k_proj.forward(x.clone()));
+        let v = heads(self.v_proj.forward(x));
+        let opts = AttentionModuleOptions {
+            scale: Some(((d / h) as f64).powf(-0.5)),
+            softcap: None,
+            is_causal: false,
+        };
+        let o = attention(q, k, v, None, None, opts); // [B, H, N, Dh]
+        self.out_proj.forward(o.swap_dims(1, 2).reshape([b, n, d]))
+    }
+}
+
+impl<B: Backend> SiglipLayer<B> {
+    pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
+        let x = x.clone() + self.self_attn.forward(self.layer_norm1.forward(x));
+        let h = self.mlp.fc1.forward(self.layer_norm2.forward(x.clone()));
+        x + self.mlp.fc2.forward(gelu_approximate(h))
+    }
+}
+
+impl<B: Backend> SiglipVision<B> {
+    /// Patch + position embeddings.
+    ///
+    /// # Shapes
+    /// - pixels: [B, 3, H, W] in [-1, 1] → [B, N, D], N = (H/p)·(W/p), patches row-major.
+    pub fn embed(&self, pixels: Tensor<B, 4>) -> Tensor<B, 3> {
+        let x = self.embeddings.patch_embedding.forward(pixels); // [B, D, H/p, W/p]
+        let [b, d, gh, gw] = x.dims();
+        let x = x.reshape([b, d, gh * gw]).swap_dims(1, 2); // [B, N, D]
+        let n_pos = self.embeddings.position_embedding.weight.dims()[0];
+        assert_eq!(
+            n_pos,
+            gh * gw,
+            "image gives {gh}x{gw} patches but the position embedding has {n_pos} rows: \
+             resample it for this resolution"
+        );
+        let pos = self
+            .embeddings
+            .position_embedding
+            .weight
+            .val()
+            .unsqueeze::<3>(); // [1, N, D]
+        x + pos
+    }
+
+    /// Full encoder. When `hidden` is given, records the embedding output and every layer's
+    /// output (pre final LayerNorm), as HF `output_hidden_states`.
+    ///
+    /// # Shapes
+    /// - pixels: [B, 3, H, W] → [B, N, D] (after `post_layernorm`)
+    pub fn forward(
+        &self,
+        pixels: Tensor<B, 4>,
+        mut hidden: Option<&mut Vec<Tensor<B, 3>>>,
+    ) -> Tensor<B, 3> {
+        let mut x = self.embed(pixels);
+        for layer in &self.encoder.layers {
+            if let Some(h) = hidden.as_deref_mut() {
+                h.push(x.clone());
+            }
+            x = layer.forward(x);
+        }
+        if let Some(h) = hidden.as_deref_mut() {
+            h.push(x.clone());
+        }
+        self.post_layernorm.forward(x)
+    }
+}
+
+/// Cut images into flattened patches, row-major, channel-last inside a patch — the input of the
+/// "no image encoder" ablation.
+///
+/// # Shapes
+/// - pixels: [B, 3, H, W] → [B, N, p·p·3]
+pub fn patchify<B: Backend>(pixels: Tensor<B, 4>, p: usize) -> Tensor<B, 3> {
+    let [b, c, h, w] = pixels.dims();
+    let (gh, gw) = (h / p, w / p);
+    pixels
+        .reshape([b, c, gh, p, gw, p])
+        .permute([0, 2, 4, 3, 5, 1]) // [B, gh, gw, p, p, C]
+        .reshape([b, gh * gw, p * p * c])
+}

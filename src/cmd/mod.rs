@@ -1,0 +1,4 @@
+pub mod forward;
+pub mod generate;
+pub mod inputs;
+pub mod model;

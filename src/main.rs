@@ -1,0 +1,73 @@
+//! `pali`: train PaliGemma-style vision-language models. This file only parses and dispatches.
+
+mod backend;
+mod cmd;
+mod st;
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+use backend::DeviceSpec;
+
+#[derive(Parser)]
+#[command(
+    name = "pali",
+    version,
+    about = "Train PaliGemma-style vision-language models on Burn"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Inspect model presets and configs.
+    Model {
+        #[command(subcommand)]
+        command: ModelCommand,
+    },
+    /// Run one forward pass of an HF checkpoint on HF-named inputs (port verification).
+    Forward(cmd::forward::Args),
+    /// Greedy decoding with a KV cache from a prompt in HF-named inputs.
+    Generate(cmd::generate::Args),
+}
+
+#[derive(Subcommand)]
+enum ModelCommand {
+    /// Print a preset's (or an HF config.json's) shapes and parameter counts.
+    Info {
+        /// Preset name (see `pali model list`) or a path to an HF config.json / checkpoint dir.
+        preset: String,
+    },
+    /// List the presets.
+    List,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Model { command } => match command {
+            ModelCommand::Info { preset } => cmd::model::info(&preset),
+            ModelCommand::List => cmd::model::list(),
+        },
+        Command::Forward(args) => cmd::forward::run(args),
+        Command::Generate(args) => cmd::generate::run(args),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+/// Shared argument: where to compute.
+#[derive(clap::Args, Debug, Clone)]
+pub struct DeviceArg {
+    /// cpu, wgpu[:N] or cuda[:N].
+    #[arg(long, default_value = "cpu")]
+    pub device: DeviceSpec,
+}
