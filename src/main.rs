@@ -32,6 +32,17 @@ enum Command {
     Forward(cmd::forward::Args),
     /// Greedy decoding with a KV cache from a prompt in HF-named inputs.
     Generate(cmd::generate::Args),
+    /// Benchmarks (JSON on stdout).
+    Bench {
+        #[command(subcommand)]
+        command: BenchCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum BenchCommand {
+    /// Forward + backward + optimizer step of a random model on a synthetic batch.
+    TrainStep(cmd::bench::Args),
 }
 
 #[derive(Subcommand)]
@@ -54,6 +65,9 @@ fn main() -> ExitCode {
         },
         Command::Forward(args) => cmd::forward::run(args),
         Command::Generate(args) => cmd::generate::run(args),
+        Command::Bench {
+            command: BenchCommand::TrainStep(args),
+        } => cmd::bench::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -8,6 +8,7 @@ use burn::tensor::backend::Backend;
 use burn::tensor::{Bool, Int, Tensor, TensorData};
 use pali_model::checkpoint::TensorFile;
 use pali_model::mask::hf_attention_masks;
+use pali_model::paligemma::bool_tensor;
 use pali_model::{ModelInput, PaliGemmaConfig};
 
 /// RoPE numbering.
@@ -99,10 +100,7 @@ pub fn load<B: Backend>(
     let pos: Vec<i64> = (0..b)
         .flat_map(|_| (0..t as i64).map(move |i| i + offset))
         .collect();
-    let input_mask = Tensor::<B, 2, Bool>::from_data(
-        TensorData::new(attn.iter().map(|a| *a != 0).collect::<Vec<_>>(), shape),
-        device,
-    );
+    let input_mask = bool_tensor::<B, 2>(attn.iter().map(|a| *a != 0).collect(), shape, device);
     Ok(Inputs {
         input: ModelInput {
             pixel_values,

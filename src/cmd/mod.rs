@@ -1,3 +1,4 @@
+pub mod bench;
 pub mod forward;
 pub mod generate;
 pub mod inputs;

@@ -1,6 +1,8 @@
 //! Shared helpers of the end-to-end tests: fixture paths, tensor comparison, the `pali` binary.
 #![allow(dead_code)]
 
+pub mod parity;
+
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -92,4 +94,81 @@ pub fn run_err(cmd: &mut Command) -> String {
     let out = cmd.output().expect("spawn pali");
     assert!(!out.status.success(), "pali unexpectedly succeeded");
     String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+/// Writes f32 tensors to a safetensors file.
+pub fn write_f32(path: &Path, tensors: &[(String, Vec<usize>, Vec<f32>)]) {
+    let bytes: Vec<Vec<u8>> = tensors
+        .iter()
+        .map(|(_, _, v)| v.iter().flat_map(|x| x.to_le_bytes()).collect())
+        .collect();
+    let views: Vec<(String, safetensors::tensor::TensorView)> = tensors
+        .iter()
+        .zip(&bytes)
+        .map(|((n, s, _), b)| {
+            (
+                n.clone(),
+                safetensors::tensor::TensorView::new(safetensors::Dtype::F32, s.clone(), b)
+                    .unwrap(),
+            )
+        })
+        .collect();
+    safetensors::tensor::serialize_to_file(views, None, path).unwrap();
+}
+
+/// Writes i64 and f32 tensors to a safetensors file.
+pub fn write_mixed(
+    path: &Path,
+    f: &[(String, Vec<usize>, Vec<f32>)],
+    i: &[(String, Vec<usize>, Vec<i64>)],
+) {
+    let mut items: Vec<(String, safetensors::Dtype, Vec<usize>, Vec<u8>)> = Vec::new();
+    for (n, s, v) in f {
+        items.push((
+            n.clone(),
+            safetensors::Dtype::F32,
+            s.clone(),
+            v.iter().flat_map(|x| x.to_le_bytes()).collect(),
+        ));
+    }
+    for (n, s, v) in i {
+        items.push((
+            n.clone(),
+            safetensors::Dtype::I64,
+            s.clone(),
+            v.iter().flat_map(|x| x.to_le_bytes()).collect(),
+        ));
+    }
+    let views: Vec<(String, safetensors::tensor::TensorView)> = items
+        .iter()
+        .map(|(n, d, s, b)| {
+            (
+                n.clone(),
+                safetensors::tensor::TensorView::new(*d, s.clone(), b).unwrap(),
+            )
+        })
+        .collect();
+    safetensors::tensor::serialize_to_file(views, None, path).unwrap();
+}
+
+/// All tensors of a checkpoint as f32.
+pub fn all_f32(f: &TensorFile) -> Vec<(String, Vec<usize>, Vec<f32>)> {
+    let names: Vec<String> = f.names().map(String::from).collect();
+    names
+        .into_iter()
+        .map(|n| {
+            let (v, s) = f32s(f, &n);
+            (n, s, v)
+        })
+        .collect()
+}
+
+/// Copies a fixture checkpoint's config.json into `dir`.
+pub fn copy_config(variant: &str, dir: &Path) {
+    std::fs::create_dir_all(dir).unwrap();
+    std::fs::copy(
+        fixture(variant).join("config.json"),
+        dir.join("config.json"),
+    )
+    .unwrap();
 }

@@ -1,1 +1,15 @@
-//! placeholder
+//! Turns raw datasets into exactly the batches PaliGemma trains on: tokenization and sequence
+//! layout (`sequence`), with big_vision's per-token masks.
+
+pub mod error;
+pub mod font;
+pub mod image;
+pub mod rng;
+pub mod sequence;
+pub mod synth;
+pub mod tasks;
+pub mod tokenizer;
+
+pub use error::{Error, Result};
+pub use sequence::{SequenceBuilder, TextExample, Truncation};
+pub use tokenizer::PaliTokenizer;

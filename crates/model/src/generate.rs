@@ -9,7 +9,7 @@ use burn::tensor::{Bool, Int, Tensor, TensorData};
 
 use crate::error::Result;
 use crate::gemma::{AttentionMasks, LayerCache};
-use crate::paligemma::{ModelInput, PaliGemma};
+use crate::paligemma::{bool_tensor, bool_values, ModelInput, PaliGemma};
 
 /// Bookkeeping of what the cache holds, per row and slot.
 #[derive(Clone, Debug)]
@@ -39,7 +39,7 @@ impl CacheState {
                 }
                 v.push(true);
             }
-            Tensor::<B, 3, Bool>::from_data(TensorData::new(v, [b, 1, sk]), device)
+            bool_tensor::<B, 3>(v, [b, 1, sk], device)
         };
         AttentionMasks {
             full: build(None),
@@ -68,7 +68,7 @@ pub fn greedy<B: Backend>(
 ) -> Result<(Vec<Vec<i64>>, Vec<Tensor<B, 2>>)> {
     let device = prompt.input_ids.device();
     let [b, s] = prompt.input_ids.dims();
-    let valid: Vec<bool> = input_mask.into_data().to_vec().expect("bool mask");
+    let valid: Vec<bool> = bool_values(input_mask);
     let pos: Vec<i64> = prompt.positions.clone().into_data().iter::<i64>().collect();
     let mut state = CacheState {
         valid: valid.chunks(s).map(|c| c.to_vec()).collect(),

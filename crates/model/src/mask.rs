@@ -104,6 +104,7 @@ pub fn hf_attention_masks<B: Backend>(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::paligemma::{bool_tensor, bool_values};
     use crate::TestBackend as TB;
     use burn::tensor::TensorData;
 
@@ -115,9 +116,9 @@ mod tests {
         let dev = Default::default();
         let s = mask_ar.len();
         let ar = Tensor::<TB, 2, Int>::from_data(TensorData::new(mask_ar.to_vec(), [1, s]), &dev);
-        let im = Tensor::<TB, 2, Bool>::from_data(TensorData::new(input.to_vec(), [1, s]), &dev);
+        let im = bool_tensor::<TB, 2>(input.to_vec(), [1, s], &dev);
         let m = make_attn_mask(ar, im, w);
-        let v = |t: Tensor<TB, 3, Bool>| t.into_data().to_vec::<bool>().unwrap();
+        let v = |t: Tensor<TB, 3, Bool>| bool_values(t);
         (v(m.full), m.sliding.map(v))
     }
 
@@ -208,8 +209,8 @@ mod tests {
             &[true, true, true, true, true, false, false],
             Some(2),
         );
-        let hf_full = hf.full.into_data().to_vec::<bool>().unwrap();
-        let hf_sl = hf.sliding.unwrap().into_data().to_vec::<bool>().unwrap();
+        let hf_full = bool_values(hf.full);
+        let hf_sl = bool_values(hf.sliding.unwrap());
         let bvs = bvs.unwrap();
         for q in 0..5 {
             for k in 0..7 {

@@ -218,11 +218,18 @@ impl<B: Backend> PaliGemma<B> {
     }
 }
 
-/// Bool tensor helper used by callers that build masks from host data.
+/// A bool tensor from host values. Goes through an int tensor: GPU backends store bools as
+/// u32/u8 and refuse native-bool data.
 pub fn bool_tensor<B: Backend, const D: usize>(
     values: Vec<bool>,
     shape: [usize; D],
     device: &B::Device,
 ) -> Tensor<B, D, Bool> {
-    Tensor::from_data(burn::tensor::TensorData::new(values, shape), device)
+    let ints: Vec<i64> = values.into_iter().map(i64::from).collect();
+    Tensor::<B, D, Int>::from_data(burn::tensor::TensorData::new(ints, shape), device).equal_elem(1)
+}
+
+/// Host values of a bool tensor, whatever the backend's bool storage.
+pub fn bool_values<B: Backend, const D: usize>(t: Tensor<B, D, Bool>) -> Vec<bool> {
+    t.int().into_data().iter::<i64>().map(|x| x != 0).collect()
 }

@@ -82,6 +82,7 @@ pub fn tiny(vocab: usize, image_token_id: usize, image_size: usize) -> PaliGemma
     let vision = SiglipConfig::new(image_size, 8, 48, 96, 2, 4);
     let text = GemmaConfig::new(vocab, 64, 128, 2, 4, 1, 16);
     PaliGemmaConfig::new(ImageEncoder::Siglip(vision), text, image_token_id)
+        .with_output_vocab_size(crate::hf::default_output_vocab(image_token_id, vocab))
 }
 
 /// Resolves a preset name.

@@ -1,0 +1,215 @@
+//! `pali bench train-step`: time forward + backward + optimizer step of a randomly initialised
+//! model on a synthetic batch, and report what was measured as JSON.
+//!
+//! FLOPs per step are 6·params·tokens (forward + backward of every weight) plus attention
+//! (12·layers·S²·H·Dh per example for the decoder, same for the encoder over its N tokens); MFU
+//! divides by the device peak given with `--peak-tflops` (nothing is assumed about the device).
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use anyhow::{bail, Result};
+use burn::backend::Autodiff;
+use burn::module::Module;
+use burn::optim::{AdamConfig, GradientsParams, Optimizer};
+use burn::tensor::backend::Backend;
+use burn::tensor::{Distribution, Int, Tensor, TensorData};
+use pali_model::loss::{reduce, token_nll, Reduction};
+use pali_model::mask::make_attn_mask;
+use pali_model::presets::{count_params, preset};
+use pali_model::{hf, ImageEncoder, ModelInput, PaliGemmaConfig};
+
+use crate::backend::{dispatch, Job};
+use crate::DeviceArg;
+
+#[derive(clap::Args, Debug)]
+pub struct Args {
+    /// Model preset (see `pali model list`).
+    #[arg(long, conflicts_with = "config")]
+    pub preset: Option<String>,
+    /// HF PaliGemma config.json (same shapes as a PyTorch run of that config).
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    #[arg(long, default_value_t = 2)]
+    pub batch: usize,
+    /// Text tokens per example (after the image tokens).
+    #[arg(long, default_value_t = 32)]
+    pub text_len: usize,
+    /// Timed steps (after `--warmup` untimed ones).
+    #[arg(long, default_value_t = 5)]
+    pub steps: usize,
+    #[arg(long, default_value_t = 1)]
+    pub warmup: usize,
+    /// Forward only (no backward, no optimizer).
+    #[arg(long)]
+    pub forward_only: bool,
+    /// Device peak in TFLOP/s, to report MFU.
+    #[arg(long)]
+    pub peak_tflops: Option<f64>,
+    #[arg(long, default_value = "f32")]
+    pub dtype: String,
+    #[command(flatten)]
+    pub device: DeviceArg,
+}
+
+pub fn run(args: Args) -> Result<()> {
+    if args.dtype != "f32" {
+        bail!("--dtype {}: only f32 is implemented so far", args.dtype);
+    }
+    let config = match (&args.preset, &args.config) {
+        (Some(p), None) => preset(p)?,
+        (None, Some(c)) => hf::parse_config(c)?,
+        _ => bail!("give --preset NAME or --config HF_CONFIG.json"),
+    };
+    let device_name = format!("{:?}", args.device.device);
+    let stats = dispatch(
+        args.device.device,
+        BenchJob {
+            args: &args,
+            config: &config,
+        },
+    )?;
+    let n = count_params(&config).total();
+    let tokens = (args.batch * (config.num_image_tokens() + args.text_len)) as f64;
+    let mut times = stats.clone();
+    times.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    let median = times[times.len() / 2];
+    let flops = step_flops(&config, args.batch, args.text_len, !args.forward_only);
+    let json = serde_json::json!({
+        "what": if args.forward_only { "forward" } else { "forward+backward+adam" },
+        "model": args.preset.clone().unwrap_or_else(|| args.config.as_ref().unwrap().display().to_string()),
+        "device": device_name,
+        "dtype": args.dtype,
+        "batch": args.batch,
+        "seq_len": config.num_image_tokens() + args.text_len,
+        "params": n,
+        "steps": stats.len(),
+        "step_seconds_median": median,
+        "step_seconds_min": times[0],
+        "tokens_per_second": tokens / median,
+        "tflops_per_step": flops / 1e12,
+        "achieved_tflops": flops / median / 1e12,
+        "mfu": args.peak_tflops.map(|p| flops / median / (p * 1e12)),
+        "peak_rss_mib": peak_rss_mib(),
+    });
+    println!("{}", serde_json::to_string_pretty(&json)?);
+    Ok(())
+}
+
+/// Model FLOPs of one step: 2·params·tokens forward (×3 with backward) plus attention scores.
+pub fn step_flops(c: &PaliGemmaConfig, batch: usize, text_len: usize, backward: bool) -> f64 {
+    let p = count_params(c);
+    let n = c.num_image_tokens() as f64;
+    let s = n + text_len as f64;
+    let b = batch as f64;
+    // Embedding lookups are not matmuls, but the tied LM head is: count the table once.
+    let lm = (p.language) as f64;
+    let vis = p.vision as f64 + p.projector as f64;
+    let mut f = 2.0 * (lm * s + vis * n) * b;
+    let t = &c.text;
+    f += 4.0 * b * (t.num_layers as f64) * s * s * (t.num_heads * t.head_dim) as f64;
+    if let ImageEncoder::Siglip(v) = &c.vision {
+        f += 4.0 * b * (v.num_layers as f64) * n * n * v.hidden_size as f64;
+    }
+    if backward {
+        f *= 3.0;
+    }
+    f
+}
+
+fn peak_rss_mib() -> Option<f64> {
+    let s = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = s.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kb: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb / 1024.0)
+}
+
+struct BenchJob<'a> {
+    args: &'a Args,
+    config: &'a PaliGemmaConfig,
+}
+
+impl Job for BenchJob<'_> {
+    type Output = Vec<f64>;
+    fn run<B: Backend>(self, device: B::Device) -> Result<Vec<f64>> {
+        type AD<B> = Autodiff<B>;
+        let (a, c) = (self.args, self.config);
+        let model = c
+            .clone()
+            .with_output_vocab_size(c.output_vocab_size)
+            .init::<AD<B>>(&device);
+        let mut model = model;
+        // A zero projector would leave its gradient path trivial; benchmark a trained-like one.
+        model.multi_modal_projector = c.projector_config().with_zero_init(false).init(&device);
+        let mut optim = AdamConfig::new()
+            .with_epsilon(1e-8)
+            .init::<AD<B>, pali_model::PaliGemma<AD<B>>>();
+        let (b, n, t) = (a.batch, c.num_image_tokens(), a.text_len);
+        let s = n + t;
+        let res = c.vision.image_size();
+        let vocab = c.predictable_vocab() as i64;
+        let prefix = t / 2;
+        let mut ids = Vec::with_capacity(b * s);
+        let mut ar = Vec::with_capacity(b * s);
+        for r in 0..b {
+            for i in 0..s {
+                ids.push(if i < n {
+                    c.image_token_id as i64
+                } else {
+                    ((i * 31 + r * 7) as i64) % vocab
+                });
+                ar.push(if i < n + prefix { 0i64 } else { 1 });
+            }
+        }
+        let mut times = Vec::new();
+        for step in 0..a.warmup + a.steps {
+            let pixel_values = Tensor::<AD<B>, 5>::random(
+                [b, 1, 3, res, res],
+                Distribution::Uniform(-1.0, 1.0),
+                &device,
+            );
+            let input_ids =
+                Tensor::<AD<B>, 2, Int>::from_data(TensorData::new(ids.clone(), [b, s]), &device);
+            let mask_ar =
+                Tensor::<AD<B>, 2, Int>::from_data(TensorData::new(ar.clone(), [b, s]), &device);
+            let masks = make_attn_mask(
+                mask_ar.clone(),
+                mask_ar.clone().greater_equal_elem(0),
+                c.text.sliding_window,
+            );
+            let positions = Tensor::<AD<B>, 1, Int>::arange(0..s as i64, &device)
+                .reshape([1, s])
+                .expand([b, s]);
+            let start = Instant::now();
+            let input = ModelInput {
+                pixel_values,
+                input_ids: input_ids.clone(),
+                positions,
+                masks,
+            };
+            // Logits for text positions only; position j predicts token j+1.
+            let out = model.forward(input, n, false, None)?;
+            let logits = out.logits.slice([0..b, 0..t - 1]);
+            let targets = input_ids.slice([0..b, n + 1..s]);
+            let weights = mask_ar.slice([0..b, n + 1..s]).float();
+            let loss = reduce(
+                token_nll(logits, targets, 0.0),
+                weights,
+                Reduction::PerExample,
+            );
+            if a.forward_only {
+                let _ = loss.into_scalar();
+            } else {
+                let grads = GradientsParams::from_grads(loss.backward(), &model);
+                model = optim.step(1e-5, model, grads);
+                // Reading one weight back waits for the step to finish on asynchronous devices.
+                let _ = model.language_model.norm.weight.val().sum().into_scalar();
+            }
+            if step >= a.warmup {
+                times.push(start.elapsed().as_secs_f64());
+            }
+        }
+        let _ = model.num_params();
+        Ok(times)
+    }
+}

@@ -1,0 +1,168 @@
+//! The model-level commands, run as a user would: `pali forward`, `pali generate`, `pali model`.
+
+mod common;
+
+use common::*;
+
+#[test]
+fn forward_command_reproduces_hf_outputs() {
+    for variant in ["tiny-gemma1", "tiny-gemma2"] {
+        let dir = fixture(variant);
+        let tmp = tempfile::tempdir().unwrap();
+        let out = tmp.path().join("out.safetensors");
+        let stdout = run_ok(
+            pali()
+                .args(["forward", "--checkpoint"])
+                .arg(&dir)
+                .arg("--inputs")
+                .arg(dir.join("inputs.safetensors"))
+                .arg("--out")
+                .arg(&out)
+                .arg("--hidden-states"),
+        );
+        assert!(stdout.contains("loss "), "{stdout}");
+        let got = open(&out);
+        let want = open(&dir.join("outputs.safetensors"));
+        for (name, atol, rtol) in [
+            ("logits", 1e-4, 1e-4),
+            ("image_features", 3e-5, 1e-5),
+            ("loss", 1e-5, 0.0),
+            ("lm_hidden_states.1", 1e-4, 1e-4),
+            ("vision_hidden_states.2", 3e-5, 1e-5),
+        ] {
+            let (g, gs) = f32s(&got, name);
+            let (w, ws) = f32s(&want, name);
+            compare(&format!("{variant} {name}"), &g, &gs, &w, &ws, atol, rtol);
+        }
+    }
+}
+
+#[test]
+fn generate_command_reproduces_hf_greedy_tokens() {
+    let dir = fixture("tiny-gemma2");
+    let inp = open(&dir.join("inputs.safetensors"));
+    let (px, ps) = f32s(&inp, "pixel_values");
+    let per = ps[1] * ps[2] * ps[3];
+    let tmp = tempfile::tempdir().unwrap();
+    let prompt = tmp.path().join("prompt.safetensors");
+    let ints: Vec<_> = ["input_ids", "attention_mask", "token_type_ids"]
+        .iter()
+        .map(|n| {
+            let (v, s) = i64s(&inp, &format!("gen.{n}"));
+            (n.to_string(), s, v)
+        })
+        .collect();
+    write_mixed(
+        &prompt,
+        &[(
+            "pixel_values".into(),
+            vec![1, ps[1], ps[2], ps[3]],
+            px[..per].to_vec(),
+        )],
+        &ints,
+    );
+    let out = tmp.path().join("gen.safetensors");
+    let stdout = run_ok(
+        pali()
+            .args(["generate", "--max-new-tokens", "8", "--checkpoint"])
+            .arg(&dir)
+            .arg("--inputs")
+            .arg(&prompt)
+            .arg("--out")
+            .arg(&out),
+    );
+    let (want, _) = i64s(&open(&dir.join("outputs.safetensors")), "gen.new_tokens");
+    let (got, shape) = i64s(&open(&out), "new_tokens");
+    assert_eq!(shape, vec![1, 8]);
+    assert_eq!(got, want);
+    let printed: Vec<i64> = stdout
+        .lines()
+        .next()
+        .unwrap()
+        .split_whitespace()
+        .map(|t| t.parse().unwrap())
+        .collect();
+    assert_eq!(printed, want);
+}
+
+#[test]
+fn model_info_prints_real_parameter_counts() {
+    let s = run_ok(pali().args(["model", "info", "paligemma-3b-224"]));
+    assert!(s.contains("total 2923466480 (2.92 B)"), "{s}");
+    assert!(s.contains("256 tokens"), "{s}");
+    let s = run_ok(pali().args(["model", "info", "paligemma2-3b-448"]));
+    assert!(s.contains("Gemma 2") && s.contains("1024 tokens"), "{s}");
+    // An HF config.json works the same as a preset.
+    let s = run_ok(
+        pali()
+            .args(["model", "info"])
+            .arg(fixture("tiny-gemma1").join("config.json")),
+    );
+    assert!(s.contains("4/1 kv") && s.contains("16 tokens"), "{s}");
+}
+
+#[test]
+fn bad_inputs_fail_with_named_errors() {
+    let dir = fixture("tiny-gemma1");
+    let tmp = tempfile::tempdir().unwrap();
+    // inputs file lacking input_ids
+    let bad = tmp.path().join("bad.safetensors");
+    write_f32(
+        &bad,
+        &[(
+            "pixel_values".into(),
+            vec![1, 3, 56, 56],
+            vec![0.0; 3 * 56 * 56],
+        )],
+    );
+    let e = run_err(
+        pali()
+            .args(["forward", "--checkpoint"])
+            .arg(&dir)
+            .arg("--inputs")
+            .arg(&bad)
+            .arg("--out")
+            .arg(tmp.path().join("o.safetensors")),
+    );
+    assert!(e.contains("input_ids"), "{e}");
+    // image-token count that does not match the image
+    let ids = tmp.path().join("ids.safetensors");
+    write_mixed(
+        &ids,
+        &[(
+            "pixel_values".into(),
+            vec![1, 3, 56, 56],
+            vec![0.0; 3 * 56 * 56],
+        )],
+        &[("input_ids".into(), vec![1, 4], vec![400, 2, 5, 6])],
+    );
+    let e = run_err(
+        pali()
+            .args(["forward", "--checkpoint"])
+            .arg(&dir)
+            .arg("--inputs")
+            .arg(&ids)
+            .arg("--out")
+            .arg(tmp.path().join("o.safetensors")),
+    );
+    assert!(
+        e.contains("image features and image tokens do not match")
+            && e.contains("has 1 image tokens"),
+        "{e}"
+    );
+    // unknown device and unknown preset
+    let e = run_err(pali().args(["model", "info", "paligemma-7b"]));
+    assert!(e.contains("unknown preset `paligemma-7b`"), "{e}");
+    let e = run_err(pali().args([
+        "forward",
+        "--device",
+        "tpu",
+        "--checkpoint",
+        "x",
+        "--inputs",
+        "y",
+        "--out",
+        "z",
+    ]));
+    assert!(e.contains("unknown device `tpu`"), "{e}");
+}
