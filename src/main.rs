@@ -28,6 +28,8 @@ enum Command {
         #[command(subcommand)]
         command: ModelCommand,
     },
+    /// Train: the staged curriculum of a run config (stage 1 → 2 → 3, or any subset).
+    Train(cmd::train::Args),
     /// Run one forward pass of an HF checkpoint on HF-named inputs (port verification).
     Forward(cmd::forward::Args),
     /// Greedy decoding with a KV cache from a prompt in HF-named inputs.
@@ -63,6 +65,7 @@ fn main() -> ExitCode {
             ModelCommand::Info { preset } => cmd::model::info(&preset),
             ModelCommand::List => cmd::model::list(),
         },
+        Command::Train(args) => cmd::train::run(args),
         Command::Forward(args) => cmd::forward::run(args),
         Command::Generate(args) => cmd::generate::run(args),
         Command::Bench {

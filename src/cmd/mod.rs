@@ -3,3 +3,4 @@ pub mod forward;
 pub mod generate;
 pub mod inputs;
 pub mod model;
+pub mod train;

@@ -1,9 +1,12 @@
 //! Turns raw datasets into exactly the batches PaliGemma trains on: tokenization and sequence
 //! layout (`sequence`), with big_vision's per-token masks.
 
+pub mod batch;
+pub mod dataset;
 pub mod error;
 pub mod font;
 pub mod image;
+pub mod mixture;
 pub mod rng;
 pub mod sequence;
 pub mod synth;

@@ -260,23 +260,24 @@ fn shard_files(index: &Path) -> Result<Vec<PathBuf>> {
 }
 
 /// Path of a parameter inside the module tree, with the PyTorch name of its last component.
-#[derive(Default)]
-struct PathStack {
+/// Feed it from `ModuleVisitor`/`ModuleMapper::{enter_module, exit_module}`.
+#[derive(Default, Debug, Clone)]
+pub struct PathStack {
     names: Vec<String>,
     owners: Vec<String>,
 }
 
 impl PathStack {
-    fn enter(&mut self, name: &str, container: &str) {
+    pub fn enter(&mut self, name: &str, container: &str) {
         self.names.push(name.to_string());
         self.owners.push(container.to_string());
     }
-    fn exit(&mut self) {
+    pub fn exit(&mut self) {
         self.names.pop();
         self.owners.pop();
     }
     /// (PyTorch-style path, whether the tensor is a Linear weight needing a transpose).
-    fn current(&self) -> (String, bool) {
+    pub fn current(&self) -> (String, bool) {
         let owner = self.owners.last().map(String::as_str).unwrap_or("");
         let mut names = self.names.clone();
         let mut transpose = false;

@@ -1,0 +1,177 @@
+//! Batches as flat host arrays, exactly what the model gets:
+//!
+//! - `pixel_values` [B, F, 3, R, R] f32 in [−1, 1]
+//! - `text`, `mask_ar`, `mask_loss`, `mask_input` [B, T+1] (the model reads `[:, :-1]`, the
+//!   loss targets `text[:, 1:]` weighted by `mask_loss[:, 1:]`)
+//!
+//! The loader decodes and resizes a batch's images in parallel (rayon) and builds batches on a
+//! background thread a few batches ahead. Every batch carries the mixture state *after* it was
+//! drawn, so a checkpoint taken after consuming it resumes the exact stream.
+
+use std::sync::mpsc::{sync_channel, Receiver};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+
+use rayon::prelude::*;
+
+use crate::dataset::{Example, OnError};
+use crate::error::{Error, Result};
+use crate::image::ResizeMethod;
+use crate::mixture::{Mixture, MixtureState};
+use crate::sequence::SequenceBuilder;
+use crate::tokenizer::PaliTokenizer;
+
+#[derive(Debug, Clone)]
+pub struct Batch {
+    pub batch_size: usize,
+    pub frames: usize,
+    pub resolution: usize,
+    /// [B, F, 3, R, R]
+    pub pixel_values: Vec<f32>,
+    /// T + 1
+    pub seq_len: usize,
+    /// [B, T+1] each
+    pub text: Vec<i64>,
+    pub mask_ar: Vec<i64>,
+    pub mask_loss: Vec<i64>,
+    pub mask_input: Vec<i64>,
+    /// Source of each row.
+    pub sources: Vec<usize>,
+    pub ids: Vec<String>,
+    /// Rows whose text was cut to fit, and among them rows that lost their EOS.
+    pub truncated: usize,
+    pub eos_cut: Vec<String>,
+    /// Examples skipped because they could not be loaded (`OnError::Skip`).
+    pub skipped: Vec<String>,
+    /// The mixture state after this batch.
+    pub state_after: Option<MixtureState>,
+}
+
+/// Turns examples into a batch.
+#[derive(Clone)]
+pub struct BatchBuilder {
+    pub tokenizer: Arc<PaliTokenizer>,
+    pub seq: SequenceBuilder,
+    pub resolution: usize,
+    pub resize: ResizeMethod,
+    /// Images per example (frames); every example must have exactly this many.
+    pub frames: usize,
+}
+
+impl BatchBuilder {
+    /// Tokens and pixels of one example.
+    pub fn encode(&self, ex: &Example) -> Result<(crate::sequence::TextExample, Vec<f32>)> {
+        if ex.images.len() != self.frames {
+            return Err(Error::Invalid(format!(
+                "{}: {} images, but the stage expects {} per example",
+                ex.id,
+                ex.images.len(),
+                self.frames
+            )));
+        }
+        let text = self
+            .seq
+            .train(&self.tokenizer, &ex.prefix, &ex.suffix)
+            .map_err(|e| Error::Invalid(format!("{}: {e}", ex.id)))?;
+        let mut px = Vec::with_capacity(self.frames * 3 * self.resolution * self.resolution);
+        for im in &ex.images {
+            px.extend(im.pixels(self.resolution, self.resize).map_err(|e| Error::Invalid(format!("{}: {e}", ex.id)))?);
+        }
+        Ok((text, px))
+    }
+
+    pub fn build(&self, rows: Vec<(usize, Example)>, skipped: Vec<String>) -> Result<Batch> {
+        let encoded: Vec<Result<_>> = rows.par_iter().map(|(_, ex)| self.encode(ex)).collect();
+        let b = rows.len();
+        let t1 = self.seq.text_len + 1;
+        let mut batch = Batch {
+            batch_size: b,
+            frames: self.frames,
+            resolution: self.resolution,
+            pixel_values: Vec::with_capacity(b * self.frames * 3 * self.resolution * self.resolution),
+            seq_len: t1,
+            text: Vec::with_capacity(b * t1),
+            mask_ar: Vec::with_capacity(b * t1),
+            mask_loss: Vec::with_capacity(b * t1),
+            mask_input: Vec::with_capacity(b * t1),
+            sources: rows.iter().map(|(s, _)| *s).collect(),
+            ids: rows.iter().map(|(_, e)| e.id.clone()).collect(),
+            truncated: 0,
+            eos_cut: Vec::new(),
+            skipped,
+            state_after: None,
+        };
+        for (r, (_, ex)) in encoded.into_iter().zip(&rows) {
+            let (t, px) = r?;
+            batch.pixel_values.extend(px);
+            batch.text.extend(t.ids.iter().map(|x| *x as i64));
+            batch.mask_ar.extend(t.mask_ar.iter().map(|x| *x as i64));
+            batch.mask_loss.extend(t.mask_loss.iter().map(|x| *x as i64));
+            batch.mask_input.extend(t.mask_input.iter().map(|x| *x as i64));
+            batch.truncated += usize::from(t.truncated);
+            if t.eos_cut {
+                batch.eos_cut.push(ex.id.clone());
+            }
+        }
+        Ok(batch)
+    }
+}
+
+/// Draws `batch_size` examples from the mixture; with `OnError::Skip` unreadable examples are
+/// replaced by the next ones and reported in the batch.
+pub fn next_batch(mix: &mut Mixture, builder: &BatchBuilder, batch_size: usize, on_error: OnError) -> Result<Batch> {
+    let mut rows = Vec::with_capacity(batch_size);
+    let mut skipped = Vec::new();
+    while rows.len() < batch_size {
+        let (s, i) = mix.next_index();
+        let ex = mix.sources[s].get(i)?;
+        if on_error == OnError::Skip {
+            if let Err(e) = builder.encode(&ex) {
+                skipped.push(e.to_string());
+                if skipped.len() > 100 * batch_size {
+                    return Err(Error::Invalid(format!("too many unreadable examples; last: {e}")));
+                }
+                continue;
+            }
+        }
+        rows.push((s, ex));
+    }
+    let mut b = builder.build(rows, skipped)?;
+    b.state_after = Some(mix.state.clone());
+    Ok(b)
+}
+
+/// Background batch production, `prefetch` batches ahead.
+pub struct Loader {
+    rx: Receiver<Result<Batch>>,
+    handle: Option<JoinHandle<()>>,
+}
+
+impl Loader {
+    pub fn spawn(mut mix: Mixture, builder: BatchBuilder, batch_size: usize, on_error: OnError, prefetch: usize) -> Self {
+        let (tx, rx) = sync_channel(prefetch.max(1));
+        let handle = std::thread::spawn(move || loop {
+            let b = next_batch(&mut mix, &builder, batch_size, on_error);
+            let stop = b.is_err();
+            if tx.send(b).is_err() || stop {
+                return;
+            }
+        });
+        Self { rx, handle: Some(handle) }
+    }
+
+    pub fn next(&mut self) -> Result<Batch> {
+        self.rx.recv().map_err(|_| Error::Invalid("data loader thread stopped".into()))?
+    }
+}
+
+impl Drop for Loader {
+    fn drop(&mut self) {
+        // Dropping the receiver makes the producer's next send fail; it then exits.
+        let (_, rx) = sync_channel(1);
+        drop(std::mem::replace(&mut self.rx, rx));
+        if let Some(h) = self.handle.take() {
+            let _ = h.join();
+        }
+    }
+}

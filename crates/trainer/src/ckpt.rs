@@ -1,0 +1,104 @@
+//! Run checkpoints: one directory per checkpoint holding the model (`model.safetensors`, HF
+//! names), the Adam moments (`optim.safetensors`) and `state.json` (step, stage, data-stream
+//! state, resolution, config). Written into a temporary directory and renamed, so a killed run
+//! never leaves a half-written checkpoint; the newest `keep` are kept.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use burn::module::Module;
+use burn::tensor::backend::Backend;
+use burn::tensor::{Tensor, TensorData};
+use pali_data::mixture::MixtureState;
+use pali_model::checkpoint::TensorFile;
+use serde::{Deserialize, Serialize};
+
+use crate::error::{io, Error, Result};
+use crate::optim::AdamState;
+
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
+pub struct RunState {
+    /// Optimizer steps done over the whole run.
+    pub global_step: u64,
+    /// Index of the stage being trained and steps done in it.
+    pub stage: usize,
+    pub stage_step: u64,
+    /// Image resolution of the stored position embedding.
+    pub resolution: usize,
+    pub mixture: MixtureState,
+    pub adam_t: HashMap<String, u64>,
+}
+
+pub fn checkpoints(out_dir: &Path) -> Vec<PathBuf> {
+    let dir = out_dir.join("checkpoints");
+    let mut v: Vec<PathBuf> = std::fs::read_dir(&dir)
+        .map(|r| {
+            r.filter_map(|e| e.ok().map(|e| e.path()))
+                .filter(|p| p.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with("step-")) && p.join("state.json").is_file())
+                .collect()
+        })
+        .unwrap_or_default();
+    v.sort();
+    v
+}
+
+fn f32_bytes(v: &[f32]) -> Vec<u8> {
+    v.iter().flat_map(|x| x.to_le_bytes()).collect()
+}
+
+pub fn save<B: Backend, M: Module<B>>(out_dir: &Path, model: &M, adam: &AdamState<B>, state: &RunState, keep: usize) -> Result<PathBuf> {
+    let root = out_dir.join("checkpoints");
+    std::fs::create_dir_all(&root).map_err(io(&root))?;
+    let final_dir = root.join(format!("step-{:08}", state.global_step));
+    let tmp = root.join(format!(".tmp-step-{:08}", state.global_step));
+    let _ = std::fs::remove_dir_all(&tmp);
+    std::fs::create_dir_all(&tmp).map_err(io(&tmp))?;
+    pali_model::checkpoint::save_safetensors(model, &tmp.join("model.safetensors"))?;
+    let mut tensors: Vec<(String, Vec<usize>, Vec<u8>)> = Vec::new();
+    for (prefix, map) in [("m", &adam.m), ("v", &adam.v)] {
+        for (k, t) in map {
+            let vals: Vec<f32> = t.clone().into_data().convert::<f32>().to_vec().expect("f32");
+            tensors.push((format!("{prefix}/{k}"), vec![vals.len()], f32_bytes(&vals)));
+        }
+    }
+    let views: Vec<(String, safetensors::tensor::TensorView)> = tensors
+        .iter()
+        .map(|(n, s, b)| (n.clone(), safetensors::tensor::TensorView::new(safetensors::Dtype::F32, s.clone(), b).expect("view")))
+        .collect();
+    let op = tmp.join("optim.safetensors");
+    safetensors::tensor::serialize_to_file(views, None, &op).map_err(|e| Error::Train(format!("{}: {e}", op.display())))?;
+    let sp = tmp.join("state.json");
+    std::fs::write(&sp, serde_json::to_string_pretty(state).expect("json")).map_err(io(&sp))?;
+    let _ = std::fs::remove_dir_all(&final_dir);
+    std::fs::rename(&tmp, &final_dir).map_err(io(&final_dir))?;
+    let all = checkpoints(out_dir);
+    if all.len() > keep.max(1) {
+        for old in &all[..all.len() - keep.max(1)] {
+            let _ = std::fs::remove_dir_all(old);
+        }
+    }
+    Ok(final_dir)
+}
+
+pub fn load_state(dir: &Path) -> Result<RunState> {
+    let p = dir.join("state.json");
+    let text = std::fs::read_to_string(&p).map_err(io(&p))?;
+    serde_json::from_str(&text).map_err(|e| Error::Train(format!("{}: {e}", p.display())))
+}
+
+pub fn load_adam<B: Backend>(dir: &Path, t: HashMap<String, u64>, device: &B::Device) -> Result<AdamState<B>> {
+    let f = TensorFile::open(&dir.join("optim.safetensors"))?;
+    let mut st = AdamState::<B> { t, ..Default::default() };
+    let names: Vec<String> = f.names().map(String::from).collect();
+    for name in names {
+        let (vals, _) = f.f32(&name)?;
+        let n = vals.len();
+        let t = Tensor::<B, 1>::from_data(TensorData::new(vals, [n]), device);
+        match name.split_once('/') {
+            Some(("m", k)) => st.m.insert(k.to_string(), t),
+            Some(("v", k)) => st.v.insert(k.to_string(), t),
+            _ => return Err(Error::Train(format!("{}: unexpected tensor `{name}`", dir.display()))),
+        };
+    }
+    Ok(st)
+}

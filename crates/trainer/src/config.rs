@@ -1,0 +1,396 @@
+//! The run config (TOML). Every struct refuses unknown keys; docs/config.md documents each key
+//! and its default. `--set stage.1.lr=3e-5` style overrides are applied to the TOML tree before
+//! it is typed, so they are checked exactly like the file.
+
+use std::path::{Path, PathBuf};
+
+use pali_data::dataset::{OnError, SynthTask};
+use pali_data::image::ResizeMethod;
+use pali_data::Truncation;
+use pali_model::loss::Reduction;
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, Result};
+use crate::schedule::Decay;
+
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct RunConfig {
+    pub run: Run,
+    pub model: ModelSection,
+    pub tokenizer: TokenizerSection,
+    #[serde(rename = "stage")]
+    pub stages: Vec<Stage>,
+}
+
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Run {
+    pub name: String,
+    /// Checkpoints, metrics.jsonl and plots go here (relative to the config file).
+    pub out_dir: PathBuf,
+    #[serde(default)]
+    pub seed: u64,
+    /// Checkpoints to keep (oldest removed first).
+    #[serde(default = "default_keep")]
+    pub keep_checkpoints: usize,
+}
+
+fn default_keep() -> usize {
+    2
+}
+
+#[derive(Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum ProjectorChoice {
+    #[default]
+    Linear,
+    Mlp,
+}
+
+#[derive(Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum EncoderChoice {
+    #[default]
+    Siglip,
+    /// Raw patches through the projector (Fuyu-style ablation).
+    None,
+}
+
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ModelSection {
+    /// A preset name (`pali model list`); `tiny` takes its vocabulary from the tokenizer.
+    pub preset: String,
+    /// Initialise from an HF PaliGemma checkpoint directory instead of randomly.
+    #[serde(default)]
+    pub init_hf: Option<PathBuf>,
+    #[serde(default)]
+    pub projector: ProjectorChoice,
+    #[serde(default)]
+    pub encoder: EncoderChoice,
+}
+
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct TokenizerSection {
+    pub path: PathBuf,
+}
+
+/// A data source as written in TOML: `{ kind = "synth", task = "caption", size = 1000 }` or
+/// `{ kind = "jsonl", path = "train.jsonl" }`, each with an optional `weight` (default 1).
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Source {
+    pub kind: SourceType,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub task: Option<SynthTask>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub size: Option<usize>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub path: Option<PathBuf>,
+    #[serde(default = "one")]
+    pub weight: f64,
+}
+
+#[derive(Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum SourceType {
+    /// The built-in shapes world, one task.
+    Synth,
+    /// A big_vision JSONL file.
+    Jsonl,
+}
+
+/// A checked source.
+#[derive(Debug, Clone, PartialEq)]
+pub enum SourceKind {
+    Synth { task: SynthTask, size: usize },
+    Jsonl { path: PathBuf },
+}
+
+impl Source {
+    pub fn kind(&self) -> std::result::Result<SourceKind, String> {
+        match (self.kind, self.task, self.size, &self.path) {
+            (SourceType::Synth, Some(task), Some(size), None) => Ok(SourceKind::Synth { task, size }),
+            (SourceType::Synth, ..) => Err("kind = \"synth\" needs `task` and `size` (and no `path`)".into()),
+            (SourceType::Jsonl, None, None, Some(path)) => Ok(SourceKind::Jsonl { path: path.clone() }),
+            (SourceType::Jsonl, ..) => Err("kind = \"jsonl\" needs `path` (and no `task`/`size`)".into()),
+        }
+    }
+}
+
+fn one() -> f64 {
+    1.0
+}
+
+#[derive(Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum Attention {
+    /// Full attention over image + prefix, causal over the suffix.
+    #[default]
+    PrefixLm,
+    /// Causal over all text (prefix too), image tokens bidirectional.
+    CausalText,
+    /// Causal over image and text.
+    CausalAll,
+}
+
+#[derive(Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum LossOn {
+    #[default]
+    Suffix,
+    PrefixAndSuffix,
+}
+
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct LossSection {
+    #[serde(default)]
+    pub reduction: Reduction,
+    #[serde(default)]
+    pub on: LossOn,
+    #[serde(default)]
+    pub label_smoothing: f64,
+}
+
+impl Default for LossSection {
+    fn default() -> Self {
+        Self { reduction: Reduction::PerExample, on: LossOn::Suffix, label_smoothing: 0.0 }
+    }
+}
+
+/// One parameter group: a regex over parameter paths and its schedule.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Group {
+    /// Regex matched against the whole parameter path (e.g. `vision_tower\..*`).
+    pub params: String,
+    #[serde(default)]
+    pub decay: Decay,
+    #[serde(default)]
+    pub warmup_steps: u64,
+    /// Warm-up as a fraction of the stage (used when `warmup_steps` is 0).
+    #[serde(default)]
+    pub warmup_fraction: f64,
+    #[serde(default)]
+    pub cooldown_steps: u64,
+    /// Learning-rate multiplier of the group.
+    #[serde(default = "one")]
+    pub mult: f64,
+    #[serde(default)]
+    pub frozen: bool,
+    #[serde(default = "default_timescale")]
+    pub timescale: f64,
+}
+
+fn default_timescale() -> f64 {
+    10_000.0
+}
+
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Stage {
+    pub name: String,
+    pub resolution: usize,
+    pub text_len: usize,
+    pub steps: u64,
+    pub batch_size: usize,
+    pub lr: f64,
+    #[serde(default = "b1")]
+    pub b1: f64,
+    #[serde(default = "b2")]
+    pub b2: f64,
+    #[serde(default = "eps")]
+    pub eps: f64,
+    /// Decoupled weight decay (multiplied by the schedule, not the lr, as big_vision).
+    #[serde(default)]
+    pub weight_decay: f64,
+    /// Which parameters decay: big_vision decays only the ViT / projector kernels.
+    #[serde(default = "wd_params")]
+    pub weight_decay_params: String,
+    /// Global-norm gradient clip over trainable parameters; 0 = off.
+    #[serde(default = "clip")]
+    pub grad_clip: f64,
+    #[serde(default)]
+    pub loss: LossSection,
+    #[serde(default)]
+    pub attention: Attention,
+    #[serde(default = "yes")]
+    pub task_prefix: bool,
+    #[serde(default)]
+    pub truncation: Truncation,
+    #[serde(default)]
+    pub resize: ResizeMethod,
+    #[serde(default)]
+    pub on_error: OnError,
+    /// Keep the optimizer state from the previous stage.
+    #[serde(default = "yes")]
+    pub carry_optimizer: bool,
+    #[serde(default = "log_every")]
+    pub log_every: u64,
+    /// Checkpoint interval in steps (and always at the end of the stage).
+    #[serde(default = "ckpt_every")]
+    pub checkpoint_every: u64,
+    /// Validation examples decoded at the end of the stage (0 = no eval).
+    #[serde(default)]
+    pub eval_examples: usize,
+    #[serde(rename = "source")]
+    pub sources: Vec<Source>,
+    #[serde(rename = "group", default)]
+    pub groups: Vec<Group>,
+}
+
+fn b1() -> f64 {
+    0.9
+}
+fn b2() -> f64 {
+    0.999
+}
+fn eps() -> f64 {
+    1e-8
+}
+fn wd_params() -> String {
+    r"(vision_tower|multi_modal_projector)\..*weight".into()
+}
+fn clip() -> f64 {
+    1.0
+}
+fn yes() -> bool {
+    true
+}
+fn log_every() -> u64 {
+    10
+}
+fn ckpt_every() -> u64 {
+    100
+}
+
+/// Applies `key=value` overrides: `run.seed=3`, `stage.1.lr=3e-5` (1-based stage index or the
+/// stage name), `stage.stage2.group.0.frozen=true`.
+pub fn apply_override(doc: &mut toml::Value, spec: &str) -> Result<()> {
+    let (key, value) = spec
+        .split_once('=')
+        .ok_or_else(|| Error::Config(format!("--set {spec}: expected KEY=VALUE")))?;
+    let value: toml::Value = toml::from_str::<toml::Table>(&format!("v = {value}"))
+        .map(|t| t["v"].clone())
+        .unwrap_or_else(|_| toml::Value::String(value.to_string()));
+    let parts: Vec<&str> = key.split('.').collect();
+    let mut cur = doc;
+    let mut i = 0;
+    while i < parts.len() {
+        let p = if parts[i] == "stage" { "stage" } else { parts[i] };
+        let last = i + 1 == parts.len();
+        let table = cur.as_table_mut().ok_or_else(|| Error::Config(format!("--set {key}: `{p}` is not a table")))?;
+        if last {
+            if !table.contains_key(p) && !p.is_empty() {
+                // New keys are allowed only where the schema has them; typing checks that.
+            }
+            table.insert(p.to_string(), value);
+            return Ok(());
+        }
+        let next = table.get_mut(p).ok_or_else(|| Error::Config(format!("--set {key}: no `{p}` in the config")))?;
+        if let toml::Value::Array(items) = next {
+            let sel = parts[i + 1];
+            let idx = match sel.parse::<usize>() {
+                Ok(n) if (1..=items.len()).contains(&n) && p == "stage" => n - 1,
+                Ok(n) if n < items.len() && p != "stage" => n,
+                _ => items
+                    .iter()
+                    .position(|s| s.get("name").and_then(|n| n.as_str()) == Some(sel))
+                    .ok_or_else(|| Error::Config(format!("--set {key}: no {p} `{sel}`")))?,
+            };
+            cur = &mut items[idx];
+            i += 2;
+            if i == parts.len() {
+                return Err(Error::Config(format!("--set {key}: cannot replace a whole {p}")));
+            }
+        } else {
+            cur = next;
+            i += 1;
+        }
+    }
+    Ok(())
+}
+
+impl RunConfig {
+    /// Reads, overrides and validates a run config; relative paths are resolved against the
+    /// config file's directory.
+    pub fn load(path: &Path, overrides: &[String]) -> Result<Self> {
+        let text = std::fs::read_to_string(path).map_err(|e| Error::Config(format!("{}: {e}", path.display())))?;
+        let mut doc: toml::Value = toml::from_str(&text).map_err(|e| Error::Config(format!("{}: {e}", path.display())))?;
+        for o in overrides {
+            apply_override(&mut doc, o)?;
+        }
+        let mut c: RunConfig = doc.try_into().map_err(|e: toml::de::Error| Error::Config(format!("{}: {e}", path.display())))?;
+        let base = path.parent().unwrap_or(Path::new("."));
+        c.resolve_paths(base);
+        c.validate(path)?;
+        Ok(c)
+    }
+
+    fn resolve_paths(&mut self, base: &Path) {
+        let fix = |p: &mut PathBuf| {
+            if p.is_relative() {
+                *p = base.join(&*p);
+            }
+        };
+        fix(&mut self.run.out_dir);
+        fix(&mut self.tokenizer.path);
+        if let Some(p) = &mut self.model.init_hf {
+            fix(p);
+        }
+        for s in &mut self.stages {
+            for src in &mut s.sources {
+                if let Some(path) = &mut src.path {
+                    fix(path);
+                }
+            }
+        }
+    }
+
+    /// Checks everything that can be checked before training starts.
+    pub fn validate(&self, path: &Path) -> Result<()> {
+        let err = |m: String| Err(Error::Config(format!("{}: {m}", path.display())));
+        if self.stages.is_empty() {
+            return err("no [[stage]]".into());
+        }
+        if !self.tokenizer.path.is_file() {
+            return err(format!("tokenizer.path: file not found: {}", self.tokenizer.path.display()));
+        }
+        if let Some(p) = &self.model.init_hf {
+            if !p.join("config.json").is_file() {
+                return err(format!("model.init_hf: no config.json in {}", p.display()));
+            }
+        }
+        for (i, s) in self.stages.iter().enumerate() {
+            let at = format!("stage {} (`{}`)", i + 1, s.name);
+            if s.sources.is_empty() {
+                return err(format!("{at}: no [[stage.source]]"));
+            }
+            for (k, src) in s.sources.iter().enumerate() {
+                match src.kind() {
+                    Err(m) => return err(format!("{at}: source {}: {m}", k + 1)),
+                    Ok(SourceKind::Jsonl { path }) if !path.is_file() => {
+                        return err(format!("{at}: source {}: file not found: {}", k + 1, path.display()))
+                    }
+                    _ => {}
+                }
+                if !src.weight.is_finite() || src.weight < 0.0 {
+                    return err(format!("{at}: source {}: weight {} is not a non-negative number", k + 1, src.weight));
+                }
+            }
+            if s.steps == 0 || s.batch_size == 0 || s.text_len == 0 {
+                return err(format!("{at}: steps, batch_size and text_len must be > 0"));
+            }
+            for g in &s.groups {
+                regex::Regex::new(&format!("^(?:{})$", g.params))
+                    .map_err(|e| Error::Config(format!("{}: {at}: group `{}`: bad regex: {e}", path.display(), g.params)))?;
+            }
+            regex::Regex::new(&s.weight_decay_params)
+                .map_err(|e| Error::Config(format!("{}: {at}: weight_decay_params: {e}", path.display())))?;
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,270 @@
+//! The optimizer chain in big_vision's order (`big_vision/optax.py`):
+//!
+//! 1. clip by global norm over trainable parameters;
+//! 2. Adam (bias-corrected moments);
+//! 3. × lr × group multiplier;
+//! 4. + wd·param on parameters selected by `weight_decay_params`;
+//! 5. × the group's schedule value;
+//! 6. frozen groups get no update (and no gradient: their params do not require grad).
+//!
+//! So weight decay is multiplied by the schedule, not by the learning rate (big_vision §1.5 (a)).
+//! Moments are kept per parameter *path*, flattened, so they survive save/load and a resampled
+//! position embedding simply restarts its own moments.
+
+use std::collections::HashMap;
+
+use burn::module::{AutodiffModule, ModuleMapper, ModuleVisitor, Param};
+use burn::tensor::backend::{AutodiffBackend, Backend};
+use burn::tensor::Tensor;
+use pali_model::checkpoint::PathStack;
+use regex::Regex;
+
+use crate::config::{Group, Stage};
+use crate::error::{Error, Result};
+use crate::schedule::Schedule;
+
+/// The compiled parameter groups of a stage.
+pub struct Groups {
+    pub groups: Vec<(Regex, Group)>,
+    pub wd: Regex,
+}
+
+impl Groups {
+    /// Groups of `stage`; without `[[stage.group]]` one group covers everything.
+    pub fn new(stage: &Stage) -> Result<Self> {
+        let groups = if stage.groups.is_empty() {
+            vec![Group {
+                params: ".*".into(),
+                decay: crate::schedule::Decay::Cosine,
+                warmup_steps: 0,
+                warmup_fraction: 0.05,
+                cooldown_steps: 0,
+                mult: 1.0,
+                frozen: false,
+                timescale: 10_000.0,
+            }]
+        } else {
+            stage.groups.clone()
+        };
+        let compiled = groups
+            .into_iter()
+            .map(|g| {
+                Regex::new(&format!("^(?:{})$", g.params))
+                    .map(|r| (r, g.clone()))
+                    .map_err(|e| Error::Config(format!("group `{}`: {e}", g.params)))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let wd = Regex::new(&format!("^(?:{})$", stage.weight_decay_params))
+            .map_err(|e| Error::Config(format!("weight_decay_params: {e}")))?;
+        Ok(Self { groups: compiled, wd })
+    }
+
+    /// The one group that covers `path` (big_vision: every parameter in exactly one group).
+    pub fn of(&self, path: &str) -> Result<usize> {
+        let hits: Vec<usize> = self.groups.iter().enumerate().filter(|(_, (r, _))| r.is_match(path)).map(|(i, _)| i).collect();
+        match hits.as_slice() {
+            [i] => Ok(*i),
+            [] => Err(Error::Config(format!("parameter `{path}` is not covered by any [[stage.group]] regex"))),
+            many => Err(Error::Config(format!(
+                "parameter `{path}` is covered by {} groups: {}",
+                many.len(),
+                many.iter().map(|i| format!("`{}`", self.groups[*i].1.params)).collect::<Vec<_>>().join(", ")
+            ))),
+        }
+    }
+
+    pub fn schedule(&self, group: usize, stage_steps: u64) -> Schedule {
+        let g = &self.groups[group].1;
+        let warmup = if g.warmup_steps > 0 { g.warmup_steps } else { (g.warmup_fraction * stage_steps as f64).round() as u64 };
+        Schedule { decay: g.decay, warmup_steps: warmup, cooldown_steps: g.cooldown_steps, total_steps: stage_steps, timescale: g.timescale }
+    }
+
+    /// Checks coverage of every parameter; returns (path, group) pairs.
+    pub fn assign(&self, paths: &[String]) -> Result<Vec<(String, usize)>> {
+        paths.iter().map(|p| self.of(p).map(|g| (p.clone(), g))).collect()
+    }
+}
+
+/// Every parameter path of a module.
+pub fn param_paths<B: Backend, M: burn::module::Module<B>>(m: &M) -> Vec<String> {
+    pali_model::checkpoint::parameter_shapes::<B, M>(m).into_iter().map(|(p, _)| p).collect()
+}
+
+/// Sets `require_grad` by group: frozen groups get no gradients at all.
+pub fn apply_freeze<B: AutodiffBackend, M: AutodiffModule<B>>(m: M, groups: &Groups) -> Result<M> {
+    struct F<'a> {
+        stack: PathStack,
+        groups: &'a Groups,
+        err: Option<Error>,
+    }
+    impl<B: Backend> ModuleMapper<B> for F<'_> {
+        fn enter_module(&mut self, n: &str, c: &str) {
+            self.stack.enter(n, c)
+        }
+        fn exit_module(&mut self, _: &str, _: &str) {
+            self.stack.exit()
+        }
+        fn map_float<const D: usize>(&mut self, p: Param<Tensor<B, D>>) -> Param<Tensor<B, D>> {
+            let path = self.stack.current().0;
+            match self.groups.of(&path) {
+                Ok(g) => p.set_require_grad(!self.groups.groups[g].1.frozen),
+                Err(e) => {
+                    self.err.get_or_insert(e);
+                    p
+                }
+            }
+        }
+    }
+    let mut f = F { stack: PathStack::default(), groups, err: None };
+    let m = m.map(&mut f);
+    match f.err {
+        Some(e) => Err(e),
+        None => Ok(m),
+    }
+}
+
+/// Adam moments per parameter path, flattened.
+pub struct AdamState<B: Backend> {
+    pub m: HashMap<String, Tensor<B, 1>>,
+    pub v: HashMap<String, Tensor<B, 1>>,
+    /// Updates applied to each parameter (bias correction).
+    pub t: HashMap<String, u64>,
+}
+
+impl<B: Backend> Default for AdamState<B> {
+    fn default() -> Self {
+        Self { m: HashMap::new(), v: HashMap::new(), t: HashMap::new() }
+    }
+}
+
+/// Hyper-parameters of one update.
+pub struct StepConfig<'a> {
+    pub lr: f64,
+    pub b1: f64,
+    pub b2: f64,
+    pub eps: f64,
+    pub weight_decay: f64,
+    pub grad_clip: f64,
+    pub groups: &'a Groups,
+    /// Schedule value of each group at this step.
+    pub sched: Vec<f64>,
+}
+
+/// Norms of one update (device scalars; read them only when logging).
+pub struct StepStats<B: Backend> {
+    pub grad_norm: Tensor<B, 1>,
+    pub param_norm: Tensor<B, 1>,
+    pub update_norm: Tensor<B, 1>,
+}
+
+/// One optimizer step on `model` with gradients `grads`.
+pub fn step<AD: AutodiffBackend, M: AutodiffModule<AD>>(
+    model: M,
+    grads: &AD::Gradients,
+    state: &mut AdamState<AD::InnerBackend>,
+    cfg: &StepConfig,
+) -> (M, StepStats<AD::InnerBackend>) {
+    type Inner<AD> = <AD as AutodiffBackend>::InnerBackend;
+    // Pass 1: gradients of trainable parameters and their global norm.
+    struct Collect<'a, AD: AutodiffBackend> {
+        stack: PathStack,
+        grads: &'a AD::Gradients,
+        out: HashMap<String, Tensor<Inner<AD>, 1>>,
+        sq: Option<Tensor<Inner<AD>, 1>>,
+        psq: Option<Tensor<Inner<AD>, 1>>,
+    }
+    impl<AD: AutodiffBackend> ModuleVisitor<AD> for Collect<'_, AD> {
+        fn enter_module(&mut self, n: &str, c: &str) {
+            self.stack.enter(n, c)
+        }
+        fn exit_module(&mut self, _: &str, _: &str) {
+            self.stack.exit()
+        }
+        fn visit_float<const D: usize>(&mut self, p: &Param<Tensor<AD, D>>) {
+            let t = p.val();
+            let n = t.shape().num_elements();
+            let ps = t.clone().inner().reshape([n]).powi_scalar(2).sum();
+            self.psq = Some(match self.psq.take() { Some(a) => a + ps, None => ps });
+            if let Some(g) = t.grad(self.grads) {
+                let g = g.reshape([n]);
+                let s = g.clone().powi_scalar(2).sum();
+                self.sq = Some(match self.sq.take() { Some(a) => a + s, None => s });
+                self.out.insert(self.stack.current().0, g);
+            }
+        }
+    }
+    let mut c = Collect::<AD> { stack: PathStack::default(), grads, out: HashMap::new(), sq: None, psq: None };
+    model.visit(&mut c);
+    let device = model.devices().first().cloned().expect("model has a device");
+    let zero = || Tensor::<Inner<AD>, 1>::zeros([1], &device);
+    let grad_norm = c.sq.take().unwrap_or_else(zero).sqrt();
+    let param_norm = c.psq.take().unwrap_or_else(zero).sqrt();
+    // min(1, clip / ‖g‖), computed on the device (no sync).
+    let coef = if cfg.grad_clip > 0.0 {
+        grad_norm.clone().add_scalar(1e-12).recip().mul_scalar(cfg.grad_clip).clamp_max(1.0)
+    } else {
+        Tensor::ones([1], &device)
+    };
+
+    // Pass 2: Adam → ×lr×mult → +wd·p → ×schedule.
+    struct Apply<'a, AD: AutodiffBackend> {
+        stack: PathStack,
+        grads: HashMap<String, Tensor<Inner<AD>, 1>>,
+        state: &'a mut AdamState<Inner<AD>>,
+        cfg: &'a StepConfig<'a>,
+        coef: Tensor<Inner<AD>, 1>,
+        usq: Option<Tensor<Inner<AD>, 1>>,
+    }
+    impl<AD: AutodiffBackend> ModuleMapper<AD> for Apply<'_, AD> {
+        fn enter_module(&mut self, n: &str, c: &str) {
+            self.stack.enter(n, c)
+        }
+        fn exit_module(&mut self, _: &str, _: &str) {
+            self.stack.exit()
+        }
+        fn map_float<const D: usize>(&mut self, p: Param<Tensor<AD, D>>) -> Param<Tensor<AD, D>> {
+            let path = self.stack.current().0;
+            let Some(g) = self.grads.remove(&path) else { return p };
+            let Ok(group) = self.cfg.groups.of(&path) else { return p };
+            let (_, gcfg) = &self.cfg.groups.groups[group];
+            if gcfg.frozen {
+                return p;
+            }
+            let cfg = self.cfg;
+            let g = g * self.coef.clone();
+            let n = g.dims()[0];
+            let m = match self.state.m.remove(&path) {
+                Some(m) if m.dims()[0] == n => m.mul_scalar(cfg.b1) + g.clone().mul_scalar(1.0 - cfg.b1),
+                _ => g.clone().mul_scalar(1.0 - cfg.b1),
+            };
+            let v = match self.state.v.remove(&path) {
+                Some(v) if v.dims()[0] == n => v.mul_scalar(cfg.b2) + g.powi_scalar(2).mul_scalar(1.0 - cfg.b2),
+                _ => g.powi_scalar(2).mul_scalar(1.0 - cfg.b2),
+            };
+            let t = self.state.t.get(&path).copied().unwrap_or(0) + 1;
+            let mhat = m.clone().div_scalar(1.0 - cfg.b1.powi(t as i32));
+            let vhat = v.clone().div_scalar(1.0 - cfg.b2.powi(t as i32));
+            let adam = mhat / vhat.sqrt().add_scalar(cfg.eps);
+            let value = p.val();
+            let dims = value.dims();
+            let flat = value.inner().reshape([n]);
+            let mut update = adam.mul_scalar(cfg.lr * gcfg.mult);
+            if cfg.weight_decay > 0.0 && cfg.groups.wd.is_match(&path) {
+                update = update + flat.clone().mul_scalar(cfg.weight_decay);
+            }
+            let update = update.mul_scalar(cfg.sched[group]);
+            let us = update.clone().powi_scalar(2).sum();
+            self.usq = Some(match self.usq.take() { Some(a) => a + us, None => us });
+            let new = (flat - update).reshape(dims);
+            self.state.m.insert(path.clone(), m);
+            self.state.v.insert(path.clone(), v);
+            self.state.t.insert(path, t);
+            let id = p.id;
+            p.transform_for_load(Tensor::from_inner(new), id)
+        }
+    }
+    let mut a = Apply::<AD> { stack: PathStack::default(), grads: c.out, state, cfg, coef, usq: None };
+    let model = model.map(&mut a);
+    let update_norm = a.usq.take().unwrap_or_else(zero).sqrt();
+    (model, StepStats { grad_norm, param_norm, update_norm })
+}

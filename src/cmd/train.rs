@@ -1,0 +1,55 @@
+//! `pali train RUN.toml [--set KEY=VALUE …] [--resume]`: the staged curriculum.
+
+use std::path::PathBuf;
+
+use anyhow::{Context, Result};
+use burn::tensor::backend::Backend;
+use pali_trainer::config::RunConfig;
+use pali_trainer::train::{train, TrainOptions};
+
+use crate::backend::{dispatch, Job};
+use crate::DeviceArg;
+
+#[derive(clap::Args, Debug)]
+pub struct Args {
+    /// Run config (TOML, see docs/config.md).
+    pub config: PathBuf,
+    /// Override a config key, e.g. `--set stage.1.lr=3e-5` or `--set run.seed=2`.
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    pub overrides: Vec<String>,
+    /// Continue from the newest checkpoint in the run's output directory.
+    #[arg(long)]
+    pub resume: bool,
+    /// Stop after this many optimizer steps in total.
+    #[arg(long)]
+    pub max_steps: Option<u64>,
+    /// No progress bars (logs still go to metrics.jsonl).
+    #[arg(long)]
+    pub quiet: bool,
+    #[command(flatten)]
+    pub device: DeviceArg,
+}
+
+pub fn run(args: Args) -> Result<()> {
+    let config = RunConfig::load(&args.config, &args.overrides).with_context(|| format!("loading {}", args.config.display()))?;
+    dispatch(args.device.device, TrainJob { config, opts: TrainOptions { resume: args.resume, progress: !args.quiet, max_steps: args.max_steps } })
+}
+
+struct TrainJob {
+    config: RunConfig,
+    opts: TrainOptions,
+}
+
+impl Job for TrainJob {
+    type Output = ();
+    fn run<B: Backend>(self, device: B::Device) -> Result<()> {
+        let summaries = train::<B>(&self.config, &device, &self.opts)?;
+        println!("{:<12} {:>6} {:>10} {:>10} {:>9} {:>10}", "stage", "steps", "loss[0]", "loss[-1]", "seconds", "eval");
+        for s in summaries {
+            let eval = s.eval_accuracy.map(|a| format!("{:.1}%", a * 100.0)).unwrap_or_else(|| "-".into());
+            println!("{:<12} {:>6} {:>10.4} {:>10.4} {:>9.1} {:>10}", s.name, s.steps, s.first_loss, s.last_loss, s.seconds, eval);
+        }
+        println!("outputs in {}", self.config.run.out_dir.display());
+        Ok(())
+    }
+}
