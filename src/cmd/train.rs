@@ -31,8 +31,19 @@ pub struct Args {
 }
 
 pub fn run(args: Args) -> Result<()> {
-    let config = RunConfig::load(&args.config, &args.overrides).with_context(|| format!("loading {}", args.config.display()))?;
-    dispatch(args.device.device, TrainJob { config, opts: TrainOptions { resume: args.resume, progress: !args.quiet, max_steps: args.max_steps } })
+    let config = RunConfig::load(&args.config, &args.overrides)
+        .with_context(|| format!("loading {}", args.config.display()))?;
+    dispatch(
+        args.device.device,
+        TrainJob {
+            config,
+            opts: TrainOptions {
+                resume: args.resume,
+                progress: !args.quiet,
+                max_steps: args.max_steps,
+            },
+        },
+    )
 }
 
 struct TrainJob {
@@ -44,10 +55,19 @@ impl Job for TrainJob {
     type Output = ();
     fn run<B: Backend>(self, device: B::Device) -> Result<()> {
         let summaries = train::<B>(&self.config, &device, &self.opts)?;
-        println!("{:<12} {:>6} {:>10} {:>10} {:>9} {:>10}", "stage", "steps", "loss[0]", "loss[-1]", "seconds", "eval");
+        println!(
+            "{:<12} {:>6} {:>10} {:>10} {:>9} {:>10}",
+            "stage", "steps", "loss[0]", "loss[-1]", "seconds", "eval"
+        );
         for s in summaries {
-            let eval = s.eval_accuracy.map(|a| format!("{:.1}%", a * 100.0)).unwrap_or_else(|| "-".into());
-            println!("{:<12} {:>6} {:>10.4} {:>10.4} {:>9.1} {:>10}", s.name, s.steps, s.first_loss, s.last_loss, s.seconds, eval);
+            let eval = s
+                .eval_accuracy
+                .map(|a| format!("{:.1}%", a * 100.0))
+                .unwrap_or_else(|| "-".into());
+            println!(
+                "{:<12} {:>6} {:>10.4} {:>10.4} {:>9.1} {:>10}",
+                s.name, s.steps, s.first_loss, s.last_loss, s.seconds, eval
+            );
         }
         println!("outputs in {}", self.config.run.out_dir.display());
         Ok(())

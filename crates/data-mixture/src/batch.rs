@@ -75,7 +75,10 @@ impl BatchBuilder {
             .map_err(|e| Error::Invalid(format!("{}: {e}", ex.id)))?;
         let mut px = Vec::with_capacity(self.frames * 3 * self.resolution * self.resolution);
         for im in &ex.images {
-            px.extend(im.pixels(self.resolution, self.resize).map_err(|e| Error::Invalid(format!("{}: {e}", ex.id)))?);
+            px.extend(
+                im.pixels(self.resolution, self.resize)
+                    .map_err(|e| Error::Invalid(format!("{}: {e}", ex.id)))?,
+            );
         }
         Ok((text, px))
     }
@@ -88,7 +91,9 @@ impl BatchBuilder {
             batch_size: b,
             frames: self.frames,
             resolution: self.resolution,
-            pixel_values: Vec::with_capacity(b * self.frames * 3 * self.resolution * self.resolution),
+            pixel_values: Vec::with_capacity(
+                b * self.frames * 3 * self.resolution * self.resolution,
+            ),
             seq_len: t1,
             text: Vec::with_capacity(b * t1),
             mask_ar: Vec::with_capacity(b * t1),
@@ -106,8 +111,12 @@ impl BatchBuilder {
             batch.pixel_values.extend(px);
             batch.text.extend(t.ids.iter().map(|x| *x as i64));
             batch.mask_ar.extend(t.mask_ar.iter().map(|x| *x as i64));
-            batch.mask_loss.extend(t.mask_loss.iter().map(|x| *x as i64));
-            batch.mask_input.extend(t.mask_input.iter().map(|x| *x as i64));
+            batch
+                .mask_loss
+                .extend(t.mask_loss.iter().map(|x| *x as i64));
+            batch
+                .mask_input
+                .extend(t.mask_input.iter().map(|x| *x as i64));
             batch.truncated += usize::from(t.truncated);
             if t.eos_cut {
                 batch.eos_cut.push(ex.id.clone());
@@ -119,7 +128,12 @@ impl BatchBuilder {
 
 /// Draws `batch_size` examples from the mixture; with `OnError::Skip` unreadable examples are
 /// replaced by the next ones and reported in the batch.
-pub fn next_batch(mix: &mut Mixture, builder: &BatchBuilder, batch_size: usize, on_error: OnError) -> Result<Batch> {
+pub fn next_batch(
+    mix: &mut Mixture,
+    builder: &BatchBuilder,
+    batch_size: usize,
+    on_error: OnError,
+) -> Result<Batch> {
     let mut rows = Vec::with_capacity(batch_size);
     let mut skipped = Vec::new();
     while rows.len() < batch_size {
@@ -129,7 +143,9 @@ pub fn next_batch(mix: &mut Mixture, builder: &BatchBuilder, batch_size: usize, 
             if let Err(e) = builder.encode(&ex) {
                 skipped.push(e.to_string());
                 if skipped.len() > 100 * batch_size {
-                    return Err(Error::Invalid(format!("too many unreadable examples; last: {e}")));
+                    return Err(Error::Invalid(format!(
+                        "too many unreadable examples; last: {e}"
+                    )));
                 }
                 continue;
             }
@@ -148,7 +164,13 @@ pub struct Loader {
 }
 
 impl Loader {
-    pub fn spawn(mut mix: Mixture, builder: BatchBuilder, batch_size: usize, on_error: OnError, prefetch: usize) -> Self {
+    pub fn spawn(
+        mut mix: Mixture,
+        builder: BatchBuilder,
+        batch_size: usize,
+        on_error: OnError,
+        prefetch: usize,
+    ) -> Self {
         let (tx, rx) = sync_channel(prefetch.max(1));
         let handle = std::thread::spawn(move || loop {
             let b = next_batch(&mut mix, &builder, batch_size, on_error);
@@ -157,11 +179,16 @@ impl Loader {
                 return;
             }
         });
-        Self { rx, handle: Some(handle) }
+        Self {
+            rx,
+            handle: Some(handle),
+        }
     }
 
     pub fn next(&mut self) -> Result<Batch> {
-        self.rx.recv().map_err(|_| Error::Invalid("data loader thread stopped".into()))?
+        self.rx
+            .recv()
+            .map_err(|_| Error::Invalid("data loader thread stopped".into()))?
     }
 }
 

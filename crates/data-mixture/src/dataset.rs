@@ -109,7 +109,14 @@ pub struct SynthDataset {
 impl SynthDataset {
     pub fn new(task: SynthTask, seed: u64, split: u64, size: usize, task_prefix: bool) -> Self {
         let name = format!("synth:{}", task.name());
-        Self { task, seed, split, size, task_prefix, name }
+        Self {
+            task,
+            seed,
+            split,
+            size,
+            task_prefix,
+            name,
+        }
     }
 
     /// (prefix, suffix) of `scene` for this task; `rng` picks among questions.
@@ -118,19 +125,29 @@ impl SynthDataset {
         let shapes = &scene.shapes;
         match self.task {
             SynthTask::Caption => {
-                let parts: Vec<String> = shapes.iter().map(|s| format!("a {}", s.label())).collect();
+                let parts: Vec<String> =
+                    shapes.iter().map(|s| format!("a {}", s.label())).collect();
                 tasks::caption("en", &parts.join(" and "), tp)
             }
             SynthTask::Vqa => {
                 let s = rng.pick(shapes);
                 let unique = scene.count(Some(s.kind)) == 1;
                 match rng.below(3) {
-                    0 if unique => tasks::vqa("en", &format!("what color is the {}?", s.kind.name()), s.color_name(), tp),
+                    0 if unique => tasks::vqa(
+                        "en",
+                        &format!("what color is the {}?", s.kind.name()),
+                        s.color_name(),
+                        tp,
+                    ),
                     1 => {
                         let [y0, x0, y1, x1] = s.bbox;
                         let (cx, cy) = ((x0 + x1) / 2.0, (y0 + y1) / 2.0);
                         let pos = if (cx - 0.5).abs() > (cy - 0.5).abs() {
-                            if cx < 0.5 { "left" } else { "right" }
+                            if cx < 0.5 {
+                                "left"
+                            } else {
+                                "right"
+                            }
                         } else if cy < 0.5 {
                             "top"
                         } else {
@@ -156,7 +173,8 @@ impl SynthDataset {
                 let mut classes: Vec<&str> = Kind::ALL.iter().map(|k| k.name()).collect();
                 rng.shuffle(&mut classes);
                 classes.truncate(1 + rng.below(2));
-                let objs: Vec<(&str, [f32; 4])> = shapes.iter().map(|s| (s.kind.name(), s.bbox)).collect();
+                let objs: Vec<(&str, [f32; 4])> =
+                    shapes.iter().map(|s| (s.kind.name(), s.bbox)).collect();
                 tasks::detect(&classes, &objs, tp)
             }
             SynthTask::Ocr => tasks::ocr(&scene.text.text, tp),
@@ -177,7 +195,10 @@ impl Dataset for SynthDataset {
     }
     fn get(&self, index: usize) -> Result<Example> {
         let scene = Scene::generate(self.seed, self.split, index as u64);
-        let mut rng = Rng::derive(self.seed, &[self.split, index as u64, self.task as u64 + 100]);
+        let mut rng = Rng::derive(
+            self.seed,
+            &[self.split, index as u64, self.task as u64 + 100],
+        );
         let (prefix, suffix) = self.texts(&scene, &mut rng);
         Ok(Example {
             id: format!("synth:{}:{}:{index}", self.task.name(), self.split),
@@ -199,16 +220,33 @@ pub struct JsonlDataset {
 }
 
 fn line_err(path: &Path, line: usize, msg: impl Into<String>) -> Error {
-    Error::Line { path: path.to_path_buf(), line, msg: msg.into() }
+    Error::Line {
+        path: path.to_path_buf(),
+        line,
+        msg: msg.into(),
+    }
 }
 
-fn parse_line(path: &Path, dir: &Path, line_no: usize, line: &str, check_images: bool) -> Result<Example> {
-    let v: Value = serde_json::from_str(line).map_err(|e| line_err(path, line_no, format!("malformed JSON: {e}")))?;
-    let obj = v.as_object().ok_or_else(|| line_err(path, line_no, "expected a JSON object"))?;
+fn parse_line(
+    path: &Path,
+    dir: &Path,
+    line_no: usize,
+    line: &str,
+    check_images: bool,
+) -> Result<Example> {
+    let v: Value = serde_json::from_str(line)
+        .map_err(|e| line_err(path, line_no, format!("malformed JSON: {e}")))?;
+    let obj = v
+        .as_object()
+        .ok_or_else(|| line_err(path, line_no, "expected a JSON object"))?;
     let text = |field: &str| -> Result<String> {
         match obj.get(field) {
             Some(Value::String(s)) => Ok(s.clone()),
-            Some(other) => Err(line_err(path, line_no, format!("field `{field}`: expected a string, found {other}"))),
+            Some(other) => Err(line_err(
+                path,
+                line_no,
+                format!("field `{field}`: expected a string, found {other}"),
+            )),
             None => Err(line_err(path, line_no, format!("missing field `{field}`"))),
         }
     };
@@ -218,10 +256,20 @@ fn parse_line(path: &Path, dir: &Path, line_no: usize, line: &str, check_images:
             .iter()
             .map(|x| x.as_str().map(String::from))
             .collect::<Option<Vec<_>>>()
-            .ok_or_else(|| line_err(path, line_no, "field `image`: expected a string or a list of strings"))?,
-        Some(other) => {
-            return Err(line_err(path, line_no, format!("field `image`: expected a string or a non-empty list of strings, found {other}")))
-        }
+            .ok_or_else(|| {
+                line_err(
+                    path,
+                    line_no,
+                    "field `image`: expected a string or a list of strings",
+                )
+            })?,
+        Some(other) => return Err(line_err(
+            path,
+            line_no,
+            format!(
+                "field `image`: expected a string or a non-empty list of strings, found {other}"
+            ),
+        )),
         None => return Err(line_err(path, line_no, "missing field `image`")),
     };
     let mut images = Vec::new();
@@ -229,20 +277,32 @@ fn parse_line(path: &Path, dir: &Path, line_no: usize, line: &str, check_images:
         let p = dir.join(&name);
         if check_images {
             if !p.is_file() {
-                return Err(line_err(path, line_no, format!("field `image`: file not found: {}", p.display())));
+                return Err(line_err(
+                    path,
+                    line_no,
+                    format!("field `image`: file not found: {}", p.display()),
+                ));
             }
             img::load(&p).map_err(|e| line_err(path, line_no, format!("field `image`: {e}")))?;
         }
         images.push(ImageSource::File(p));
     }
-    Ok(Example { id: format!("{}:{line_no}", path.display()), images, prefix: text("prefix")?, suffix: text("suffix")? })
+    Ok(Example {
+        id: format!("{}:{line_no}", path.display()),
+        images,
+        prefix: text("prefix")?,
+        suffix: text("suffix")?,
+    })
 }
 
 impl JsonlDataset {
     /// Reads and checks every line. With `check_images` every image is also opened and decoded
     /// (what `pali data validate` does; training checks images when it loads them).
     pub fn open(path: &Path, on_error: OnError, check_images: bool) -> Result<Self> {
-        let text = std::fs::read_to_string(path).map_err(|source| Error::Io { path: path.to_path_buf(), source })?;
+        let text = std::fs::read_to_string(path).map_err(|source| Error::Io {
+            path: path.to_path_buf(),
+            source,
+        })?;
         let dir = path.parent().unwrap_or(Path::new("."));
         let mut examples = Vec::new();
         let mut skipped = Vec::new();
@@ -257,9 +317,17 @@ impl JsonlDataset {
             }
         }
         if examples.is_empty() {
-            return Err(Error::Invalid(format!("{}: no usable examples", path.display())));
+            return Err(Error::Invalid(format!(
+                "{}: no usable examples",
+                path.display()
+            )));
         }
-        Ok(Self { path: path.to_path_buf(), examples, skipped, name: path.display().to_string() })
+        Ok(Self {
+            path: path.to_path_buf(),
+            examples,
+            skipped,
+            name: path.display().to_string(),
+        })
     }
 }
 
@@ -280,7 +348,13 @@ impl Dataset for JsonlDataset {
 
 /// Writes `n` synthetic examples of every task as JSONL + PNG under `dir` (what
 /// `pali data synth` does, so users see the format).
-pub fn write_synth(dir: &Path, n: usize, res: usize, seed: u64, split: u64) -> Result<Vec<PathBuf>> {
+pub fn write_synth(
+    dir: &Path,
+    n: usize,
+    res: usize,
+    seed: u64,
+    split: u64,
+) -> Result<Vec<PathBuf>> {
     let io = |p: &Path| {
         let p = p.to_path_buf();
         move |source| Error::Io { path: p, source }
@@ -290,8 +364,14 @@ pub fn write_synth(dir: &Path, n: usize, res: usize, seed: u64, split: u64) -> R
         let scene = Scene::generate(seed, split, i as u64);
         let rgb = scene.render(res);
         let p = dir.join(format!("images/{i:06}.png"));
-        ::image::save_buffer(&p, &rgb.to_u8(), res as u32, res as u32, ::image::ExtendedColorType::Rgb8)
-            .map_err(|e| Error::Invalid(format!("{}: {e}", p.display())))?;
+        ::image::save_buffer(
+            &p,
+            &rgb.to_u8(),
+            res as u32,
+            res as u32,
+            ::image::ExtendedColorType::Rgb8,
+        )
+        .map_err(|e| Error::Invalid(format!("{}: {e}", p.display())))?;
     }
     let mut files = Vec::new();
     for task in SynthTask::ALL {

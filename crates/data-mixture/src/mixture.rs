@@ -40,10 +40,16 @@ pub struct Mixture {
 impl Mixture {
     pub fn new(sources: Vec<Arc<dyn Dataset>>, weights: &[f64], seed: u64) -> Result<Self> {
         if sources.len() != weights.len() || sources.is_empty() {
-            return Err(Error::Invalid(format!("{} sources but {} weights", sources.len(), weights.len())));
+            return Err(Error::Invalid(format!(
+                "{} sources but {} weights",
+                sources.len(),
+                weights.len()
+            )));
         }
         if let Some(w) = weights.iter().find(|w| !w.is_finite() || **w < 0.0) {
-            return Err(Error::Invalid(format!("mixture weight {w} is not a non-negative number")));
+            return Err(Error::Invalid(format!(
+                "mixture weight {w} is not a non-negative number"
+            )));
         }
         let total: f64 = weights.iter().sum();
         if total <= 0.0 {
@@ -51,7 +57,10 @@ impl Mixture {
         }
         for (s, w) in sources.iter().zip(weights) {
             if *w > 0.0 && s.is_empty() {
-                return Err(Error::Invalid(format!("source {} has weight {w} but no examples", s.name())));
+                return Err(Error::Invalid(format!(
+                    "source {} has weight {w} but no examples",
+                    s.name()
+                )));
             }
         }
         let n = sources.len();
@@ -59,7 +68,10 @@ impl Mixture {
             weights: weights.iter().map(|w| w / total).collect(),
             sources,
             seed,
-            state: MixtureState { rng: Rng::derive(seed, &[0x6d69_78]), sources: vec![SourceState::default(); n] },
+            state: MixtureState {
+                rng: Rng::derive(seed, &[0x6d69_78]),
+                sources: vec![SourceState::default(); n],
+            },
             perms: vec![(u64::MAX, Vec::new()); n],
         })
     }
@@ -125,13 +137,21 @@ pub struct FewShot {
 impl FewShot {
     pub fn new(inner: Arc<dyn Dataset>, k: usize, seed: u64) -> Result<Self> {
         if k > inner.len() {
-            return Err(Error::Invalid(format!("few-shot k = {k} but {} has {} examples", inner.name(), inner.len())));
+            return Err(Error::Invalid(format!(
+                "few-shot k = {k} but {} has {} examples",
+                inner.name(),
+                inner.len()
+            )));
         }
         let mut p: Vec<usize> = (0..inner.len()).collect();
         Rng::derive(seed, &[0x6673]).shuffle(&mut p);
         p.truncate(k);
         let name = format!("{}[{k}-shot, seed {seed}]", inner.name());
-        Ok(Self { inner, indices: p, name })
+        Ok(Self {
+            inner,
+            indices: p,
+            name,
+        })
     }
 }
 
@@ -165,12 +185,23 @@ mod tests {
         let s1: Vec<_> = (0..1000).map(|_| m1.next_index()).collect();
         let s2: Vec<_> = (0..1000).map(|_| m2.next_index()).collect();
         assert_eq!(s1, s2);
-        assert_ne!(s1, (0..1000).map(|_| mix(6).next_index()).collect::<Vec<_>>()[..]);
+        assert_ne!(
+            s1,
+            (0..1000).map(|_| mix(6).next_index()).collect::<Vec<_>>()[..]
+        );
         let from_a = s1.iter().filter(|(s, _)| *s == 0).count();
         assert!((700..800).contains(&from_a), "source 0 share {from_a}/1000");
-        assert!(s1.iter().all(|(s, _)| *s != 2), "zero weight is never drawn");
+        assert!(
+            s1.iter().all(|(s, _)| *s != 2),
+            "zero weight is never drawn"
+        );
         // Every epoch is a permutation: the first 10 draws of source 0 cover 0..10.
-        let mut first: Vec<usize> = s1.iter().filter(|(s, _)| *s == 0).take(10).map(|(_, i)| *i).collect();
+        let mut first: Vec<usize> = s1
+            .iter()
+            .filter(|(s, _)| *s == 0)
+            .take(10)
+            .map(|(_, i)| *i)
+            .collect();
         first.sort();
         assert_eq!(first, (0..10).collect::<Vec<_>>());
         assert_eq!(m1.state.sources[0].seen as usize, from_a);

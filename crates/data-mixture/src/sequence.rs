@@ -106,12 +106,14 @@ impl SequenceBuilder {
         let len = self.text_len + 1;
         if ex.ids.len() > len {
             match self.truncation {
-                Truncation::Error => return Err(Error::Invalid(format!(
+                Truncation::Error => {
+                    return Err(Error::Invalid(format!(
                     "text too long: {} tokens (prefix+sep {}, suffix+eos {}) > text_len+1 = {len}",
                     ex.ids.len(),
                     ex.prefix_len,
                     ex.suffix_len
-                ))),
+                )))
+                }
                 Truncation::Cut => {
                     ex.eos_cut = true;
                     cut(&mut ex, len);

@@ -34,7 +34,12 @@ pub fn checkpoints(out_dir: &Path) -> Vec<PathBuf> {
     let mut v: Vec<PathBuf> = std::fs::read_dir(&dir)
         .map(|r| {
             r.filter_map(|e| e.ok().map(|e| e.path()))
-                .filter(|p| p.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with("step-")) && p.join("state.json").is_file())
+                .filter(|p| {
+                    p.file_name()
+                        .and_then(|n| n.to_str())
+                        .is_some_and(|n| n.starts_with("step-"))
+                        && p.join("state.json").is_file()
+                })
                 .collect()
         })
         .unwrap_or_default();
@@ -46,7 +51,13 @@ fn f32_bytes(v: &[f32]) -> Vec<u8> {
     v.iter().flat_map(|x| x.to_le_bytes()).collect()
 }
 
-pub fn save<B: Backend, M: Module<B>>(out_dir: &Path, model: &M, adam: &AdamState<B>, state: &RunState, keep: usize) -> Result<PathBuf> {
+pub fn save<B: Backend, M: Module<B>>(
+    out_dir: &Path,
+    model: &M,
+    adam: &AdamState<B>,
+    state: &RunState,
+    keep: usize,
+) -> Result<PathBuf> {
     let root = out_dir.join("checkpoints");
     std::fs::create_dir_all(&root).map_err(io(&root))?;
     let final_dir = root.join(format!("step-{:08}", state.global_step));
@@ -57,16 +68,28 @@ pub fn save<B: Backend, M: Module<B>>(out_dir: &Path, model: &M, adam: &AdamStat
     let mut tensors: Vec<(String, Vec<usize>, Vec<u8>)> = Vec::new();
     for (prefix, map) in [("m", &adam.m), ("v", &adam.v)] {
         for (k, t) in map {
-            let vals: Vec<f32> = t.clone().into_data().convert::<f32>().to_vec().expect("f32");
+            let vals: Vec<f32> = t
+                .clone()
+                .into_data()
+                .convert::<f32>()
+                .to_vec()
+                .expect("f32");
             tensors.push((format!("{prefix}/{k}"), vec![vals.len()], f32_bytes(&vals)));
         }
     }
     let views: Vec<(String, safetensors::tensor::TensorView)> = tensors
         .iter()
-        .map(|(n, s, b)| (n.clone(), safetensors::tensor::TensorView::new(safetensors::Dtype::F32, s.clone(), b).expect("view")))
+        .map(|(n, s, b)| {
+            (
+                n.clone(),
+                safetensors::tensor::TensorView::new(safetensors::Dtype::F32, s.clone(), b)
+                    .expect("view"),
+            )
+        })
         .collect();
     let op = tmp.join("optim.safetensors");
-    safetensors::tensor::serialize_to_file(views, None, &op).map_err(|e| Error::Train(format!("{}: {e}", op.display())))?;
+    safetensors::tensor::serialize_to_file(views, None, &op)
+        .map_err(|e| Error::Train(format!("{}: {e}", op.display())))?;
     let sp = tmp.join("state.json");
     std::fs::write(&sp, serde_json::to_string_pretty(state).expect("json")).map_err(io(&sp))?;
     let _ = std::fs::remove_dir_all(&final_dir);
@@ -86,9 +109,16 @@ pub fn load_state(dir: &Path) -> Result<RunState> {
     serde_json::from_str(&text).map_err(|e| Error::Train(format!("{}: {e}", p.display())))
 }
 
-pub fn load_adam<B: Backend>(dir: &Path, t: HashMap<String, u64>, device: &B::Device) -> Result<AdamState<B>> {
+pub fn load_adam<B: Backend>(
+    dir: &Path,
+    t: HashMap<String, u64>,
+    device: &B::Device,
+) -> Result<AdamState<B>> {
     let f = TensorFile::open(&dir.join("optim.safetensors"))?;
-    let mut st = AdamState::<B> { t, ..Default::default() };
+    let mut st = AdamState::<B> {
+        t,
+        ..Default::default()
+    };
     let names: Vec<String> = f.names().map(String::from).collect();
     for name in names {
         let (vals, _) = f.f32(&name)?;
@@ -97,7 +127,12 @@ pub fn load_adam<B: Backend>(dir: &Path, t: HashMap<String, u64>, device: &B::De
         match name.split_once('/') {
             Some(("m", k)) => st.m.insert(k.to_string(), t),
             Some(("v", k)) => st.v.insert(k.to_string(), t),
-            _ => return Err(Error::Train(format!("{}: unexpected tensor `{name}`", dir.display()))),
+            _ => {
+                return Err(Error::Train(format!(
+                    "{}: unexpected tensor `{name}`",
+                    dir.display()
+                )))
+            }
         };
     }
     Ok(st)

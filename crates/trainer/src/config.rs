@@ -112,10 +112,18 @@ pub enum SourceKind {
 impl Source {
     pub fn kind(&self) -> std::result::Result<SourceKind, String> {
         match (self.kind, self.task, self.size, &self.path) {
-            (SourceType::Synth, Some(task), Some(size), None) => Ok(SourceKind::Synth { task, size }),
-            (SourceType::Synth, ..) => Err("kind = \"synth\" needs `task` and `size` (and no `path`)".into()),
-            (SourceType::Jsonl, None, None, Some(path)) => Ok(SourceKind::Jsonl { path: path.clone() }),
-            (SourceType::Jsonl, ..) => Err("kind = \"jsonl\" needs `path` (and no `task`/`size`)".into()),
+            (SourceType::Synth, Some(task), Some(size), None) => {
+                Ok(SourceKind::Synth { task, size })
+            }
+            (SourceType::Synth, ..) => {
+                Err("kind = \"synth\" needs `task` and `size` (and no `path`)".into())
+            }
+            (SourceType::Jsonl, None, None, Some(path)) => {
+                Ok(SourceKind::Jsonl { path: path.clone() })
+            }
+            (SourceType::Jsonl, ..) => {
+                Err("kind = \"jsonl\" needs `path` (and no `task`/`size`)".into())
+            }
         }
     }
 }
@@ -157,7 +165,11 @@ pub struct LossSection {
 
 impl Default for LossSection {
     fn default() -> Self {
-        Self { reduction: Reduction::PerExample, on: LossOn::Suffix, label_smoothing: 0.0 }
+        Self {
+            reduction: Reduction::PerExample,
+            on: LossOn::Suffix,
+            label_smoothing: 0.0,
+        }
     }
 }
 
@@ -280,9 +292,15 @@ pub fn apply_override(doc: &mut toml::Value, spec: &str) -> Result<()> {
     let mut cur = doc;
     let mut i = 0;
     while i < parts.len() {
-        let p = if parts[i] == "stage" { "stage" } else { parts[i] };
+        let p = if parts[i] == "stage" {
+            "stage"
+        } else {
+            parts[i]
+        };
         let last = i + 1 == parts.len();
-        let table = cur.as_table_mut().ok_or_else(|| Error::Config(format!("--set {key}: `{p}` is not a table")))?;
+        let table = cur
+            .as_table_mut()
+            .ok_or_else(|| Error::Config(format!("--set {key}: `{p}` is not a table")))?;
         if last {
             if !table.contains_key(p) && !p.is_empty() {
                 // New keys are allowed only where the schema has them; typing checks that.
@@ -290,7 +308,9 @@ pub fn apply_override(doc: &mut toml::Value, spec: &str) -> Result<()> {
             table.insert(p.to_string(), value);
             return Ok(());
         }
-        let next = table.get_mut(p).ok_or_else(|| Error::Config(format!("--set {key}: no `{p}` in the config")))?;
+        let next = table
+            .get_mut(p)
+            .ok_or_else(|| Error::Config(format!("--set {key}: no `{p}` in the config")))?;
         if let toml::Value::Array(items) = next {
             let sel = parts[i + 1];
             let idx = match sel.parse::<usize>() {
@@ -304,7 +324,9 @@ pub fn apply_override(doc: &mut toml::Value, spec: &str) -> Result<()> {
             cur = &mut items[idx];
             i += 2;
             if i == parts.len() {
-                return Err(Error::Config(format!("--set {key}: cannot replace a whole {p}")));
+                return Err(Error::Config(format!(
+                    "--set {key}: cannot replace a whole {p}"
+                )));
             }
         } else {
             cur = next;
@@ -318,12 +340,16 @@ impl RunConfig {
     /// Reads, overrides and validates a run config; relative paths are resolved against the
     /// config file's directory.
     pub fn load(path: &Path, overrides: &[String]) -> Result<Self> {
-        let text = std::fs::read_to_string(path).map_err(|e| Error::Config(format!("{}: {e}", path.display())))?;
-        let mut doc: toml::Value = toml::from_str(&text).map_err(|e| Error::Config(format!("{}: {e}", path.display())))?;
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| Error::Config(format!("{}: {e}", path.display())))?;
+        let mut doc: toml::Value =
+            toml::from_str(&text).map_err(|e| Error::Config(format!("{}: {e}", path.display())))?;
         for o in overrides {
             apply_override(&mut doc, o)?;
         }
-        let mut c: RunConfig = doc.try_into().map_err(|e: toml::de::Error| Error::Config(format!("{}: {e}", path.display())))?;
+        let mut c: RunConfig = doc
+            .try_into()
+            .map_err(|e: toml::de::Error| Error::Config(format!("{}: {e}", path.display())))?;
         let base = path.parent().unwrap_or(Path::new("."));
         c.resolve_paths(base);
         c.validate(path)?;
@@ -357,7 +383,10 @@ impl RunConfig {
             return err("no [[stage]]".into());
         }
         if !self.tokenizer.path.is_file() {
-            return err(format!("tokenizer.path: file not found: {}", self.tokenizer.path.display()));
+            return err(format!(
+                "tokenizer.path: file not found: {}",
+                self.tokenizer.path.display()
+            ));
         }
         if let Some(p) = &self.model.init_hf {
             if !p.join("config.json").is_file() {
@@ -373,23 +402,40 @@ impl RunConfig {
                 match src.kind() {
                     Err(m) => return err(format!("{at}: source {}: {m}", k + 1)),
                     Ok(SourceKind::Jsonl { path }) if !path.is_file() => {
-                        return err(format!("{at}: source {}: file not found: {}", k + 1, path.display()))
+                        return err(format!(
+                            "{at}: source {}: file not found: {}",
+                            k + 1,
+                            path.display()
+                        ))
                     }
                     _ => {}
                 }
                 if !src.weight.is_finite() || src.weight < 0.0 {
-                    return err(format!("{at}: source {}: weight {} is not a non-negative number", k + 1, src.weight));
+                    return err(format!(
+                        "{at}: source {}: weight {} is not a non-negative number",
+                        k + 1,
+                        src.weight
+                    ));
                 }
             }
             if s.steps == 0 || s.batch_size == 0 || s.text_len == 0 {
                 return err(format!("{at}: steps, batch_size and text_len must be > 0"));
             }
             for g in &s.groups {
-                regex::Regex::new(&format!("^(?:{})$", g.params))
-                    .map_err(|e| Error::Config(format!("{}: {at}: group `{}`: bad regex: {e}", path.display(), g.params)))?;
+                regex::Regex::new(&format!("^(?:{})$", g.params)).map_err(|e| {
+                    Error::Config(format!(
+                        "{}: {at}: group `{}`: bad regex: {e}",
+                        path.display(),
+                        g.params
+                    ))
+                })?;
             }
-            regex::Regex::new(&s.weight_decay_params)
-                .map_err(|e| Error::Config(format!("{}: {at}: weight_decay_params: {e}", path.display())))?;
+            regex::Regex::new(&s.weight_decay_params).map_err(|e| {
+                Error::Config(format!(
+                    "{}: {at}: weight_decay_params: {e}",
+                    path.display()
+                ))
+            })?;
         }
         Ok(())
     }

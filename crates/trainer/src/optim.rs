@@ -56,38 +56,68 @@ impl Groups {
             .collect::<Result<Vec<_>>>()?;
         let wd = Regex::new(&format!("^(?:{})$", stage.weight_decay_params))
             .map_err(|e| Error::Config(format!("weight_decay_params: {e}")))?;
-        Ok(Self { groups: compiled, wd })
+        Ok(Self {
+            groups: compiled,
+            wd,
+        })
     }
 
     /// The one group that covers `path` (big_vision: every parameter in exactly one group).
     pub fn of(&self, path: &str) -> Result<usize> {
-        let hits: Vec<usize> = self.groups.iter().enumerate().filter(|(_, (r, _))| r.is_match(path)).map(|(i, _)| i).collect();
+        let hits: Vec<usize> = self
+            .groups
+            .iter()
+            .enumerate()
+            .filter(|(_, (r, _))| r.is_match(path))
+            .map(|(i, _)| i)
+            .collect();
         match hits.as_slice() {
             [i] => Ok(*i),
-            [] => Err(Error::Config(format!("parameter `{path}` is not covered by any [[stage.group]] regex"))),
+            [] => Err(Error::Config(format!(
+                "parameter `{path}` is not covered by any [[stage.group]] regex"
+            ))),
             many => Err(Error::Config(format!(
                 "parameter `{path}` is covered by {} groups: {}",
                 many.len(),
-                many.iter().map(|i| format!("`{}`", self.groups[*i].1.params)).collect::<Vec<_>>().join(", ")
+                many.iter()
+                    .map(|i| format!("`{}`", self.groups[*i].1.params))
+                    .collect::<Vec<_>>()
+                    .join(", ")
             ))),
         }
     }
 
     pub fn schedule(&self, group: usize, stage_steps: u64) -> Schedule {
         let g = &self.groups[group].1;
-        let warmup = if g.warmup_steps > 0 { g.warmup_steps } else { (g.warmup_fraction * stage_steps as f64).round() as u64 };
-        Schedule { decay: g.decay, warmup_steps: warmup, cooldown_steps: g.cooldown_steps, total_steps: stage_steps, timescale: g.timescale }
+        let warmup = if g.warmup_steps > 0 {
+            g.warmup_steps
+        } else {
+            (g.warmup_fraction * stage_steps as f64).round() as u64
+        };
+        Schedule {
+            decay: g.decay,
+            warmup_steps: warmup,
+            cooldown_steps: g.cooldown_steps,
+            total_steps: stage_steps,
+            timescale: g.timescale,
+        }
     }
 
     /// Checks coverage of every parameter; returns (path, group) pairs.
     pub fn assign(&self, paths: &[String]) -> Result<Vec<(String, usize)>> {
-        paths.iter().map(|p| self.of(p).map(|g| (p.clone(), g))).collect()
+        paths
+            .iter()
+            .map(|p| self.of(p).map(|g| (p.clone(), g)))
+            .collect()
     }
 }
 
 /// Every parameter path of a module.
 pub fn param_paths<B: Backend, M: burn::module::Module<B>>(m: &M) -> Vec<String> {
-    pali_model::checkpoint::parameter_shapes::<B, M>(m).into_iter().map(|(p, _)| p).collect()
+    pali_model::checkpoint::parameter_shapes::<B, M>(m)
+        .into_iter()
+        .map(|(p, _)| p)
+        .collect()
 }
 
 /// Sets `require_grad` by group: frozen groups get no gradients at all.
@@ -115,7 +145,11 @@ pub fn apply_freeze<B: AutodiffBackend, M: AutodiffModule<B>>(m: M, groups: &Gro
             }
         }
     }
-    let mut f = F { stack: PathStack::default(), groups, err: None };
+    let mut f = F {
+        stack: PathStack::default(),
+        groups,
+        err: None,
+    };
     let m = m.map(&mut f);
     match f.err {
         Some(e) => Err(e),
@@ -133,7 +167,11 @@ pub struct AdamState<B: Backend> {
 
 impl<B: Backend> Default for AdamState<B> {
     fn default() -> Self {
-        Self { m: HashMap::new(), v: HashMap::new(), t: HashMap::new() }
+        Self {
+            m: HashMap::new(),
+            v: HashMap::new(),
+            t: HashMap::new(),
+        }
     }
 }
 
@@ -184,24 +222,45 @@ pub fn step<AD: AutodiffBackend, M: AutodiffModule<AD>>(
             let t = p.val();
             let n = t.shape().num_elements();
             let ps = t.clone().inner().reshape([n]).powi_scalar(2).sum();
-            self.psq = Some(match self.psq.take() { Some(a) => a + ps, None => ps });
+            self.psq = Some(match self.psq.take() {
+                Some(a) => a + ps,
+                None => ps,
+            });
             if let Some(g) = t.grad(self.grads) {
                 let g = g.reshape([n]);
                 let s = g.clone().powi_scalar(2).sum();
-                self.sq = Some(match self.sq.take() { Some(a) => a + s, None => s });
+                self.sq = Some(match self.sq.take() {
+                    Some(a) => a + s,
+                    None => s,
+                });
                 self.out.insert(self.stack.current().0, g);
             }
         }
     }
-    let mut c = Collect::<AD> { stack: PathStack::default(), grads, out: HashMap::new(), sq: None, psq: None };
+    let mut c = Collect::<AD> {
+        stack: PathStack::default(),
+        grads,
+        out: HashMap::new(),
+        sq: None,
+        psq: None,
+    };
     model.visit(&mut c);
-    let device = model.devices().first().cloned().expect("model has a device");
+    let device = model
+        .devices()
+        .first()
+        .cloned()
+        .expect("model has a device");
     let zero = || Tensor::<Inner<AD>, 1>::zeros([1], &device);
     let grad_norm = c.sq.take().unwrap_or_else(zero).sqrt();
     let param_norm = c.psq.take().unwrap_or_else(zero).sqrt();
     // min(1, clip / ‖g‖), computed on the device (no sync).
     let coef = if cfg.grad_clip > 0.0 {
-        grad_norm.clone().add_scalar(1e-12).recip().mul_scalar(cfg.grad_clip).clamp_max(1.0)
+        grad_norm
+            .clone()
+            .add_scalar(1e-12)
+            .recip()
+            .mul_scalar(cfg.grad_clip)
+            .clamp_max(1.0)
     } else {
         Tensor::ones([1], &device)
     };
@@ -224,8 +283,12 @@ pub fn step<AD: AutodiffBackend, M: AutodiffModule<AD>>(
         }
         fn map_float<const D: usize>(&mut self, p: Param<Tensor<AD, D>>) -> Param<Tensor<AD, D>> {
             let path = self.stack.current().0;
-            let Some(g) = self.grads.remove(&path) else { return p };
-            let Ok(group) = self.cfg.groups.of(&path) else { return p };
+            let Some(g) = self.grads.remove(&path) else {
+                return p;
+            };
+            let Ok(group) = self.cfg.groups.of(&path) else {
+                return p;
+            };
             let (_, gcfg) = &self.cfg.groups.groups[group];
             if gcfg.frozen {
                 return p;
@@ -234,11 +297,15 @@ pub fn step<AD: AutodiffBackend, M: AutodiffModule<AD>>(
             let g = g * self.coef.clone();
             let n = g.dims()[0];
             let m = match self.state.m.remove(&path) {
-                Some(m) if m.dims()[0] == n => m.mul_scalar(cfg.b1) + g.clone().mul_scalar(1.0 - cfg.b1),
+                Some(m) if m.dims()[0] == n => {
+                    m.mul_scalar(cfg.b1) + g.clone().mul_scalar(1.0 - cfg.b1)
+                }
                 _ => g.clone().mul_scalar(1.0 - cfg.b1),
             };
             let v = match self.state.v.remove(&path) {
-                Some(v) if v.dims()[0] == n => v.mul_scalar(cfg.b2) + g.powi_scalar(2).mul_scalar(1.0 - cfg.b2),
+                Some(v) if v.dims()[0] == n => {
+                    v.mul_scalar(cfg.b2) + g.powi_scalar(2).mul_scalar(1.0 - cfg.b2)
+                }
                 _ => g.powi_scalar(2).mul_scalar(1.0 - cfg.b2),
             };
             let t = self.state.t.get(&path).copied().unwrap_or(0) + 1;
@@ -254,7 +321,10 @@ pub fn step<AD: AutodiffBackend, M: AutodiffModule<AD>>(
             }
             let update = update.mul_scalar(cfg.sched[group]);
             let us = update.clone().powi_scalar(2).sum();
-            self.usq = Some(match self.usq.take() { Some(a) => a + us, None => us });
+            self.usq = Some(match self.usq.take() {
+                Some(a) => a + us,
+                None => us,
+            });
             let new = (flat - update).reshape(dims);
             self.state.m.insert(path.clone(), m);
             self.state.v.insert(path.clone(), v);
@@ -263,8 +333,22 @@ pub fn step<AD: AutodiffBackend, M: AutodiffModule<AD>>(
             p.transform_for_load(Tensor::from_inner(new), id)
         }
     }
-    let mut a = Apply::<AD> { stack: PathStack::default(), grads: c.out, state, cfg, coef, usq: None };
+    let mut a = Apply::<AD> {
+        stack: PathStack::default(),
+        grads: c.out,
+        state,
+        cfg,
+        coef,
+        usq: None,
+    };
     let model = model.map(&mut a);
     let update_norm = a.usq.take().unwrap_or_else(zero).sqrt();
-    (model, StepStats { grad_norm, param_norm, update_norm })
+    (
+        model,
+        StepStats {
+            grad_norm,
+            param_norm,
+            update_norm,
+        },
+    )
 }

@@ -5,7 +5,12 @@
 
 /// `emb` is `[g_old², D]` row-major; returns `[g_new², D]`.
 pub fn resample(emb: &[f32], g_old: usize, g_new: usize, d: usize) -> Vec<f32> {
-    assert_eq!(emb.len(), g_old * g_old * d, "posemb has {} values, expected {g_old}²·{d}", emb.len());
+    assert_eq!(
+        emb.len(),
+        g_old * g_old * d,
+        "posemb has {} values, expected {g_old}²·{d}",
+        emb.len()
+    );
     if g_old == g_new {
         return emb.to_vec();
     }
@@ -43,7 +48,9 @@ mod tests {
     fn corners_are_kept_and_linear_ramps_stay_linear() {
         // A linear ramp in x and y is reproduced exactly by bilinear interpolation.
         let g = 4;
-        let emb: Vec<f32> = (0..g * g).map(|i| (i % g) as f32 + 10.0 * (i / g) as f32).collect();
+        let emb: Vec<f32> = (0..g * g)
+            .map(|i| (i % g) as f32 + 10.0 * (i / g) as f32)
+            .collect();
         let out = resample(&emb, g, 7, 1);
         for y in 0..7 {
             for x in 0..7 {
@@ -57,14 +64,36 @@ mod tests {
     /// Numbers computed by scipy (scripts/posemb_reference.py → tests/fixtures/posemb_zoom.json).
     #[test]
     fn matches_scipy_zoom_order_1() {
-        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../../tests/fixtures/posemb_zoom.json");
-        let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+        let path = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../../tests/fixtures/posemb_zoom.json"
+        );
+        let v: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
         for case in v["cases"].as_array().unwrap() {
-            let (go, gn, d) = (case["g_old"].as_u64().unwrap() as usize, case["g_new"].as_u64().unwrap() as usize, case["d"].as_u64().unwrap() as usize);
-            let inp: Vec<f32> = case["input"].as_array().unwrap().iter().map(|x| x.as_f64().unwrap() as f32).collect();
-            let want: Vec<f32> = case["output"].as_array().unwrap().iter().map(|x| x.as_f64().unwrap() as f32).collect();
+            let (go, gn, d) = (
+                case["g_old"].as_u64().unwrap() as usize,
+                case["g_new"].as_u64().unwrap() as usize,
+                case["d"].as_u64().unwrap() as usize,
+            );
+            let inp: Vec<f32> = case["input"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|x| x.as_f64().unwrap() as f32)
+                .collect();
+            let want: Vec<f32> = case["output"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|x| x.as_f64().unwrap() as f32)
+                .collect();
             let got = resample(&inp, go, gn, d);
-            let worst = got.iter().zip(&want).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+            let worst = got
+                .iter()
+                .zip(&want)
+                .map(|(a, b)| (a - b).abs())
+                .fold(0f32, f32::max);
             assert!(worst < 1e-5, "{go}->{gn}: max diff {worst}");
         }
     }

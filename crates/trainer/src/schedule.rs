@@ -30,7 +30,11 @@ impl Schedule {
     pub fn at(&self, step: u64) -> f64 {
         let s = step as f64;
         let (w, t) = (self.warmup_steps as f64, self.total_steps as f64);
-        let progress = if t > w { ((s - w) / (t - w)).clamp(0.0, 1.0) } else { 1.0 };
+        let progress = if t > w {
+            ((s - w) / (t - w)).clamp(0.0, 1.0)
+        } else {
+            1.0
+        };
         let mut lr = match self.decay {
             Decay::Cosine => 0.5 * (1.0 + (std::f64::consts::PI * progress).cos()),
             Decay::Linear => 1.0 - progress,
@@ -58,7 +62,13 @@ mod tests {
     use super::*;
 
     fn sched(decay: Decay, warmup: u64, cooldown: u64) -> Schedule {
-        Schedule { decay, warmup_steps: warmup, cooldown_steps: cooldown, total_steps: 100, timescale: 10.0 }
+        Schedule {
+            decay,
+            warmup_steps: warmup,
+            cooldown_steps: cooldown,
+            total_steps: 100,
+            timescale: 10.0,
+        }
     }
 
     #[test]

@@ -30,7 +30,9 @@ use pali_model::{ImageEncoder, ModelInput, PaliGemma, PaliGemmaConfig, Projector
 use serde_json::json;
 
 use crate::ckpt::{self, RunState};
-use crate::config::{Attention, EncoderChoice, LossOn, ProjectorChoice, RunConfig, SourceKind, Stage};
+use crate::config::{
+    Attention, EncoderChoice, LossOn, ProjectorChoice, RunConfig, SourceKind, Stage,
+};
 use crate::error::{io, Error, Result};
 use crate::optim::{self, AdamState, Groups, StepConfig};
 use crate::posemb;
@@ -56,7 +58,11 @@ pub struct TrainOptions {
 }
 
 /// The model config of `config` at `resolution`.
-pub fn model_config(config: &RunConfig, tok: &PaliTokenizer, resolution: usize) -> Result<PaliGemmaConfig> {
+pub fn model_config(
+    config: &RunConfig,
+    tok: &PaliTokenizer,
+    resolution: usize,
+) -> Result<PaliGemmaConfig> {
     let mut c = if config.model.preset == "tiny" {
         pali_model::presets::tiny(tok.vocab_size(), tok.image as usize, resolution)
     } else {
@@ -76,7 +82,10 @@ pub fn model_config(config: &RunConfig, tok: &PaliTokenizer, resolution: usize) 
         )));
     }
     if config.model.encoder == EncoderChoice::None {
-        c.vision = ImageEncoder::RawPatches { image_size: resolution, patch_size: c.vision.patch_size() };
+        c.vision = ImageEncoder::RawPatches {
+            image_size: resolution,
+            patch_size: c.vision.patch_size(),
+        };
     }
     if config.model.projector == ProjectorChoice::Mlp {
         c.projector = ProjectorKind::Mlp;
@@ -90,8 +99,16 @@ fn sources(stage: &Stage, seed: u64, split: u64) -> Result<Vec<Arc<dyn Dataset>>
         .iter()
         .map(|s| -> Result<Arc<dyn Dataset>> {
             Ok(match s.kind().map_err(Error::Config)? {
-                SourceKind::Synth { task, size } => Arc::new(SynthDataset::new(task, seed, split, size, stage.task_prefix)),
-                SourceKind::Jsonl { path } => Arc::new(JsonlDataset::open(&path, stage.on_error, false)?),
+                SourceKind::Synth { task, size } => Arc::new(SynthDataset::new(
+                    task,
+                    seed,
+                    split,
+                    size,
+                    stage.task_prefix,
+                )),
+                SourceKind::Jsonl { path } => {
+                    Arc::new(JsonlDataset::open(&path, stage.on_error, false)?)
+                }
             })
         })
         .collect()
@@ -110,7 +127,11 @@ fn set_resolution<B: Backend>(model: PaliGemma<B>, from: usize, to: usize) -> Pa
         let device = w.device();
         let vals: Vec<f32> = w.into_data().convert::<f32>().to_vec().expect("f32");
         let (g_old, g_new) = (from / p, to / p);
-        assert_eq!(n, g_old * g_old, "position embedding rows {n} vs grid {g_old}²");
+        assert_eq!(
+            n,
+            g_old * g_old,
+            "position embedding rows {n} vs grid {g_old}²"
+        );
         let out = posemb::resample(&vals, g_old, g_new, d);
         let t = Tensor::<B, 2>::from_data(TensorData::new(out, [g_new * g_new, d]), &device);
         v.embeddings.position_embedding.weight = Param::from_tensor(t);
@@ -127,7 +148,12 @@ struct StepInputs<B: Backend> {
     tokens: usize,
 }
 
-fn step_inputs<B: Backend>(b: &Batch, cfg: &PaliGemmaConfig, stage: &Stage, device: &B::Device) -> StepInputs<B> {
+fn step_inputs<B: Backend>(
+    b: &Batch,
+    cfg: &PaliGemmaConfig,
+    stage: &Stage,
+    device: &B::Device,
+) -> StepInputs<B> {
     let (bs, t1, f, r) = (b.batch_size, b.seq_len, b.frames, b.resolution);
     let t = t1 - 1;
     let n_img = f * cfg.num_image_tokens();
@@ -157,15 +183,27 @@ fn step_inputs<B: Backend>(b: &Batch, cfg: &PaliGemmaConfig, stage: &Stage, devi
         };
         w.extend(weights.iter().map(|x| *x as f32));
     }
-    let int = |v: Vec<i64>, shape: [usize; 2]| Tensor::<B, 2, Int>::from_data(TensorData::new(v, shape), device);
+    let int = |v: Vec<i64>, shape: [usize; 2]| {
+        Tensor::<B, 2, Int>::from_data(TensorData::new(v, shape), device)
+    };
     let mask_ar = int(ar, [bs, s]);
     // big_vision trains with input_mask all true: padding has mask_ar = 1, so real tokens never see it.
     let input_mask = bool_tensor::<B, 2>(vec![true; bs * s], [bs, s], device);
     let masks = make_attn_mask(mask_ar, input_mask, cfg.text.sliding_window);
-    let positions = Tensor::<B, 1, Int>::arange(0..s as i64, device).reshape([1, s]).expand([bs, s]);
-    let pixel_values = Tensor::<B, 5>::from_data(TensorData::new(b.pixel_values.clone(), [bs, f, 3, r, r]), device);
+    let positions = Tensor::<B, 1, Int>::arange(0..s as i64, device)
+        .reshape([1, s])
+        .expand([bs, s]);
+    let pixel_values = Tensor::<B, 5>::from_data(
+        TensorData::new(b.pixel_values.clone(), [bs, f, 3, r, r]),
+        device,
+    );
     StepInputs {
-        input: ModelInput { pixel_values, input_ids: int(ids, [bs, s]), positions, masks },
+        input: ModelInput {
+            pixel_values,
+            input_ids: int(ids, [bs, s]),
+            positions,
+            masks,
+        },
         targets: int(tg, [bs, t]),
         weights: Tensor::from_data(TensorData::new(w, [bs, t]), device),
         n_img,
@@ -174,12 +212,24 @@ fn step_inputs<B: Backend>(b: &Batch, cfg: &PaliGemmaConfig, stage: &Stage, devi
 }
 
 fn append_jsonl(path: &Path, v: &serde_json::Value) -> Result<()> {
-    let mut f = std::fs::OpenOptions::new().create(true).append(true).open(path).map_err(io(path))?;
+    let mut f = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+        .map_err(io(path))?;
     writeln!(f, "{v}").map_err(io(path))
 }
 
 /// Greedy-decodes `n` validation examples of the stage's first source; exact-match accuracy.
-fn evaluate<B: Backend>(model: &PaliGemma<B>, cfg: &PaliGemmaConfig, stage: &Stage, tok: &Arc<PaliTokenizer>, seed: u64, n: usize, device: &B::Device) -> Result<(f64, Vec<(String, String, String)>)> {
+fn evaluate<B: Backend>(
+    model: &PaliGemma<B>,
+    cfg: &PaliGemmaConfig,
+    stage: &Stage,
+    tok: &Arc<PaliTokenizer>,
+    seed: u64,
+    n: usize,
+    device: &B::Device,
+) -> Result<(f64, Vec<(String, String, String)>)> {
     let val = sources(stage, seed, 1)?.remove(0);
     let n = n.min(val.len());
     let seq = SequenceBuilder::new(stage.text_len);
@@ -189,7 +239,8 @@ fn evaluate<B: Backend>(model: &PaliGemma<B>, cfg: &PaliGemmaConfig, stage: &Sta
     for chunk in (0..n).collect::<Vec<_>>().chunks(16) {
         let b = chunk.len();
         let s = n_img + stage.text_len;
-        let (mut ids, mut ar, mut im, mut px, mut answers) = (vec![], vec![], vec![], vec![], vec![]);
+        let (mut ids, mut ar, mut im, mut px, mut answers) =
+            (vec![], vec![], vec![], vec![], vec![]);
         for &i in chunk {
             let ex = val.get(i)?;
             let p = seq.prompt(tok, &ex.prefix)?;
@@ -205,7 +256,9 @@ fn evaluate<B: Backend>(model: &PaliGemma<B>, cfg: &PaliGemmaConfig, stage: &Sta
         let int = |v: Vec<i64>| Tensor::<B, 2, Int>::from_data(TensorData::new(v, [b, s]), device);
         let input_mask = bool_tensor::<B, 2>(im, [b, s], device);
         let masks = make_attn_mask(int(ar), input_mask.clone(), cfg.text.sliding_window);
-        let positions = Tensor::<B, 1, Int>::arange(0..s as i64, device).reshape([1, s]).expand([b, s]);
+        let positions = Tensor::<B, 1, Int>::arange(0..s as i64, device)
+            .reshape([1, s])
+            .expand([b, s]);
         let r = stage.resolution;
         let input = ModelInput {
             pixel_values: Tensor::from_data(TensorData::new(px, [b, 1, 3, r, r]), device),
@@ -213,9 +266,20 @@ fn evaluate<B: Backend>(model: &PaliGemma<B>, cfg: &PaliGemmaConfig, stage: &Sta
             positions,
             masks,
         };
-        let (out, _) = pali_model::generate::greedy(model, input, input_mask, cfg.text.sliding_window, stage.text_len, Some(tok.eos as i64))?;
+        let (out, _) = pali_model::generate::greedy(
+            model,
+            input,
+            input_mask,
+            cfg.text.sliding_window,
+            stage.text_len,
+            Some(tok.eos as i64),
+        )?;
         for (row, (prefix, want)) in out.iter().zip(answers) {
-            let ids: Vec<u32> = row.iter().take_while(|t| **t != tok.eos as i64).map(|t| *t as u32).collect();
+            let ids: Vec<u32> = row
+                .iter()
+                .take_while(|t| **t != tok.eos as i64)
+                .map(|t| *t as u32)
+                .collect();
             let got = tok.decode(&ids)?;
             correct += usize::from(got.trim() == want.trim());
             if shown.len() < 5 {
@@ -227,12 +291,17 @@ fn evaluate<B: Backend>(model: &PaliGemma<B>, cfg: &PaliGemmaConfig, stage: &Sta
 }
 
 /// Runs every stage of `config` on backend `B` (gradients through `Autodiff<B>`).
-pub fn train<B: Backend>(config: &RunConfig, device: &B::Device, opts: &TrainOptions) -> Result<Vec<StageSummary>> {
+pub fn train<B: Backend>(
+    config: &RunConfig,
+    device: &B::Device,
+    opts: &TrainOptions,
+) -> Result<Vec<StageSummary>> {
     type AD<B> = Autodiff<B>;
     let out_dir = &config.run.out_dir;
     std::fs::create_dir_all(out_dir).map_err(io(out_dir))?;
     let resolved = out_dir.join("config.resolved.toml");
-    std::fs::write(&resolved, toml::to_string_pretty(config).expect("toml")).map_err(io(&resolved))?;
+    std::fs::write(&resolved, toml::to_string_pretty(config).expect("toml"))
+        .map_err(io(&resolved))?;
     let metrics_path = out_dir.join("metrics.jsonl");
     let tok = Arc::new(PaliTokenizer::from_file(&config.tokenizer.path)?);
 
@@ -240,36 +309,55 @@ pub fn train<B: Backend>(config: &RunConfig, device: &B::Device, opts: &TrainOpt
     let probe = model_config(config, &tok, config.stages[0].resolution)?.init::<B>(device);
     let paths = optim::param_paths::<B, _>(&probe);
     for (i, s) in config.stages.iter().enumerate() {
-        Groups::new(s)?.assign(&paths).map_err(|e| Error::Config(format!("stage {} (`{}`): {e}", i + 1, s.name)))?;
+        Groups::new(s)?
+            .assign(&paths)
+            .map_err(|e| Error::Config(format!("stage {} (`{}`): {e}", i + 1, s.name)))?;
         sources(s, config.run.seed, 0)?;
     }
     drop(probe);
 
     // ---- Initialisation (see the module doc for the precedence) ----
-    let latest = if opts.resume { ckpt::checkpoints(out_dir).pop() } else { None };
-    B::seed(device, config.run.seed);
-    let (mut model, mut adam, mut state): (PaliGemma<AD<B>>, AdamState<B>, Option<RunState>) = match &latest {
-        Some(dir) => {
-            let st = ckpt::load_state(dir)?;
-            let cfg = model_config(config, &tok, st.resolution)?;
-            let m = load_into(cfg.init::<AD<B>>(device), &TensorFile::open(&dir.join("model.safetensors"))?, Tower::All)?;
-            let a = ckpt::load_adam::<B>(dir, st.adam_t.clone(), device)?;
-            eprintln!("resuming from {} (stage {}, step {})", dir.display(), st.stage + 1, st.stage_step);
-            (m, a, Some(st))
-        }
-        None => {
-            let res0 = config.stages[0].resolution;
-            let m = match &config.model.init_hf {
-                Some(p) => {
-                    let (hf, m) = pali_model::load_hf::<AD<B>>(p, device)?;
-                    set_resolution(m, hf.vision.image_size(), res0)
-                }
-                None => model_config(config, &tok, res0)?.init::<AD<B>>(device),
-            };
-            (m, AdamState::default(), None)
-        }
+    let latest = if opts.resume {
+        ckpt::checkpoints(out_dir).pop()
+    } else {
+        None
     };
-    let mut resolution = state.as_ref().map(|s| s.resolution).unwrap_or(config.stages[0].resolution);
+    B::seed(device, config.run.seed);
+    let (mut model, mut adam, mut state): (PaliGemma<AD<B>>, AdamState<B>, Option<RunState>) =
+        match &latest {
+            Some(dir) => {
+                let st = ckpt::load_state(dir)?;
+                let cfg = model_config(config, &tok, st.resolution)?;
+                let m = load_into(
+                    cfg.init::<AD<B>>(device),
+                    &TensorFile::open(&dir.join("model.safetensors"))?,
+                    Tower::All,
+                )?;
+                let a = ckpt::load_adam::<B>(dir, st.adam_t.clone(), device)?;
+                eprintln!(
+                    "resuming from {} (stage {}, step {})",
+                    dir.display(),
+                    st.stage + 1,
+                    st.stage_step
+                );
+                (m, a, Some(st))
+            }
+            None => {
+                let res0 = config.stages[0].resolution;
+                let m = match &config.model.init_hf {
+                    Some(p) => {
+                        let (hf, m) = pali_model::load_hf::<AD<B>>(p, device)?;
+                        set_resolution(m, hf.vision.image_size(), res0)
+                    }
+                    None => model_config(config, &tok, res0)?.init::<AD<B>>(device),
+                };
+                (m, AdamState::default(), None)
+            }
+        };
+    let mut resolution = state
+        .as_ref()
+        .map(|s| s.resolution)
+        .unwrap_or(config.stages[0].resolution);
     let mut global_step = state.as_ref().map(|s| s.global_step).unwrap_or(0);
     let first_stage = state.as_ref().map(|s| s.stage).unwrap_or(0);
     let mut summaries = Vec::new();
@@ -297,16 +385,38 @@ pub fn train<B: Backend>(config: &RunConfig, device: &B::Device, opts: &TrainOpt
         if let Some(st) = &resumed {
             mixture.state = st.mixture.clone();
         }
-        eprintln!("stage {} `{}`: {} px, text_len {}, {} steps × batch {}", si + 1, stage.name, stage.resolution, stage.text_len, stage.steps, stage.batch_size);
+        eprintln!(
+            "stage {} `{}`: {} px, text_len {}, {} steps × batch {}",
+            si + 1,
+            stage.name,
+            stage.resolution,
+            stage.text_len,
+            stage.steps,
+            stage.batch_size
+        );
         for line in mixture.describe() {
             eprintln!("  {line}");
         }
         let mut seq = SequenceBuilder::new(stage.text_len);
         seq.truncation = stage.truncation;
-        let builder = BatchBuilder { tokenizer: tok.clone(), seq, resolution, resize: stage.resize, frames: 1 };
+        let builder = BatchBuilder {
+            tokenizer: tok.clone(),
+            seq,
+            resolution,
+            resize: stage.resize,
+            frames: 1,
+        };
         let mut loader = Loader::spawn(mixture, builder, stage.batch_size, stage.on_error, 2);
-        let bar = if opts.progress { ProgressBar::new(stage.steps) } else { ProgressBar::hidden() };
-        bar.set_style(ProgressStyle::with_template("{prefix} [{bar:30}] {pos}/{len} {msg} ETA {eta}").expect("template").progress_chars("=> "));
+        let bar = if opts.progress {
+            ProgressBar::new(stage.steps)
+        } else {
+            ProgressBar::hidden()
+        };
+        bar.set_style(
+            ProgressStyle::with_template("{prefix} [{bar:30}] {pos}/{len} {msg} ETA {eta}")
+                .expect("template")
+                .progress_chars("=> "),
+        );
         bar.set_prefix(stage.name.clone());
         bar.set_position(start_step);
         let started = Instant::now();
@@ -328,8 +438,19 @@ pub fn train<B: Backend>(config: &RunConfig, device: &B::Device, opts: &TrainOpt
                 return Err(Error::Train(format!("stage `{}` step {step}: loss became {loss_value}; the last good checkpoint is kept", stage.name)));
             }
             let grads = loss.backward();
-            let sched: Vec<f64> = (0..groups.groups.len()).map(|g| groups.schedule(g, stage.steps).at(step)).collect();
-            let scfg = StepConfig { lr: stage.lr, b1: stage.b1, b2: stage.b2, eps: stage.eps, weight_decay: stage.weight_decay, grad_clip: stage.grad_clip, groups: &groups, sched: sched.clone() };
+            let sched: Vec<f64> = (0..groups.groups.len())
+                .map(|g| groups.schedule(g, stage.steps).at(step))
+                .collect();
+            let scfg = StepConfig {
+                lr: stage.lr,
+                b1: stage.b1,
+                b2: stage.b2,
+                eps: stage.eps,
+                weight_decay: stage.weight_decay,
+                grad_clip: stage.grad_clip,
+                groups: &groups,
+                sched: sched.clone(),
+            };
             let (m, stats) = optim::step(model, &grads, &mut adam, &scfg);
             model = m;
             global_step += 1;
@@ -341,21 +462,45 @@ pub fn train<B: Backend>(config: &RunConfig, device: &B::Device, opts: &TrainOpt
             let done = step + 1;
             if done % stage.log_every == 0 || done == stage.steps || step == start_step {
                 let scalar = |t: Tensor<B, 1>| t.into_scalar().elem::<f64>();
-                let (gn, pn, un) = (scalar(stats.grad_norm), scalar(stats.param_norm), scalar(stats.update_norm));
+                let (gn, pn, un) = (
+                    scalar(stats.grad_norm),
+                    scalar(stats.param_norm),
+                    scalar(stats.update_norm),
+                );
                 if !gn.is_finite() || !un.is_finite() {
                     return Err(Error::Train(format!("stage `{}` step {step}: gradient norm {gn}, update norm {un}; the last good checkpoint is kept", stage.name)));
                 }
                 let tps = tokens_since as f64 / since.elapsed().as_secs_f64();
                 (tokens_since, since) = (0, Instant::now());
-                let lrs: serde_json::Map<String, serde_json::Value> = groups.groups.iter().zip(&sched).map(|((_, g), s)| (g.params.clone(), json!(stage.lr * g.mult * s * f64::from(u8::from(!g.frozen))))).collect();
-                let seen: Vec<u64> = batch.state_after.as_ref().map(|s| s.sources.iter().map(|x| x.seen).collect()).unwrap_or_default();
-                append_jsonl(&metrics_path, &json!({
-                    "step": global_step, "stage": stage.name, "stage_step": done, "loss": loss_value,
-                    "lr": lrs, "grad_norm": gn, "param_norm": pn, "update_norm": un,
-                    "tokens_per_s": tps, "seen": seen, "truncated": batch.truncated, "eos_cut": batch.eos_cut.len(),
-                    "skipped": batch.skipped.len(),
-                }))?;
-                bar.set_message(format!("loss {loss_value:.4} lr {:.2e} {tps:.0} tok/s", stage.lr * sched[0]));
+                let lrs: serde_json::Map<String, serde_json::Value> = groups
+                    .groups
+                    .iter()
+                    .zip(&sched)
+                    .map(|((_, g), s)| {
+                        (
+                            g.params.clone(),
+                            json!(stage.lr * g.mult * s * f64::from(u8::from(!g.frozen))),
+                        )
+                    })
+                    .collect();
+                let seen: Vec<u64> = batch
+                    .state_after
+                    .as_ref()
+                    .map(|s| s.sources.iter().map(|x| x.seen).collect())
+                    .unwrap_or_default();
+                append_jsonl(
+                    &metrics_path,
+                    &json!({
+                        "step": global_step, "stage": stage.name, "stage_step": done, "loss": loss_value,
+                        "lr": lrs, "grad_norm": gn, "param_norm": pn, "update_norm": un,
+                        "tokens_per_s": tps, "seen": seen, "truncated": batch.truncated, "eos_cut": batch.eos_cut.len(),
+                        "skipped": batch.skipped.len(),
+                    }),
+                )?;
+                bar.set_message(format!(
+                    "loss {loss_value:.4} lr {:.2e} {tps:.0} tok/s",
+                    stage.lr * sched[0]
+                ));
             }
             bar.set_position(done);
             if done % stage.checkpoint_every == 0 || done == stage.steps {
@@ -367,34 +512,61 @@ pub fn train<B: Backend>(config: &RunConfig, device: &B::Device, opts: &TrainOpt
                     mixture: batch.state_after.clone().expect("loader sets the state"),
                     adam_t: adam.t.clone(),
                 };
-                ckpt::save(out_dir, &model.valid(), &adam, &st, config.run.keep_checkpoints)?;
+                ckpt::save(
+                    out_dir,
+                    &model.valid(),
+                    &adam,
+                    &st,
+                    config.run.keep_checkpoints,
+                )?;
             }
         }
         bar.finish();
         let eval_accuracy = if stage.eval_examples > 0 {
-            let (acc, shown) = evaluate(&model.valid(), &cfg, stage, &tok, config.run.seed, stage.eval_examples, device)?;
+            let (acc, shown) = evaluate(
+                &model.valid(),
+                &cfg,
+                stage,
+                &tok,
+                config.run.seed,
+                stage.eval_examples,
+                device,
+            )?;
             for (p, want, got) in shown {
                 eprintln!("  eval `{p}` → `{got}` (want `{want}`)");
             }
-            append_jsonl(&metrics_path, &json!({"step": global_step, "stage": stage.name, "eval_exact_match": acc, "eval_examples": stage.eval_examples}))?;
+            append_jsonl(
+                &metrics_path,
+                &json!({"step": global_step, "stage": stage.name, "eval_exact_match": acc, "eval_examples": stage.eval_examples}),
+            )?;
             Some(acc)
         } else {
             None
         };
-        let s = StageSummary { name: stage.name.clone(), steps: stage.steps, first_loss, last_loss, seconds: started.elapsed().as_secs_f64(), eval_accuracy };
+        let s = StageSummary {
+            name: stage.name.clone(),
+            steps: stage.steps,
+            first_loss,
+            last_loss,
+            seconds: started.elapsed().as_secs_f64(),
+            eval_accuracy,
+        };
         eprintln!(
             "stage `{}` done: loss {:.4} → {:.4} in {:.1} s{}",
             s.name,
             s.first_loss,
             s.last_loss,
             s.seconds,
-            s.eval_accuracy.map(|a| format!(", eval exact match {:.1}%", a * 100.0)).unwrap_or_default()
+            s.eval_accuracy
+                .map(|a| format!(", eval exact match {:.1}%", a * 100.0))
+                .unwrap_or_default()
         );
         summaries.push(s);
         state = None;
     }
     let _ = next_batch; // the synchronous path is used by `pali data inspect`
     let sp = out_dir.join("summary.json");
-    std::fs::write(&sp, serde_json::to_string_pretty(&summaries).expect("json")).map_err(io(&sp))?;
+    std::fs::write(&sp, serde_json::to_string_pretty(&summaries).expect("json"))
+        .map_err(io(&sp))?;
     Ok(summaries)
 }
