@@ -1,0 +1,48 @@
+//! Bad JSONL input: every case gives `file:line` and the field; `on_error = skip` counts instead.
+
+use std::path::Path;
+
+use pali_data::dataset::{write_synth, Dataset, JsonlDataset, OnError};
+
+fn setup(dir: &Path, lines: &[&str]) -> std::path::PathBuf {
+    write_synth(&dir.join("d"), 2, 16, 0, 0).unwrap();
+    std::fs::write(dir.join("d/images/broken.png"), b"not a png").unwrap();
+    let p = dir.join("d/train.jsonl");
+    std::fs::write(&p, lines.join("\n")).unwrap();
+    p
+}
+
+#[test]
+fn each_bad_line_is_named() {
+    let d = tempfile::tempdir().unwrap();
+    let good = r#"{"image": "images/000000.png", "prefix": "caption en", "suffix": "a cat"}"#;
+    let cases = [
+        (r#"{"image": "images/000000.png", "prefix": "caption en""#, "malformed JSON"),
+        (r#"{"image": "images/000000.png", "suffix": "x"}"#, "missing field `prefix`"),
+        (r#"{"image": "images/000000.png", "prefix": 3, "suffix": "x"}"#, "field `prefix`: expected a string"),
+        (r#"{"image": 7, "prefix": "p", "suffix": "x"}"#, "field `image`"),
+        (r#"{"image": "images/nope.png", "prefix": "p", "suffix": "x"}"#, "file not found"),
+        (r#"{"image": "images/broken.png", "prefix": "p", "suffix": "x"}"#, "cannot decode"),
+        (r#"[1, 2]"#, "expected a JSON object"),
+    ];
+    for (bad, want) in cases {
+        let p = setup(d.path(), &[good, bad]);
+        let e = JsonlDataset::open(&p, OnError::Fail, true).unwrap_err().to_string();
+        assert!(e.contains(&format!("{}:2:", p.display())) && e.contains(want), "{bad}: {e}");
+        let ok = JsonlDataset::open(&p, OnError::Skip, true).unwrap();
+        assert_eq!((ok.len(), ok.skipped.len()), (1, 1), "{bad}");
+    }
+}
+
+#[test]
+fn synthetic_export_reads_back() {
+    let d = tempfile::tempdir().unwrap();
+    let files = write_synth(d.path(), 3, 32, 1, 0).unwrap();
+    assert_eq!(files.len(), 6);
+    for f in files {
+        let ds = JsonlDataset::open(&f, OnError::Fail, true).unwrap();
+        assert_eq!(ds.len(), 3);
+        let ex = ds.get(2).unwrap();
+        assert!(!ex.prefix.is_empty(), "{}", f.display());
+    }
+}
