@@ -185,7 +185,7 @@ impl Loader {
         }
     }
 
-    pub fn next(&mut self) -> Result<Batch> {
+    pub fn recv(&mut self) -> Result<Batch> {
         self.rx
             .recv()
             .map_err(|_| Error::Invalid("data loader thread stopped".into()))?

@@ -263,13 +263,15 @@ fn parse_line(
                     "field `image`: expected a string or a list of strings",
                 )
             })?,
-        Some(other) => return Err(line_err(
-            path,
-            line_no,
-            format!(
+        Some(other) => {
+            return Err(line_err(
+                path,
+                line_no,
+                format!(
                 "field `image`: expected a string or a non-empty list of strings, found {other}"
             ),
-        )),
+            ))
+        }
         None => return Err(line_err(path, line_no, "missing field `image`")),
     };
     let mut images = Vec::new();

@@ -69,7 +69,7 @@ impl Mixture {
             sources,
             seed,
             state: MixtureState {
-                rng: Rng::derive(seed, &[0x6d69_78]),
+                rng: Rng::derive(seed, &[0x006d_6978]),
                 sources: vec![SourceState::default(); n],
             },
             perms: vec![(u64::MAX, Vec::new()); n],

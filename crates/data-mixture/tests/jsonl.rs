@@ -17,18 +17,41 @@ fn each_bad_line_is_named() {
     let d = tempfile::tempdir().unwrap();
     let good = r#"{"image": "images/000000.png", "prefix": "caption en", "suffix": "a cat"}"#;
     let cases = [
-        (r#"{"image": "images/000000.png", "prefix": "caption en""#, "malformed JSON"),
-        (r#"{"image": "images/000000.png", "suffix": "x"}"#, "missing field `prefix`"),
-        (r#"{"image": "images/000000.png", "prefix": 3, "suffix": "x"}"#, "field `prefix`: expected a string"),
-        (r#"{"image": 7, "prefix": "p", "suffix": "x"}"#, "field `image`"),
-        (r#"{"image": "images/nope.png", "prefix": "p", "suffix": "x"}"#, "file not found"),
-        (r#"{"image": "images/broken.png", "prefix": "p", "suffix": "x"}"#, "cannot decode"),
+        (
+            r#"{"image": "images/000000.png", "prefix": "caption en""#,
+            "malformed JSON",
+        ),
+        (
+            r#"{"image": "images/000000.png", "suffix": "x"}"#,
+            "missing field `prefix`",
+        ),
+        (
+            r#"{"image": "images/000000.png", "prefix": 3, "suffix": "x"}"#,
+            "field `prefix`: expected a string",
+        ),
+        (
+            r#"{"image": 7, "prefix": "p", "suffix": "x"}"#,
+            "field `image`",
+        ),
+        (
+            r#"{"image": "images/nope.png", "prefix": "p", "suffix": "x"}"#,
+            "file not found",
+        ),
+        (
+            r#"{"image": "images/broken.png", "prefix": "p", "suffix": "x"}"#,
+            "cannot decode",
+        ),
         (r#"[1, 2]"#, "expected a JSON object"),
     ];
     for (bad, want) in cases {
         let p = setup(d.path(), &[good, bad]);
-        let e = JsonlDataset::open(&p, OnError::Fail, true).unwrap_err().to_string();
-        assert!(e.contains(&format!("{}:2:", p.display())) && e.contains(want), "{bad}: {e}");
+        let e = JsonlDataset::open(&p, OnError::Fail, true)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains(&format!("{}:2:", p.display())) && e.contains(want),
+            "{bad}: {e}"
+        );
         let ok = JsonlDataset::open(&p, OnError::Skip, true).unwrap();
         assert_eq!((ok.len(), ok.skipped.len()), (1, 1), "{bad}");
     }

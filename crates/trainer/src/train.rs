@@ -428,7 +428,7 @@ pub fn train<B: Backend>(
             if opts.max_steps.is_some_and(|m| global_step >= m) {
                 return Ok(summaries);
             }
-            let batch = loader.next()?;
+            let batch = loader.recv()?;
             let inputs = step_inputs::<AD<B>>(&batch, &cfg, stage, device);
             let out = model.forward(inputs.input, inputs.n_img, false, None)?;
             let tok_loss = token_nll(out.logits, inputs.targets, stage.loss.label_smoothing);
