@@ -30,6 +30,16 @@ enum Command {
     },
     /// Train: the staged curriculum of a run config (stage 1 → 2 → 3, or any subset).
     Train(cmd::train::Args),
+    /// Datasets: synthetic export, validation, batch inspection.
+    Data {
+        #[command(subcommand)]
+        command: cmd::data::DataCommand,
+    },
+    /// Tokenizers: train one for the synthetic corpus.
+    Tokenizer {
+        #[command(subcommand)]
+        command: cmd::tokenizer::TokenizerCommand,
+    },
     /// Run one forward pass of an HF checkpoint on HF-named inputs (port verification).
     Forward(cmd::forward::Args),
     /// Greedy decoding with a KV cache from a prompt in HF-named inputs.
@@ -66,6 +76,8 @@ fn main() -> ExitCode {
             ModelCommand::List => cmd::model::list(),
         },
         Command::Train(args) => cmd::train::run(args),
+        Command::Data { command } => cmd::data::run(command),
+        Command::Tokenizer { command } => cmd::tokenizer::run(command),
         Command::Forward(args) => cmd::forward::run(args),
         Command::Generate(args) => cmd::generate::run(args),
         Command::Bench {

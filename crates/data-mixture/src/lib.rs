@@ -12,6 +12,7 @@ pub mod sequence;
 pub mod synth;
 pub mod tasks;
 pub mod tokenizer;
+pub mod tokenizer_train;
 
 pub use error::{Error, Result};
 pub use sequence::{SequenceBuilder, TextExample, Truncation};

@@ -5,6 +5,7 @@ pub mod ckpt;
 pub mod config;
 pub mod error;
 pub mod optim;
+pub mod plot;
 pub mod posemb;
 pub mod schedule;
 pub mod train;

@@ -18,7 +18,7 @@ use burn::module::{AutodiffModule, Param};
 use burn::tensor::backend::Backend;
 use burn::tensor::{ElementConversion, Int, Tensor, TensorData};
 use indicatif::{ProgressBar, ProgressStyle};
-use pali_data::batch::{next_batch, Batch, BatchBuilder, Loader};
+use pali_data::batch::{Batch, BatchBuilder, Loader};
 use pali_data::dataset::{Dataset, JsonlDataset, SynthDataset};
 use pali_data::mixture::Mixture;
 use pali_data::{PaliTokenizer, SequenceBuilder};
@@ -46,6 +46,8 @@ pub struct StageSummary {
     pub last_loss: f64,
     pub seconds: f64,
     pub eval_accuracy: Option<f64>,
+    /// What always answering the most frequent reference scores on the same examples.
+    pub eval_baseline: Option<f64>,
 }
 
 /// Options that are not part of the config.
@@ -93,7 +95,8 @@ pub fn model_config(
     Ok(c)
 }
 
-fn sources(stage: &Stage, seed: u64, split: u64) -> Result<Vec<Arc<dyn Dataset>>> {
+/// The datasets of a stage's sources (`split` 0 = train, 1 = validation).
+pub fn stage_sources(stage: &Stage, seed: u64, split: u64) -> Result<Vec<Arc<dyn Dataset>>> {
     stage
         .sources
         .iter()
@@ -220,6 +223,16 @@ fn append_jsonl(path: &Path, v: &serde_json::Value) -> Result<()> {
     writeln!(f, "{v}").map_err(io(path))
 }
 
+/// Result of the end-of-stage evaluation.
+pub struct Eval {
+    /// Exact match of greedy decoding.
+    pub accuracy: f64,
+    /// Share of the most frequent reference answer: what always giving that answer scores.
+    pub majority_baseline: f64,
+    /// A few (prompt, reference, prediction) triples.
+    pub shown: Vec<(String, String, String)>,
+}
+
 /// Greedy-decodes `n` validation examples of the stage's first source; exact-match accuracy.
 fn evaluate<B: Backend>(
     model: &PaliGemma<B>,
@@ -229,13 +242,15 @@ fn evaluate<B: Backend>(
     seed: u64,
     n: usize,
     device: &B::Device,
-) -> Result<(f64, Vec<(String, String, String)>)> {
-    let val = sources(stage, seed, 1)?.remove(0);
+) -> Result<Eval> {
+    let val = stage_sources(stage, seed, 1)?.remove(0);
     let n = n.min(val.len());
     let seq = SequenceBuilder::new(stage.text_len);
     let n_img = cfg.num_image_tokens();
     let mut correct = 0;
     let mut shown = Vec::new();
+    let mut answers_seen: std::collections::HashMap<String, usize> =
+        std::collections::HashMap::new();
     for chunk in (0..n).collect::<Vec<_>>().chunks(16) {
         let b = chunk.len();
         let s = n_img + stage.text_len;
@@ -282,12 +297,18 @@ fn evaluate<B: Backend>(
                 .collect();
             let got = tok.decode(&ids)?;
             correct += usize::from(got.trim() == want.trim());
+            *answers_seen.entry(want.trim().to_string()).or_default() += 1;
             if shown.len() < 5 {
                 shown.push((prefix, want, got));
             }
         }
     }
-    Ok((correct as f64 / n.max(1) as f64, shown))
+    let majority = answers_seen.values().copied().max().unwrap_or(0);
+    Ok(Eval {
+        accuracy: correct as f64 / n.max(1) as f64,
+        majority_baseline: majority as f64 / n.max(1) as f64,
+        shown,
+    })
 }
 
 /// Runs every stage of `config` on backend `B` (gradients through `Autodiff<B>`).
@@ -312,7 +333,7 @@ pub fn train<B: Backend>(
         Groups::new(s)?
             .assign(&paths)
             .map_err(|e| Error::Config(format!("stage {} (`{}`): {e}", i + 1, s.name)))?;
-        sources(s, config.run.seed, 0)?;
+        stage_sources(s, config.run.seed, 0)?;
     }
     drop(probe);
 
@@ -379,7 +400,7 @@ pub fn train<B: Backend>(
         if resumed.is_none() && si > 0 && !stage.carry_optimizer {
             adam = AdamState::default();
         }
-        let srcs = sources(stage, config.run.seed, 0)?;
+        let srcs = stage_sources(stage, config.run.seed, 0)?;
         let weights: Vec<f64> = stage.sources.iter().map(|s| s.weight).collect();
         let mut mixture = Mixture::new(srcs, &weights, config.run.seed.wrapping_add(si as u64))?;
         if let Some(st) = &resumed {
@@ -522,8 +543,10 @@ pub fn train<B: Backend>(
             }
         }
         bar.finish();
-        let eval_accuracy = if stage.eval_examples > 0 {
-            let (acc, shown) = evaluate(
+        let svg = out_dir.join(format!("curves-{}.svg", stage.name));
+        crate::plot::stage_curves(&metrics_path, &stage.name, &svg)?;
+        let eval = if stage.eval_examples > 0 {
+            let ev = evaluate(
                 &model.valid(),
                 &cfg,
                 stage,
@@ -532,14 +555,20 @@ pub fn train<B: Backend>(
                 stage.eval_examples,
                 device,
             )?;
-            for (p, want, got) in shown {
+            for (p, want, got) in &ev.shown {
                 eprintln!("  eval `{p}` → `{got}` (want `{want}`)");
             }
+            eprintln!(
+                "  eval exact match {:.1}% (always giving the most frequent answer: {:.1}%)",
+                ev.accuracy * 100.0,
+                ev.majority_baseline * 100.0
+            );
             append_jsonl(
                 &metrics_path,
-                &json!({"step": global_step, "stage": stage.name, "eval_exact_match": acc, "eval_examples": stage.eval_examples}),
+                &json!({"step": global_step, "stage": stage.name, "eval_exact_match": ev.accuracy,
+                        "eval_majority_baseline": ev.majority_baseline, "eval_examples": stage.eval_examples}),
             )?;
-            Some(acc)
+            Some(ev)
         } else {
             None
         };
@@ -549,7 +578,8 @@ pub fn train<B: Backend>(
             first_loss,
             last_loss,
             seconds: started.elapsed().as_secs_f64(),
-            eval_accuracy,
+            eval_accuracy: eval.as_ref().map(|e| e.accuracy),
+            eval_baseline: eval.as_ref().map(|e| e.majority_baseline),
         };
         eprintln!(
             "stage `{}` done: loss {:.4} → {:.4} in {:.1} s{}",
@@ -564,7 +594,6 @@ pub fn train<B: Backend>(
         summaries.push(s);
         state = None;
     }
-    let _ = next_batch; // the synchronous path is used by `pali data inspect`
     let sp = out_dir.join("summary.json");
     std::fs::write(&sp, serde_json::to_string_pretty(&summaries).expect("json"))
         .map_err(io(&sp))?;

@@ -1,0 +1,197 @@
+//! `pali data synth|validate|inspect`.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use anyhow::{bail, Context, Result};
+use pali_data::batch::{next_batch, BatchBuilder};
+use pali_data::dataset::{write_synth, Dataset, JsonlDataset, OnError};
+use pali_data::mixture::Mixture;
+use pali_data::{PaliTokenizer, SequenceBuilder};
+use pali_trainer::config::RunConfig;
+
+use crate::st::Writer;
+
+#[derive(clap::Subcommand, Debug)]
+pub enum DataCommand {
+    /// Write the synthetic shapes world as JSONL + PNG (one JSONL per task).
+    Synth {
+        #[arg(long)]
+        out: PathBuf,
+        #[arg(long, default_value_t = 100)]
+        n: usize,
+        #[arg(long, default_value_t = 224)]
+        resolution: usize,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        /// 0 = train, 1 = val, 2 = test.
+        #[arg(long, default_value_t = 0)]
+        split: u64,
+    },
+    /// Check a JSONL dataset (every line and image) and summarise it.
+    Validate {
+        dataset: PathBuf,
+        #[arg(long, default_value = "data/tokenizer/tokenizer.json")]
+        tokenizer: PathBuf,
+        /// Text length to check against (tokens of prefix + "\n" + suffix + EOS).
+        #[arg(long, default_value_t = 128)]
+        text_len: usize,
+    },
+    /// Print the first batches of a run config's stage token by token, and write the tensors.
+    Inspect {
+        #[arg(long)]
+        config: PathBuf,
+        /// Stage name (default: the first).
+        #[arg(long)]
+        stage: Option<String>,
+        #[arg(long, default_value_t = 1)]
+        batches: usize,
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
+}
+
+pub fn run(cmd: DataCommand) -> Result<()> {
+    match cmd {
+        DataCommand::Synth {
+            out,
+            n,
+            resolution,
+            seed,
+            split,
+        } => {
+            for f in write_synth(&out, n, resolution, seed, split)? {
+                println!("wrote {}", f.display());
+            }
+            Ok(())
+        }
+        DataCommand::Validate {
+            dataset,
+            tokenizer,
+            text_len,
+        } => validate(&dataset, &tokenizer, text_len),
+        DataCommand::Inspect {
+            config,
+            stage,
+            batches,
+            out,
+        } => inspect(&config, stage.as_deref(), batches, out),
+    }
+}
+
+fn validate(path: &std::path::Path, tokenizer: &std::path::Path, text_len: usize) -> Result<()> {
+    let tok = PaliTokenizer::from_file(tokenizer)?;
+    let ds = JsonlDataset::open(path, OnError::Skip, true)?;
+    let seq = SequenceBuilder::new(usize::MAX - 1);
+    let mut hist: BTreeMap<usize, usize> = BTreeMap::new();
+    let (mut too_long, mut images, mut max_len) = (0, 0, 0);
+    for i in 0..ds.len() {
+        let ex = ds.get(i)?;
+        images += ex.images.len();
+        let len = seq.train_unpadded(&tok, &ex.prefix, &ex.suffix)?.ids.len();
+        max_len = max_len.max(len);
+        too_long += usize::from(len > text_len + 1);
+        *hist.entry(len.div_ceil(16) * 16).or_default() += 1;
+    }
+    println!(
+        "{}: {} examples, {} images, {} bad lines",
+        path.display(),
+        ds.len(),
+        images,
+        ds.skipped.len()
+    );
+    println!("text length (tokens incl. BOS, \\n, EOS): max {max_len}; {too_long} longer than text_len+1 = {}", text_len + 1);
+    for (bucket, n) in &hist {
+        println!(
+            "  ≤{bucket:>4}: {n:>7} {}",
+            "#".repeat((60 * n).div_ceil(ds.len()))
+        );
+    }
+    for p in &ds.skipped {
+        println!("problem: {p}");
+    }
+    if !ds.skipped.is_empty() {
+        bail!("{} bad lines", ds.skipped.len());
+    }
+    Ok(())
+}
+
+fn inspect(
+    config: &std::path::Path,
+    stage: Option<&str>,
+    batches: usize,
+    out: Option<PathBuf>,
+) -> Result<()> {
+    let cfg =
+        RunConfig::load(config, &[]).with_context(|| format!("loading {}", config.display()))?;
+    let si = match stage {
+        Some(name) => cfg
+            .stages
+            .iter()
+            .position(|s| s.name == name)
+            .with_context(|| format!("no stage `{name}`"))?,
+        None => 0,
+    };
+    let st = &cfg.stages[si];
+    let tok = Arc::new(PaliTokenizer::from_file(&cfg.tokenizer.path)?);
+    let srcs = pali_trainer::train::stage_sources(st, cfg.run.seed, 0)?;
+    let weights: Vec<f64> = st.sources.iter().map(|s| s.weight).collect();
+    // The same stream the trainer draws for this stage.
+    let mut mix = Mixture::new(srcs, &weights, cfg.run.seed.wrapping_add(si as u64))?;
+    let mut seq = SequenceBuilder::new(st.text_len);
+    seq.truncation = st.truncation;
+    let builder = BatchBuilder {
+        tokenizer: tok.clone(),
+        seq,
+        resolution: st.resolution,
+        resize: st.resize,
+        frames: 1,
+    };
+    let mut w = Writer::default();
+    for bi in 0..batches {
+        let b = next_batch(&mut mix, &builder, st.batch_size, st.on_error)?;
+        for row in 0..b.batch_size {
+            println!(
+                "batch {bi} row {row}: {} ({})",
+                b.ids[row],
+                mix.sources[b.sources[row]].name()
+            );
+            println!(
+                "  {:>4} {:>8} {:>3} {:>3} {:>3}  token",
+                "pos", "id", "ar", "ls", "in"
+            );
+            for t in 0..b.seq_len {
+                let k = row * b.seq_len + t;
+                if b.mask_input[k] == 0 && t > 0 && b.mask_input[k - 1] == 0 {
+                    continue; // one padding line is enough
+                }
+                println!(
+                    "  {t:>4} {:>8} {:>3} {:>3} {:>3}  {:?}",
+                    b.text[k],
+                    b.mask_ar[k],
+                    b.mask_loss[k],
+                    b.mask_input[k],
+                    tok.token(b.text[k] as u32)
+                );
+            }
+        }
+        if bi == 0 {
+            let r = b.resolution;
+            w.f32("pixel_values", vec![b.batch_size, 3, r, r], &b.pixel_values);
+            for (name, v) in [
+                ("text_ids", &b.text),
+                ("mask_ar", &b.mask_ar),
+                ("mask_loss", &b.mask_loss),
+                ("mask_input", &b.mask_input),
+            ] {
+                w.i64(name, vec![b.batch_size, b.seq_len], v);
+            }
+        }
+    }
+    if let Some(out) = out {
+        w.write(&out)?;
+        println!("wrote {}", out.display());
+    }
+    Ok(())
+}
