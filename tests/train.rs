@@ -249,3 +249,54 @@ fn bad_configs_fail_before_training_with_the_reason() {
     );
     assert!(e.contains("steps"), "{e}");
 }
+
+/// The README's main job, shortened through `--set`: all three stages run, the resolution
+/// changes, the transfer stage evaluates, and the curves are drawn.
+#[test]
+fn quickstart_config_runs_every_stage() {
+    let d = tempfile::tempdir().unwrap();
+    let cfg = Path::new(env!("CARGO_MANIFEST_DIR")).join("configs/quickstart.toml");
+    let out = d.path().join("qs");
+    let s = run_ok(
+        pali()
+            .arg("train")
+            .arg(&cfg)
+            .arg("--quiet")
+            .args([
+                "--set",
+                "stage.1.steps=3",
+                "--set",
+                "stage.2.steps=2",
+                "--set",
+                "stage.3.steps=2",
+            ])
+            .args([
+                "--set",
+                "stage.transfer.eval_examples=4",
+                "--set",
+                "stage.stage2.batch_size=2",
+            ])
+            .arg("--set")
+            .arg(format!("run.out_dir=\"{}\"", out.display())),
+    );
+    for stage in ["stage1", "stage2", "transfer"] {
+        assert!(s.contains(stage), "{s}");
+        assert!(out.join(format!("curves-{stage}.svg")).is_file());
+    }
+    let summary: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("summary.json")).unwrap()).unwrap();
+    assert_eq!(summary.as_array().unwrap().len(), 3);
+    assert!(summary[2]["eval_accuracy"].as_f64().is_some());
+    // stage 2 resampled the 4×4 position grid to 8×8
+    let ck = std::fs::read_dir(out.join("checkpoints"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .max()
+        .unwrap();
+    let f = open(&ck.join("model.safetensors"));
+    assert_eq!(
+        f.shape("vision_tower.vision_model.embeddings.position_embedding.weight")
+            .unwrap(),
+        &[64, 48]
+    );
+}

@@ -56,17 +56,23 @@ impl Job for TrainJob {
     fn run<B: Backend>(self, device: B::Device) -> Result<()> {
         let summaries = train::<B>(&self.config, &device, &self.opts)?;
         println!(
-            "{:<12} {:>6} {:>10} {:>10} {:>9} {:>10}",
-            "stage", "steps", "loss[0]", "loss[-1]", "seconds", "eval"
+            "{:<12} {:>6} {:>10} {:>10} {:>9} {:>8} {:>9}",
+            "stage", "steps", "loss[0]", "loss[-1]", "seconds", "eval", "majority"
         );
+        let pct = |x: Option<f64>| {
+            x.map(|a| format!("{:.1}%", a * 100.0))
+                .unwrap_or_else(|| "-".into())
+        };
         for s in summaries {
-            let eval = s
-                .eval_accuracy
-                .map(|a| format!("{:.1}%", a * 100.0))
-                .unwrap_or_else(|| "-".into());
             println!(
-                "{:<12} {:>6} {:>10.4} {:>10.4} {:>9.1} {:>10}",
-                s.name, s.steps, s.first_loss, s.last_loss, s.seconds, eval
+                "{:<12} {:>6} {:>10.4} {:>10.4} {:>9.1} {:>8} {:>9}",
+                s.name,
+                s.steps,
+                s.first_loss,
+                s.last_loss,
+                s.seconds,
+                pct(s.eval_accuracy),
+                pct(s.eval_baseline)
             );
         }
         println!("outputs in {}", self.config.run.out_dir.display());
