@@ -17,6 +17,7 @@ pub enum Positions {
     /// 1-indexed, as HF transformers.
     Hf,
     /// 0-indexed, as big_vision.
+    #[value(name = "big_vision", alias = "big-vision")]
     BigVision,
 }
 
