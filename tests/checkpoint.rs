@@ -280,7 +280,11 @@ fn untested_configs_run_and_round_trip() {
     // `<image>` is the last row (as in real checkpoints): it is never a prediction.
     let m = base.init::<B>(&dev);
     let n = base.num_image_tokens() + 6;
-    assert_eq!(probe_logits(&m, &base).len(), 2 * n * 299, "logits cover the 299 predictable rows only");
+    assert_eq!(
+        probe_logits(&m, &base).len(),
+        2 * n * 299,
+        "logits cover the 299 predictable rows only"
+    );
     for (i, c) in variants.into_iter().enumerate() {
         let model = c.init::<B>(&dev);
         // Zero-initialised projector: image tokens contribute nothing until trained; perturb it.
