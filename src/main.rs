@@ -30,6 +30,8 @@ enum Command {
     },
     /// Train: the staged curriculum of a run config (stage 1 → 2 → 3, or any subset).
     Train(cmd::train::Args),
+    /// Transfer a checkpoint to a JSONL dataset (writes the equivalent run config and runs it).
+    Finetune(cmd::finetune::Args),
     /// Datasets: synthetic export, validation, batch inspection.
     Data {
         #[command(subcommand)]
@@ -76,6 +78,7 @@ fn main() -> ExitCode {
             ModelCommand::List => cmd::model::list(),
         },
         Command::Train(args) => cmd::train::run(args),
+        Command::Finetune(args) => cmd::finetune::run(args),
         Command::Data { command } => cmd::data::run(command),
         Command::Tokenizer { command } => cmd::tokenizer::run(command),
         Command::Forward(args) => cmd::forward::run(args),

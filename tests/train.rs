@@ -300,3 +300,64 @@ fn quickstart_config_runs_every_stage() {
         &[64, 48]
     );
 }
+
+/// Transfer a `pali train` checkpoint (self-contained: config.json + tokenizer.json) to a JSONL
+/// dataset with `pali finetune`; the written config is a valid run config, and the result is
+/// again a loadable checkpoint.
+#[test]
+fn finetune_a_checkpoint_on_jsonl() {
+    let d = tempfile::tempdir().unwrap();
+    let cfg = config(d.path(), "");
+    run_ok(pali().arg("train").arg(&cfg).arg("--quiet"));
+    let ck = std::fs::read_dir(d.path().join("out/checkpoints"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .max()
+        .unwrap();
+    assert!(ck.join("config.json").is_file() && ck.join("tokenizer.json").is_file());
+    let data = d.path().join("data");
+    run_ok(
+        pali()
+            .args(["data", "synth", "--n", "8", "--resolution", "64", "--out"])
+            .arg(&data),
+    );
+    let out = d.path().join("ft");
+    let s = run_ok(
+        pali()
+            .args([
+                "finetune",
+                "--quiet",
+                "--epochs",
+                "2",
+                "--batch-size",
+                "4",
+                "--text-len",
+                "40",
+                "--checkpoint",
+            ])
+            .arg(&ck)
+            .arg("--train")
+            .arg(data.join("vqa.jsonl"))
+            .arg("--val")
+            .arg(data.join("vqa.jsonl"))
+            .arg("--out")
+            .arg(&out),
+    );
+    assert!(
+        s.contains("transfer: 4 steps") && s.contains("validation exact match"),
+        "{s}"
+    );
+    let written = std::fs::read_to_string(out.join("finetune.toml")).unwrap();
+    assert!(
+        written.contains("8 examples × 2 epochs / batch 4 = 4 steps"),
+        "{written}"
+    );
+    // the fine-tuned checkpoint loads as an HF checkpoint
+    let ft = std::fs::read_dir(out.join("checkpoints"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .max()
+        .unwrap();
+    let (c, _) = pali_model::load_hf::<burn::backend::Flex>(&ft, &Default::default()).unwrap();
+    assert_eq!(c.vision.image_size(), 64);
+}

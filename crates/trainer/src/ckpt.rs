@@ -51,12 +51,20 @@ fn f32_bytes(v: &[f32]) -> Vec<u8> {
     v.iter().flat_map(|x| x.to_le_bytes()).collect()
 }
 
+/// Extra files that make a checkpoint directory a self-contained HF checkpoint
+/// (`config.json`, `tokenizer.json`) when the architecture has an HF equivalent.
+pub struct HfExtras<'a> {
+    pub config: &'a pali_model::PaliGemmaConfig,
+    pub tokenizer: &'a Path,
+}
+
 pub fn save<B: Backend, M: Module<B>>(
     out_dir: &Path,
     model: &M,
     adam: &AdamState<B>,
     state: &RunState,
     keep: usize,
+    extras: Option<HfExtras>,
 ) -> Result<PathBuf> {
     let root = out_dir.join("checkpoints");
     std::fs::create_dir_all(&root).map_err(io(&root))?;
@@ -90,6 +98,16 @@ pub fn save<B: Backend, M: Module<B>>(
     let op = tmp.join("optim.safetensors");
     safetensors::tensor::serialize_to_file(views, None, &op)
         .map_err(|e| Error::Train(format!("{}: {e}", op.display())))?;
+    if let Some(x) = extras {
+        // An MLP connector or a missing encoder has no HF form: such checkpoints stay pali-only.
+        if let Ok(json) = pali_model::hf::to_hf_config(x.config) {
+            let cp = tmp.join("config.json");
+            std::fs::write(&cp, serde_json::to_string_pretty(&json).expect("json"))
+                .map_err(io(&cp))?;
+        }
+        let tp = tmp.join("tokenizer.json");
+        std::fs::copy(x.tokenizer, &tp).map_err(io(&tp))?;
+    }
     let sp = tmp.join("state.json");
     std::fs::write(&sp, serde_json::to_string_pretty(state).expect("json")).map_err(io(&sp))?;
     let _ = std::fs::remove_dir_all(&final_dir);

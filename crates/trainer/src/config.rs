@@ -61,7 +61,9 @@ pub enum EncoderChoice {
 #[serde(deny_unknown_fields)]
 pub struct ModelSection {
     /// A preset name (`pali model list`); `tiny` takes its vocabulary from the tokenizer.
-    pub preset: String,
+    /// Not needed with `init_hf`, whose `config.json` defines the model.
+    #[serde(default)]
+    pub preset: Option<String>,
     /// Initialise from an HF PaliGemma checkpoint directory instead of randomly.
     #[serde(default)]
     pub init_hf: Option<PathBuf>,
@@ -248,6 +250,10 @@ pub struct Stage {
     /// Validation examples decoded at the end of the stage (0 = no eval).
     #[serde(default)]
     pub eval_examples: usize,
+    /// Validation JSONL for that evaluation. Without it a synthetic first source uses its
+    /// validation split; a JSONL first source is not evaluated (it would be its training data).
+    #[serde(default)]
+    pub eval_jsonl: Option<PathBuf>,
     #[serde(rename = "source")]
     pub sources: Vec<Source>,
     #[serde(rename = "group", default)]
@@ -368,6 +374,9 @@ impl RunConfig {
             fix(p);
         }
         for s in &mut self.stages {
+            if let Some(p) = &mut s.eval_jsonl {
+                fix(p);
+            }
             for src in &mut s.sources {
                 if let Some(path) = &mut src.path {
                     fix(path);
@@ -392,6 +401,8 @@ impl RunConfig {
             if !p.join("config.json").is_file() {
                 return err(format!("model.init_hf: no config.json in {}", p.display()));
             }
+        } else if self.model.preset.is_none() {
+            return err("model: give `preset` or `init_hf`".into());
         }
         for (i, s) in self.stages.iter().enumerate() {
             let at = format!("stage {} (`{}`)", i + 1, s.name);
@@ -416,6 +427,11 @@ impl RunConfig {
                         k + 1,
                         src.weight
                     ));
+                }
+            }
+            if let Some(p) = &s.eval_jsonl {
+                if !p.is_file() {
+                    return err(format!("{at}: eval_jsonl: file not found: {}", p.display()));
                 }
             }
             if s.steps == 0 || s.batch_size == 0 || s.text_len == 0 {

@@ -65,21 +65,25 @@ pub fn model_config(
     tok: &PaliTokenizer,
     resolution: usize,
 ) -> Result<PaliGemmaConfig> {
-    let mut c = if config.model.preset == "tiny" {
-        pali_model::presets::tiny(tok.vocab_size(), tok.image as usize, resolution)
-    } else {
-        let mut c = pali_model::presets::preset(&config.model.preset)?;
-        if let ImageEncoder::Siglip(v) = &mut c.vision {
-            v.image_size = resolution;
+    let name = config.model.preset.as_deref().unwrap_or("init_hf");
+    let mut c = match (&config.model.init_hf, name) {
+        (Some(dir), _) => {
+            pali_model::hf::parse_config(&dir.join("config.json"))?.with_position_offset(0)
         }
-        c
+        (None, "tiny") => {
+            pali_model::presets::tiny(tok.vocab_size(), tok.image as usize, resolution)
+        }
+        (None, name) => pali_model::presets::preset(name)?,
     };
+    if let ImageEncoder::Siglip(v) = &mut c.vision {
+        v.image_size = resolution;
+    }
     if tok.vocab_size() > c.text.vocab_size {
         return Err(Error::Config(format!(
             "tokenizer {} has {} tokens but model `{}` has {} embedding rows",
             tok.path.display(),
             tok.vocab_size(),
-            config.model.preset,
+            name,
             c.text.vocab_size
         )));
     }
@@ -243,7 +247,10 @@ fn evaluate<B: Backend>(
     n: usize,
     device: &B::Device,
 ) -> Result<Eval> {
-    let val = stage_sources(stage, seed, 1)?.remove(0);
+    let val: Arc<dyn Dataset> = match &stage.eval_jsonl {
+        Some(p) => Arc::new(JsonlDataset::open(p, stage.on_error, false)?),
+        None => stage_sources(stage, seed, 1)?.remove(0),
+    };
     let n = n.min(val.len());
     let seq = SequenceBuilder::new(stage.text_len);
     let n_img = cfg.num_image_tokens();
@@ -533,19 +540,25 @@ pub fn train<B: Backend>(
                     mixture: batch.state_after.clone().expect("loader sets the state"),
                     adam_t: adam.t.clone(),
                 };
+                let extras = ckpt::HfExtras {
+                    config: &cfg,
+                    tokenizer: &config.tokenizer.path,
+                };
                 ckpt::save(
                     out_dir,
                     &model.valid(),
                     &adam,
                     &st,
                     config.run.keep_checkpoints,
+                    Some(extras),
                 )?;
             }
         }
         bar.finish();
         let svg = out_dir.join(format!("curves-{}.svg", stage.name));
         crate::plot::stage_curves(&metrics_path, &stage.name, &svg)?;
-        let eval = if stage.eval_examples > 0 {
+        let first_is_synth = matches!(stage.sources[0].kind(), Ok(SourceKind::Synth { .. }));
+        let eval = if stage.eval_examples > 0 && (stage.eval_jsonl.is_some() || first_is_synth) {
             let ev = evaluate(
                 &model.valid(),
                 &cfg,
