@@ -57,6 +57,8 @@ enum Command {
 enum BenchCommand {
     /// Forward + backward + optimizer step of a random model on a synthetic batch.
     TrainStep(cmd::bench::Args),
+    /// Data loading throughput: JPEG decode + resize per core, batches/s of a config.
+    Data(cmd::bench::DataArgs),
 }
 
 #[derive(Subcommand)]
@@ -86,6 +88,9 @@ fn main() -> ExitCode {
         Command::Bench {
             command: BenchCommand::TrainStep(args),
         } => cmd::bench::run(args),
+        Command::Bench {
+            command: BenchCommand::Data(args),
+        } => cmd::bench::run_data(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

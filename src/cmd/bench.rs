@@ -213,3 +213,90 @@ impl Job for BenchJob<'_> {
         Ok(times)
     }
 }
+
+/// `pali bench data`: image decode + resize throughput from JPEG files, one core and all cores,
+/// and batch throughput of a run config's first stage.
+#[derive(clap::Args, Debug)]
+pub struct DataArgs {
+    /// JPEG files to write and decode.
+    #[arg(long, default_value_t = 200)]
+    pub n: usize,
+    /// Side of the JPEGs written (synthetic scenes).
+    #[arg(long, default_value_t = 480)]
+    pub source_size: usize,
+    /// Target resolution.
+    #[arg(long, default_value_t = 224)]
+    pub resolution: usize,
+    /// A run config whose first stage's batches are timed too.
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    #[arg(long, default_value_t = 20)]
+    pub batches: usize,
+}
+
+pub fn run_data(a: DataArgs) -> Result<()> {
+    use pali_data::image::{load, preprocess, ResizeMethod};
+    use rayon::prelude::*;
+    let dir = std::env::temp_dir().join(format!("pali-bench-data-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    let files: Vec<PathBuf> = (0..a.n)
+        .map(|i| -> Result<PathBuf> {
+            let rgb = pali_data::synth::Scene::generate(0, 0, i as u64).render(a.source_size);
+            let p = dir.join(format!("{i}.jpg"));
+            let s = a.source_size as u32;
+            let img = image::RgbImage::from_raw(s, s, rgb.to_u8()).expect("size");
+            img.save_with_format(&p, image::ImageFormat::Jpeg)?;
+            Ok(p)
+        })
+        .collect::<Result<_>>()?;
+    let work = |p: &PathBuf| -> usize {
+        preprocess(
+            &load(p).expect("decodable"),
+            a.resolution,
+            ResizeMethod::Bicubic,
+        )
+        .len()
+    };
+    let t = Instant::now();
+    let one: usize = files.iter().map(work).sum();
+    let single = a.n as f64 / t.elapsed().as_secs_f64();
+    let t = Instant::now();
+    let all: usize = files.par_iter().map(work).sum();
+    let parallel = a.n as f64 / t.elapsed().as_secs_f64();
+    assert_eq!(one, all);
+    let _ = std::fs::remove_dir_all(&dir);
+    let mut json = serde_json::json!({
+        "what": "decode JPEG + bicubic resize + normalise",
+        "source": format!("{0}x{0} JPEG", a.source_size),
+        "resolution": a.resolution,
+        "images": a.n,
+        "images_per_s_one_core": single,
+        "images_per_s_all_cores": parallel,
+        "cores": rayon::current_num_threads(),
+    });
+    if let Some(cfg) = &a.config {
+        let c = pali_trainer::config::RunConfig::load(cfg, &[])?;
+        let st = &c.stages[0];
+        let tok = std::sync::Arc::new(pali_data::PaliTokenizer::from_file(&c.tokenizer.path)?);
+        let srcs = pali_trainer::train::stage_sources(st, c.run.seed, 0)?;
+        let w: Vec<f64> = st.sources.iter().map(|s| s.weight).collect();
+        let mut mix = pali_data::mixture::Mixture::new(srcs, &w, c.run.seed)?;
+        let builder = pali_data::batch::BatchBuilder {
+            tokenizer: tok,
+            seq: pali_data::SequenceBuilder::new(st.text_len),
+            resolution: st.resolution,
+            resize: st.resize,
+            frames: 1,
+        };
+        let t = Instant::now();
+        for _ in 0..a.batches {
+            pali_data::batch::next_batch(&mut mix, &builder, st.batch_size, st.on_error)?;
+        }
+        let bps = a.batches as f64 / t.elapsed().as_secs_f64();
+        json["config"] = cfg.display().to_string().into();
+        json["batches_per_s"] = bps.into();
+        json["batch_size"] = st.batch_size.into();
+    }
+    println!("{}", serde_json::to_string_pretty(&json)?);
+    Ok(())
+}
