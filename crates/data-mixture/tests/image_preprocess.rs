@@ -110,3 +110,42 @@ fn undecodable_bytes_name_the_file() {
         .to_string();
     assert!(e.contains("/nonexistent/y.png"), "{e}");
 }
+
+/// A JPEG whose EXIF orientation says "rotate 90° clockwise" decodes upright (width and height
+/// swapped, the left column becomes the top row).
+#[test]
+fn exif_orientation_is_applied() {
+    // 8×4 image: left half black, right half white.
+    let (w, h) = (8u32, 4u32);
+    let px: Vec<u8> = (0..h)
+        .flat_map(|_| (0..w).flat_map(|x| [if x < 4 { 0u8 } else { 255 }; 3]))
+        .collect();
+    let mut jpeg = Vec::new();
+    image::codecs::jpeg::JpegEncoder::new_with_quality(&mut jpeg, 100)
+        .encode(&px, w, h, image::ExtendedColorType::Rgb8)
+        .unwrap();
+    // APP1 "Exif": little-endian TIFF, one IFD entry: Orientation (0x0112), SHORT, 1, value 6.
+    let mut tiff = b"II*\0\x08\0\0\0".to_vec();
+    tiff.extend([1, 0]); // one entry
+    tiff.extend([0x12, 0x01, 3, 0, 1, 0, 0, 0, 6, 0, 0, 0]);
+    tiff.extend([0, 0, 0, 0]); // no next IFD
+    let mut app1 = b"Exif\0\0".to_vec();
+    app1.extend(tiff);
+    let len = (app1.len() + 2) as u16;
+    let mut with_exif = vec![0xFF, 0xD8, 0xFF, 0xE1];
+    with_exif.extend(len.to_be_bytes());
+    with_exif.extend(app1);
+    with_exif.extend(&jpeg[2..]);
+    let plain = decode(&jpeg, std::path::Path::new("plain.jpg")).unwrap();
+    assert_eq!((plain.width, plain.height), (8, 4));
+    let img = decode(&with_exif, std::path::Path::new("rotated.jpg")).unwrap();
+    assert_eq!(
+        (img.width, img.height),
+        (4, 8),
+        "orientation 6 swaps width and height"
+    );
+    // Rotated 90° clockwise: the black left half is now the top half.
+    let top = img.data[..3].iter().sum::<f32>();
+    let bottom = img.data[img.data.len() - 3..].iter().sum::<f32>();
+    assert!(top < 100.0 && bottom > 600.0, "top {top}, bottom {bottom}");
+}
