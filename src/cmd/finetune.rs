@@ -6,12 +6,12 @@
 use std::path::PathBuf;
 
 use anyhow::{bail, Context, Result};
-use burn::tensor::backend::Backend;
 use pali_data::dataset::{Dataset, JsonlDataset, OnError};
 use pali_trainer::config::{RunConfig, SourceType};
-use pali_trainer::train::{train, TrainOptions};
+use pali_trainer::train::TrainOptions;
 
-use crate::backend::{dispatch, Job};
+use super::train::TrainJob;
+use crate::backend::dispatch;
 use crate::DeviceArg;
 
 #[derive(clap::Args, Debug)]
@@ -146,7 +146,7 @@ pub fn run(a: Args) -> Result<()> {
     let config = RunConfig::load(&path, &[])?;
     dispatch(
         a.device.device,
-        FinetuneJob {
+        TrainJob {
             config,
             opts: TrainOptions {
                 resume: a.resume,
@@ -155,29 +155,4 @@ pub fn run(a: Args) -> Result<()> {
             },
         },
     )
-}
-
-struct FinetuneJob {
-    config: RunConfig,
-    opts: TrainOptions,
-}
-
-impl Job for FinetuneJob {
-    type Output = ();
-    fn run<B: Backend>(self, device: B::Device) -> Result<()> {
-        let s = train::<B>(&self.config, &device, &self.opts)?;
-        if let Some(s) = s.last() {
-            println!(
-                "transfer: {} steps, loss {:.4} → {:.4}{}",
-                s.steps,
-                s.first_loss,
-                s.last_loss,
-                s.eval_accuracy
-                    .map(|a| format!(", validation exact match {:.1}%", a * 100.0))
-                    .unwrap_or_default()
-            );
-        }
-        println!("outputs in {}", self.config.run.out_dir.display());
-        Ok(())
-    }
 }

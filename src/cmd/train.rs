@@ -46,9 +46,10 @@ pub fn run(args: Args) -> Result<()> {
     )
 }
 
-struct TrainJob {
-    config: RunConfig,
-    opts: TrainOptions,
+/// Trains `config` and prints the per-stage summary table (shared with `pali finetune`).
+pub struct TrainJob {
+    pub config: RunConfig,
+    pub opts: TrainOptions,
 }
 
 impl Job for TrainJob {
