@@ -363,3 +363,30 @@ fn finetune_a_checkpoint_on_jsonl() {
     let (c, _) = pali_model::load_hf::<burn::backend::Flex>(&ft, &Default::default()).unwrap();
     assert_eq!(c.vision.image_size(), 64);
 }
+
+/// Resuming exactly at a stage boundary (the checkpoint written when stage 1 ends) starts
+/// stage 2's own data stream, as the uninterrupted run does.
+#[test]
+fn resume_at_a_stage_boundary_is_bit_exact() {
+    let a = tempfile::tempdir().unwrap();
+    run_ok(pali().arg("train").arg(config(a.path(), "")).arg("--quiet"));
+    let reference = final_model(a.path());
+    let b = tempfile::tempdir().unwrap();
+    let cfg = config(b.path(), "");
+    run_ok(
+        pali()
+            .arg("train")
+            .arg(&cfg)
+            .arg("--quiet")
+            .args(["--max-steps", "12"]),
+    );
+    assert!(b.path().join("out/checkpoints/step-00000012").is_dir());
+    run_ok(pali().arg("train").arg(&cfg).arg("--quiet").arg("--resume"));
+    let resumed = final_model(b.path());
+    for ((n, _, v1), (_, _, v2)) in reference.iter().zip(&resumed) {
+        assert!(
+            v1 == v2,
+            "{n}: differs after resuming at the stage boundary"
+        );
+    }
+}

@@ -25,7 +25,9 @@ pub struct RunState {
     pub stage_step: u64,
     /// Image resolution of the stored position embedding.
     pub resolution: usize,
-    pub mixture: MixtureState,
+    /// Data-stream state inside `stage`; `None` at a stage boundary (the next stage starts its
+    /// own stream).
+    pub mixture: Option<MixtureState>,
     pub adam_t: HashMap<String, u64>,
 }
 

@@ -186,6 +186,8 @@ pub struct StepConfig<'a> {
     pub groups: &'a Groups,
     /// Schedule value of each group at this step.
     pub sched: Vec<f64>,
+    /// Also compute the parameter and update norms (only needed on logging steps).
+    pub norms: bool,
 }
 
 /// Norms of one update (device scalars; read them only when logging).
@@ -195,7 +197,15 @@ pub struct StepStats<B: Backend> {
     pub update_norm: Tensor<B, 1>,
 }
 
-/// One optimizer step on `model` with gradients `grads`.
+fn accumulate<B: Backend>(acc: &mut Option<Tensor<B, 1>>, x: Tensor<B, 1>) {
+    *acc = Some(match acc.take() {
+        Some(a) => a + x,
+        None => x,
+    });
+}
+
+/// One optimizer step on `model` with gradients `grads`. Parameter and update norms are zero
+/// unless `cfg.norms`.
 pub fn step<AD: AutodiffBackend, M: AutodiffModule<AD>>(
     model: M,
     grads: &AD::Gradients,
@@ -210,6 +220,7 @@ pub fn step<AD: AutodiffBackend, M: AutodiffModule<AD>>(
         out: HashMap<String, Tensor<Inner<AD>, 1>>,
         sq: Option<Tensor<Inner<AD>, 1>>,
         psq: Option<Tensor<Inner<AD>, 1>>,
+        norms: bool,
     }
     impl<AD: AutodiffBackend> ModuleVisitor<AD> for Collect<'_, AD> {
         fn enter_module(&mut self, n: &str, c: &str) {
@@ -221,18 +232,15 @@ pub fn step<AD: AutodiffBackend, M: AutodiffModule<AD>>(
         fn visit_float<const D: usize>(&mut self, p: &Param<Tensor<AD, D>>) {
             let t = p.val();
             let n = t.shape().num_elements();
-            let ps = t.clone().inner().reshape([n]).powi_scalar(2).sum();
-            self.psq = Some(match self.psq.take() {
-                Some(a) => a + ps,
-                None => ps,
-            });
+            if self.norms {
+                accumulate(
+                    &mut self.psq,
+                    t.clone().inner().reshape([n]).powi_scalar(2).sum(),
+                );
+            }
             if let Some(g) = t.grad(self.grads) {
                 let g = g.reshape([n]);
-                let s = g.clone().powi_scalar(2).sum();
-                self.sq = Some(match self.sq.take() {
-                    Some(a) => a + s,
-                    None => s,
-                });
+                accumulate(&mut self.sq, g.clone().powi_scalar(2).sum());
                 self.out.insert(self.stack.current().0, g);
             }
         }
@@ -243,6 +251,7 @@ pub fn step<AD: AutodiffBackend, M: AutodiffModule<AD>>(
         out: HashMap::new(),
         sq: None,
         psq: None,
+        norms: cfg.norms,
     };
     model.visit(&mut c);
     let device = model
@@ -320,11 +329,9 @@ pub fn step<AD: AutodiffBackend, M: AutodiffModule<AD>>(
                 update = update + flat.clone().mul_scalar(cfg.weight_decay);
             }
             let update = update.mul_scalar(cfg.sched[group]);
-            let us = update.clone().powi_scalar(2).sum();
-            self.usq = Some(match self.usq.take() {
-                Some(a) => a + us,
-                None => us,
-            });
+            if cfg.norms {
+                accumulate(&mut self.usq, update.clone().powi_scalar(2).sum());
+            }
             let new = (flat - update).reshape(dims);
             self.state.m.insert(path.clone(), m);
             self.state.v.insert(path.clone(), v);

@@ -156,7 +156,7 @@ struct StepInputs<B: Backend> {
 }
 
 fn step_inputs<B: Backend>(
-    b: &Batch,
+    b: &mut Batch,
     cfg: &PaliGemmaConfig,
     stage: &Stage,
     device: &B::Device,
@@ -201,7 +201,7 @@ fn step_inputs<B: Backend>(
         .reshape([1, s])
         .expand([bs, s]);
     let pixel_values = Tensor::<B, 5>::from_data(
-        TensorData::new(b.pixel_values.clone(), [bs, f, 3, r, r]),
+        TensorData::new(std::mem::take(&mut b.pixel_values), [bs, f, 3, r, r]),
         device,
     );
     StepInputs {
@@ -404,14 +404,15 @@ pub fn train<B: Backend>(
         let cfg = model_config(config, &tok, resolution)?;
         let groups = Groups::new(stage)?;
         model = optim::apply_freeze(model, &groups)?;
-        if resumed.is_none() && si > 0 && !stage.carry_optimizer {
+        // At a stage start (fresh or resumed at the boundary) the optimizer state may be reset.
+        if start_step == 0 && si > 0 && !stage.carry_optimizer {
             adam = AdamState::default();
         }
         let srcs = stage_sources(stage, config.run.seed, 0)?;
         let weights: Vec<f64> = stage.sources.iter().map(|s| s.weight).collect();
         let mut mixture = Mixture::new(srcs, &weights, config.run.seed.wrapping_add(si as u64))?;
-        if let Some(st) = &resumed {
-            mixture.state = st.mixture.clone();
+        if let Some(ms) = resumed.as_ref().and_then(|st| st.mixture.clone()) {
+            mixture.state = ms;
         }
         eprintln!(
             "stage {} `{}`: {} px, text_len {}, {} steps × batch {}",
@@ -450,14 +451,19 @@ pub fn train<B: Backend>(
         let started = Instant::now();
         let (mut first_loss, mut last_loss) = (f64::NAN, f64::NAN);
         let (mut tokens_since, mut since) = (0usize, Instant::now());
+        // Data problems since the last log line (truncated rows, rows that lost EOS, skipped).
+        let (mut truncated, mut eos_cut, mut skipped) = (0usize, 0usize, 0usize);
 
         // ---- The loop ----
         for step in start_step..stage.steps {
             if opts.max_steps.is_some_and(|m| global_step >= m) {
                 return Ok(summaries);
             }
-            let batch = loader.recv()?;
-            let inputs = step_inputs::<AD<B>>(&batch, &cfg, stage, device);
+            let mut batch = loader.recv()?;
+            let inputs = step_inputs::<AD<B>>(&mut batch, &cfg, stage, device);
+            truncated += batch.truncated;
+            eos_cut += batch.eos_cut.len();
+            skipped += batch.skipped.len();
             let out = model.forward(inputs.input, inputs.n_img, false, None)?;
             let tok_loss = token_nll(out.logits, inputs.targets, stage.loss.label_smoothing);
             let loss = reduce(tok_loss, inputs.weights, stage.loss.reduction);
@@ -466,6 +472,8 @@ pub fn train<B: Backend>(
                 return Err(Error::Train(format!("stage `{}` step {step}: loss became {loss_value}; the last good checkpoint is kept", stage.name)));
             }
             let grads = loss.backward();
+            let done = step + 1;
+            let log = done % stage.log_every == 0 || done == stage.steps || step == start_step;
             let sched: Vec<f64> = (0..groups.groups.len())
                 .map(|g| groups.schedule(g, stage.steps).at(step))
                 .collect();
@@ -478,6 +486,7 @@ pub fn train<B: Backend>(
                 grad_clip: stage.grad_clip,
                 groups: &groups,
                 sched: sched.clone(),
+                norms: log,
             };
             let (m, stats) = optim::step(model, &grads, &mut adam, &scfg);
             model = m;
@@ -487,8 +496,7 @@ pub fn train<B: Backend>(
                 first_loss = loss_value;
             }
             last_loss = loss_value;
-            let done = step + 1;
-            if done % stage.log_every == 0 || done == stage.steps || step == start_step {
+            if log {
                 let scalar = |t: Tensor<B, 1>| t.into_scalar().elem::<f64>();
                 let (gn, pn, un) = (
                     scalar(stats.grad_norm),
@@ -521,10 +529,11 @@ pub fn train<B: Backend>(
                     &json!({
                         "step": global_step, "stage": stage.name, "stage_step": done, "loss": loss_value,
                         "lr": lrs, "grad_norm": gn, "param_norm": pn, "update_norm": un,
-                        "tokens_per_s": tps, "seen": seen, "truncated": batch.truncated, "eos_cut": batch.eos_cut.len(),
-                        "skipped": batch.skipped.len(),
+                        "tokens_per_s": tps, "seen": seen, "truncated": truncated, "eos_cut": eos_cut,
+                        "skipped": skipped,
                     }),
                 )?;
+                (truncated, eos_cut, skipped) = (0, 0, 0);
                 bar.set_message(format!(
                     "loss {loss_value:.4} lr {:.2e} {tps:.0} tok/s",
                     stage.lr * sched[0]
@@ -537,7 +546,8 @@ pub fn train<B: Backend>(
                     stage: if done == stage.steps { si + 1 } else { si },
                     stage_step: if done == stage.steps { 0 } else { done },
                     resolution,
-                    mixture: batch.state_after.clone().expect("loader sets the state"),
+                    mixture: (done < stage.steps)
+                        .then(|| batch.state_after.clone().expect("loader sets the state")),
                     adam_t: adam.t.clone(),
                 };
                 let extras = ckpt::HfExtras {
