@@ -47,6 +47,9 @@ pub struct Batch {
     pub state_after: Option<MixtureState>,
 }
 
+/// One example's tokens and masks, and its pixels (CHW per frame, frames concatenated).
+pub type Encoded = (crate::sequence::TextExample, Vec<f32>);
+
 /// Turns examples into a batch.
 #[derive(Clone)]
 pub struct BatchBuilder {
@@ -60,7 +63,7 @@ pub struct BatchBuilder {
 
 impl BatchBuilder {
     /// Tokens and pixels of one example.
-    pub fn encode(&self, ex: &Example) -> Result<(crate::sequence::TextExample, Vec<f32>)> {
+    pub fn encode(&self, ex: &Example) -> Result<Encoded> {
         if ex.images.len() != self.frames {
             return Err(Error::Invalid(format!(
                 "{}: {} images, but the stage expects {} per example",
@@ -83,8 +86,12 @@ impl BatchBuilder {
         Ok((text, px))
     }
 
-    pub fn build(&self, rows: Vec<(usize, Example)>, skipped: Vec<String>) -> Result<Batch> {
-        let encoded: Vec<Result<_>> = rows.par_iter().map(|(_, ex)| self.encode(ex)).collect();
+    /// Assembles encoded rows `(source, example, (text, pixels))` into one batch.
+    pub fn build(
+        &self,
+        rows: Vec<(usize, Example, Encoded)>,
+        skipped: Vec<String>,
+    ) -> Result<Batch> {
         let b = rows.len();
         let t1 = self.seq.text_len + 1;
         let mut batch = Batch {
@@ -99,15 +106,14 @@ impl BatchBuilder {
             mask_ar: Vec::with_capacity(b * t1),
             mask_loss: Vec::with_capacity(b * t1),
             mask_input: Vec::with_capacity(b * t1),
-            sources: rows.iter().map(|(s, _)| *s).collect(),
-            ids: rows.iter().map(|(_, e)| e.id.clone()).collect(),
+            sources: rows.iter().map(|(s, _, _)| *s).collect(),
+            ids: rows.iter().map(|(_, e, _)| e.id.clone()).collect(),
             truncated: 0,
             eos_cut: Vec::new(),
             skipped,
             state_after: None,
         };
-        for (r, (_, ex)) in encoded.into_iter().zip(&rows) {
-            let (t, px) = r?;
+        for (_, ex, (t, px)) in rows {
             batch.pixel_values.extend(px);
             batch.text.extend(t.ids.iter().map(|x| *x as i64));
             batch.mask_ar.extend(t.mask_ar.iter().map(|x| *x as i64));
@@ -137,20 +143,29 @@ pub fn next_batch(
     let mut rows = Vec::with_capacity(batch_size);
     let mut skipped = Vec::new();
     while rows.len() < batch_size {
-        let (s, i) = mix.next_index();
-        let ex = mix.sources[s].get(i)?;
-        if on_error == OnError::Skip {
-            if let Err(e) = builder.encode(&ex) {
-                skipped.push(e.to_string());
-                if skipped.len() > 100 * batch_size {
-                    return Err(Error::Invalid(format!(
-                        "too many unreadable examples; last: {e}"
-                    )));
+        // Draw what is missing in stream order, decode it in parallel, each example once.
+        let drawn = (rows.len()..batch_size)
+            .map(|_| {
+                let (s, i) = mix.next_index();
+                Ok((s, mix.sources[s].get(i)?))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let encoded: Vec<Result<Encoded>> =
+            drawn.par_iter().map(|(_, ex)| builder.encode(ex)).collect();
+        for ((s, ex), enc) in drawn.into_iter().zip(encoded) {
+            match enc {
+                Ok(enc) => rows.push((s, ex, enc)),
+                Err(e) if on_error == OnError::Skip => {
+                    skipped.push(e.to_string());
+                    if skipped.len() > 100 * batch_size {
+                        return Err(Error::Invalid(format!(
+                            "too many unreadable examples; last: {e}"
+                        )));
+                    }
                 }
-                continue;
+                Err(e) => return Err(e),
             }
         }
-        rows.push((s, ex));
     }
     let mut b = builder.build(rows, skipped)?;
     b.state_after = Some(mix.state.clone());

@@ -69,3 +69,51 @@ fn synthetic_export_reads_back() {
         assert!(!ex.prefix.is_empty(), "{}", f.display());
     }
 }
+
+/// An image that turns out unreadable while batching: `skip` replaces it by the next example and
+/// reports it; `fail` stops with the file named.
+#[test]
+fn loader_skips_or_fails_on_unreadable_images() {
+    use pali_data::batch::{next_batch, BatchBuilder};
+    use pali_data::mixture::Mixture;
+    use std::sync::Arc;
+    let d = tempfile::tempdir().unwrap();
+    let good = r#"{"image": "images/000000.png", "prefix": "caption en", "suffix": "a cat"}"#;
+    let bad = r#"{"image": "images/broken.png", "prefix": "caption en", "suffix": "a dog"}"#;
+    let p = setup(d.path(), &[good, bad, good, good]);
+    let ds: Arc<dyn Dataset> = Arc::new(JsonlDataset::open(&p, OnError::Fail, false).unwrap());
+    let tok = Arc::new(
+        pali_data::PaliTokenizer::from_file(
+            &Path::new(env!("CARGO_MANIFEST_DIR")).join("../../data/tokenizer/tokenizer.json"),
+        )
+        .unwrap(),
+    );
+    let builder = BatchBuilder {
+        tokenizer: tok,
+        seq: pali_data::SequenceBuilder::new(16),
+        resolution: 16,
+        resize: pali_data::image::ResizeMethod::Bicubic,
+        frames: 1,
+    };
+    let mut mix = Mixture::new(vec![ds.clone()], &[1.0], 0).unwrap();
+    let b = next_batch(&mut mix, &builder, 6, OnError::Skip).unwrap();
+    assert_eq!(b.batch_size, 6);
+    assert_eq!(b.pixel_values.len(), 6 * 3 * 16 * 16);
+    assert!(
+        !b.skipped.is_empty()
+            && b.skipped
+                .iter()
+                .all(|s| s.contains("train.jsonl:2") && s.contains("cannot decode")),
+        "{:?}",
+        b.skipped
+    );
+    assert!(b.ids.iter().all(|id| !id.ends_with(":2")));
+    let mut mix = Mixture::new(vec![ds], &[1.0], 0).unwrap();
+    let e = next_batch(&mut mix, &builder, 6, OnError::Fail)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("train.jsonl:2") && e.contains("broken.png"),
+        "{e}"
+    );
+}
