@@ -298,19 +298,13 @@ pub fn apply_override(doc: &mut toml::Value, spec: &str) -> Result<()> {
     let mut cur = doc;
     let mut i = 0;
     while i < parts.len() {
-        let p = if parts[i] == "stage" {
-            "stage"
-        } else {
-            parts[i]
-        };
+        let p = parts[i];
         let last = i + 1 == parts.len();
         let table = cur
             .as_table_mut()
             .ok_or_else(|| Error::Config(format!("--set {key}: `{p}` is not a table")))?;
         if last {
-            if !table.contains_key(p) && !p.is_empty() {
-                // New keys are allowed only where the schema has them; typing checks that.
-            }
+            // A key the schema lacks is refused when the tree is typed (deny_unknown_fields).
             table.insert(p.to_string(), value);
             return Ok(());
         }
