@@ -134,11 +134,7 @@ impl Job for BenchJob<'_> {
     fn run<B: Backend>(self, device: B::Device) -> Result<Vec<f64>> {
         type AD<B> = Autodiff<B>;
         let (a, c) = (self.args, self.config);
-        let model = c
-            .clone()
-            .with_output_vocab_size(c.output_vocab_size)
-            .init::<AD<B>>(&device);
-        let mut model = model;
+        let mut model = c.init::<AD<B>>(&device);
         // A zero projector would leave its gradient path trivial; benchmark a trained-like one.
         model.multi_modal_projector = c.projector_config().with_zero_init(false).init(&device);
         let mut optim = AdamConfig::new()

@@ -55,7 +55,6 @@ pub struct SiglipVision<B: Backend> {
     pub embeddings: SiglipEmbeddings<B>,
     pub encoder: SiglipEncoder<B>,
     pub post_layernorm: LayerNorm<B>,
-    pub patch_size: usize,
 }
 
 impl SiglipConfig {
@@ -100,7 +99,6 @@ impl SiglipConfig {
             },
             encoder: SiglipEncoder { layers },
             post_layernorm: ln(),
-            patch_size: self.patch_size,
         }
     }
 }
