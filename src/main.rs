@@ -46,6 +46,12 @@ enum Command {
     Forward(cmd::forward::Args),
     /// Greedy decoding with a KV cache from a prompt in HF-named inputs.
     Generate(cmd::generate::Args),
+    /// Decode a JSONL dataset with a checkpoint and score the predictions (JSON on stdout).
+    Eval(cmd::eval::EvalArgs),
+    /// Score a predictions file against a references file, offline (JSON on stdout).
+    Score(cmd::eval::ScoreArgs),
+    /// One image and prompt through a checkpoint; `--draw` saves the detected boxes as PNG.
+    Predict(cmd::eval::PredictArgs),
     /// Benchmarks (JSON on stdout).
     Bench {
         #[command(subcommand)]
@@ -85,6 +91,9 @@ fn main() -> ExitCode {
         Command::Tokenizer { command } => cmd::tokenizer::run(command),
         Command::Forward(args) => cmd::forward::run(args),
         Command::Generate(args) => cmd::generate::run(args),
+        Command::Eval(args) => cmd::eval::run_eval(args),
+        Command::Score(args) => cmd::eval::run_score(args),
+        Command::Predict(args) => cmd::eval::run_predict(args),
         Command::Bench {
             command: BenchCommand::TrainStep(args),
         } => cmd::bench::run(args),

@@ -1,5 +1,6 @@
 pub mod bench;
 pub mod data;
+pub mod eval;
 pub mod finetune;
 pub mod forward;
 pub mod generate;

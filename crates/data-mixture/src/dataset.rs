@@ -2,7 +2,7 @@
 //! shapes world (one task per source) and big_vision / Roboflow JSONL files.
 //!
 //! JSONL: one object per line, `{"image": "rel/path.jpg" | ["a.jpg", "b.jpg"], "prefix": "...",
-//! "suffix": "..."}`, image paths relative to the JSONL file. Every problem is reported as
+//! "suffix": "..."}` and an optional `"id"`, image paths relative to the JSONL file. Every problem is reported as
 //! `file:line: field: what`; with `OnError::Skip` bad lines are counted and skipped instead.
 
 use std::path::{Path, PathBuf};
@@ -289,8 +289,21 @@ fn parse_line(
         }
         images.push(ImageSource::File(p));
     }
+    // An `id` field names the example (to pair predictions with references); else file:line.
+    let id = match obj.get("id") {
+        Some(Value::String(s)) => s.clone(),
+        Some(Value::Number(n)) => n.to_string(),
+        None | Some(Value::Null) => format!("{}:{line_no}", path.display()),
+        Some(other) => {
+            return Err(line_err(
+                path,
+                line_no,
+                format!("field `id`: expected a string or a number, found {other}"),
+            ))
+        }
+    };
     Ok(Example {
-        id: format!("{}:{line_no}", path.display()),
+        id,
         images,
         prefix: text("prefix")?,
         suffix: text("suffix")?,

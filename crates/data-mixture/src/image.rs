@@ -167,6 +167,42 @@ pub fn resize(img: &Rgb, out_w: usize, out_h: usize, method: ResizeMethod) -> Rg
     }
 }
 
+/// Resizes one float plane (HW, row-major) like PIL's mode "F": the same separable filters as
+/// [`resize`], horizontal pass first, without rounding to 8 bits. Used to bring a decoded 64×64
+/// segmentation map to its box size.
+pub fn resize_plane(
+    data: &[f32],
+    width: usize,
+    height: usize,
+    out_w: usize,
+    out_h: usize,
+    method: ResizeMethod,
+) -> Vec<f32> {
+    let cx = coefficients(width, out_w, method);
+    let mut tmp = vec![0f32; height * out_w];
+    for y in 0..height {
+        for (x, (lo, w)) in cx.iter().enumerate() {
+            tmp[y * out_w + x] = w
+                .iter()
+                .enumerate()
+                .map(|(k, wk)| wk * data[y * width + lo + k])
+                .sum();
+        }
+    }
+    let cy = coefficients(height, out_h, method);
+    let mut out = vec![0f32; out_h * out_w];
+    for (y, (lo, w)) in cy.iter().enumerate() {
+        for x in 0..out_w {
+            out[y * out_w + x] = w
+                .iter()
+                .enumerate()
+                .map(|(k, wk)| wk * tmp[(lo + k) * out_w + x])
+                .sum();
+        }
+    }
+    out
+}
+
 /// CHW f32 in [−1, 1]: `(x/255 − 0.5)/0.5` (equals big_vision's `value_range(-1, 1)`).
 pub fn to_pixel_values(img: &Rgb) -> Vec<f32> {
     let (w, h) = (img.width, img.height);

@@ -95,6 +95,11 @@ impl PaliTokenizer {
             })
     }
 
+    /// The id of a token string (`<noise>`, `<loc0001>`…), if the vocabulary has it.
+    pub fn token_id(&self, token: &str) -> Option<u32> {
+        self.inner.token_to_id(token)
+    }
+
     /// The token string of one id (for inspection output).
     pub fn token(&self, id: u32) -> String {
         self.inner

@@ -247,9 +247,19 @@ pub struct Stage {
     /// Checkpoint interval in steps (and always at the end of the stage).
     #[serde(default = "ckpt_every")]
     pub checkpoint_every: u64,
-    /// Validation examples decoded at the end of the stage (0 = no eval).
+    /// Validation examples decoded and scored at each evaluation (0 = no eval).
     #[serde(default)]
     pub eval_examples: usize,
+    /// Evaluate every this many steps as well as at the end of the stage (0 = only at the end).
+    #[serde(default)]
+    pub eval_every: u64,
+    /// Metric family of the evaluation: caption, vqa, vqav2, docvqa, chartqa, detect, refcoco
+    /// (default: from the first source's task; `vqa` for JSONL).
+    #[serde(default)]
+    pub eval_task: Option<String>,
+    /// Decoding of the evaluation: greedy, beam:K, temperature:T, nucleus:P[:T], best_of:N[:T].
+    #[serde(default = "greedy")]
+    pub eval_decode: String,
     /// Validation JSONL for that evaluation. Without it a synthetic first source uses its
     /// validation split; a JSONL first source is not evaluated (it would be its training data).
     #[serde(default)]
@@ -260,6 +270,9 @@ pub struct Stage {
     pub groups: Vec<Group>,
 }
 
+fn greedy() -> String {
+    "greedy".into()
+}
 fn b1() -> f64 {
     0.9
 }
@@ -427,6 +440,21 @@ impl RunConfig {
                 if !p.is_file() {
                     return err(format!("{at}: eval_jsonl: file not found: {}", p.display()));
                 }
+            }
+            if let Some(t) = &s.eval_task {
+                match t.parse::<pali_eval::Task>() {
+                    Ok(pali_eval::Task::Perplexity) => {
+                        return err(format!(
+                            "{at}: eval_task: validation perplexity is always reported; pick a \
+                             decoding task"
+                        ))
+                    }
+                    Ok(_) => {}
+                    Err(m) => return err(format!("{at}: eval_task: {m}")),
+                }
+            }
+            if let Err(m) = s.eval_decode.parse::<pali_eval::Sampler>() {
+                return err(format!("{at}: eval_decode: {m}"));
             }
             if s.steps == 0 || s.batch_size == 0 || s.text_len == 0 {
                 return err(format!("{at}: steps, batch_size and text_len must be > 0"));

@@ -8,6 +8,8 @@ pub enum Error {
     Model(#[from] pali_model::Error),
     #[error(transparent)]
     Data(#[from] pali_data::Error),
+    #[error("evaluation: {0}")]
+    Eval(#[from] pali_eval::Error),
     #[error("{0}")]
     Train(String),
     #[error("{path}: {source}")]

@@ -1,6 +1,7 @@
 //! The training loop. Setup, then one loop per stage that reads top to bottom:
 //! batch → forward → loss → backward → optimizer step → log / non-finite check → checkpoint,
-//! and an evaluation at the end of each stage.
+//! and evaluations (task metrics + validation perplexity) every `eval_every` steps and at the end
+//! of each stage.
 //!
 //! Resume precedence (the order matters):
 //! 1. with `resume`, the newest checkpoint under `out_dir/checkpoints` (model, Adam moments,
@@ -19,9 +20,12 @@ use burn::tensor::backend::Backend;
 use burn::tensor::{ElementConversion, Int, Tensor, TensorData};
 use indicatif::{ProgressBar, ProgressStyle};
 use pali_data::batch::{Batch, BatchBuilder, Loader};
-use pali_data::dataset::{Dataset, JsonlDataset, SynthDataset};
+use pali_data::dataset::{Dataset, Example, JsonlDataset, SynthDataset, SynthTask};
 use pali_data::mixture::Mixture;
 use pali_data::{PaliTokenizer, SequenceBuilder};
+use pali_eval::perplexity::{row_nll, Perplexity};
+use pali_eval::run::{predict, references_from_suffix, PredictOptions};
+use pali_eval::{score, DecodeOptions, Prediction, Sampler, Task};
 use pali_model::checkpoint::{load_into, TensorFile, Tower};
 use pali_model::loss::{reduce, token_nll};
 use pali_model::mask::make_attn_mask;
@@ -48,6 +52,17 @@ pub struct StageSummary {
     pub eval_accuracy: Option<f64>,
     /// What always answering the most frequent reference scores on the same examples.
     pub eval_baseline: Option<f64>,
+    /// The task metrics of the end-of-stage evaluation.
+    pub eval_metrics: Option<serde_json::Value>,
+    /// Validation perplexity per source at the end of the stage.
+    pub val_perplexity: Vec<(String, f64)>,
+}
+
+/// A stage evaluates when it asks for examples and has validation data: a synthetic first
+/// source (its validation split) or `eval_jsonl`.
+fn evaluates(stage: &Stage) -> bool {
+    let first_is_synth = matches!(stage.sources[0].kind(), Ok(SourceKind::Synth { .. }));
+    stage.eval_examples > 0 && (stage.eval_jsonl.is_some() || first_is_synth)
 }
 
 /// Options that are not part of the config.
@@ -147,18 +162,25 @@ fn set_resolution<B: Backend>(model: PaliGemma<B>, from: usize, to: usize) -> Pa
 }
 
 /// Model inputs of a batch: image tokens first, then `text[:, :-1]`; targets `text[:, 1:]`.
-struct StepInputs<B: Backend> {
-    input: ModelInput<B>,
-    targets: Tensor<B, 2, Int>,
-    weights: Tensor<B, 2>,
-    n_img: usize,
-    tokens: usize,
+/// Model inputs, next-token targets and loss weights of a batch.
+pub struct StepInputs<B: Backend> {
+    pub input: ModelInput<B>,
+    /// [B, T]: text position t predicts targets[t].
+    pub targets: Tensor<B, 2, Int>,
+    /// [B, T]: 1 on the tokens the loss counts.
+    pub weights: Tensor<B, 2>,
+    /// Image slots in front of the text.
+    pub n_img: usize,
+    pub tokens: usize,
 }
 
-fn step_inputs<B: Backend>(
+/// Turns a host batch into the tensors of a training step (also what validation perplexity
+/// uses, so both see the same masks).
+pub fn step_inputs<B: Backend>(
     b: &mut Batch,
     cfg: &PaliGemmaConfig,
-    stage: &Stage,
+    attention: Attention,
+    loss_on: LossOn,
     device: &B::Device,
 ) -> StepInputs<B> {
     let (bs, t1, f, r) = (b.batch_size, b.seq_len, b.frames, b.resolution);
@@ -176,15 +198,15 @@ fn step_inputs<B: Backend>(
         let minp = &b.mask_input[row * t1..(row + 1) * t1];
         ids.extend(std::iter::repeat_n(cfg.image_token_id as i64, n_img));
         ids.extend(&text[..t]);
-        let img_ar = i64::from(stage.attention == Attention::CausalAll);
+        let img_ar = i64::from(attention == Attention::CausalAll);
         ar.extend(std::iter::repeat_n(img_ar, n_img));
-        match stage.attention {
+        match attention {
             Attention::PrefixLm => ar.extend(&mar[..t]),
             // Every text token its own block: causal over the prefix too.
             Attention::CausalText | Attention::CausalAll => ar.extend(std::iter::repeat_n(1, t)),
         }
         tg.extend(&text[1..]);
-        let weights = match stage.loss.on {
+        let weights = match loss_on {
             LossOn::Suffix => &mloss[1..],
             LossOn::PrefixAndSuffix => &minp[1..],
         };
@@ -227,17 +249,50 @@ fn append_jsonl(path: &Path, v: &serde_json::Value) -> Result<()> {
     writeln!(f, "{v}").map_err(io(path))
 }
 
-/// Result of the end-of-stage evaluation.
+/// Result of an evaluation.
 pub struct Eval {
-    /// Exact match of greedy decoding.
+    /// Exact match of the decoded outputs.
     pub accuracy: f64,
     /// Share of the most frequent reference answer: what always giving that answer scores.
     pub majority_baseline: f64,
+    /// The task metrics (`pali eval`'s JSON object).
+    pub metrics: serde_json::Value,
+    /// Validation perplexity on suffix tokens, per source (same masks as training).
+    pub perplexity: Vec<(String, f64)>,
     /// A few (prompt, reference, prediction) triples.
     pub shown: Vec<(String, String, String)>,
 }
 
-/// Greedy-decodes `n` validation examples of the stage's first source; exact-match accuracy.
+/// The metric family a stage is scored with: `eval_task`, else from its first source.
+pub fn eval_task(stage: &Stage) -> Task {
+    if let Some(t) = stage.eval_task.as_deref().and_then(|t| t.parse().ok()) {
+        return t;
+    }
+    match stage.sources[0].kind() {
+        Ok(SourceKind::Synth { task, .. }) => match task {
+            SynthTask::Caption | SynthTask::GroundedCaption => Task::Caption,
+            SynthTask::Vqa | SynthTask::Count => Task::Vqa,
+            SynthTask::Detect => Task::Detect,
+            SynthTask::Ocr => Task::Docvqa,
+        },
+        _ => Task::Vqa,
+    }
+}
+
+/// Validation examples of a source: the synthetic world's validation split, or `eval_jsonl`
+/// for a JSONL source (`None` without one: its training data is no validation set).
+fn validation_set(stage: &Stage, source: usize, seed: u64) -> Result<Option<Arc<dyn Dataset>>> {
+    Ok(match stage.sources[source].kind() {
+        Ok(SourceKind::Synth { .. }) => Some(stage_sources(stage, seed, 1)?.remove(source)),
+        _ => match &stage.eval_jsonl {
+            Some(p) => Some(Arc::new(JsonlDataset::open(p, stage.on_error, false)?)),
+            None => None,
+        },
+    })
+}
+
+/// Decodes `n` validation examples and scores them with the stage's task (the evaluators of
+/// `pali eval`), and measures validation perplexity of every source.
 fn evaluate<B: Backend>(
     model: &PaliGemma<B>,
     cfg: &PaliGemmaConfig,
@@ -252,70 +307,138 @@ fn evaluate<B: Backend>(
         None => stage_sources(stage, seed, 1)?.remove(0),
     };
     let n = n.min(val.len());
-    let seq = SequenceBuilder::new(stage.text_len);
-    let n_img = cfg.num_image_tokens();
+    let examples: Vec<Example> = (0..n)
+        .map(|i| val.get(i))
+        .collect::<std::result::Result<_, _>>()?;
+    let task = eval_task(stage);
+    let sampler: Sampler = stage.eval_decode.parse().map_err(Error::Config)?;
+    let opts = PredictOptions {
+        decode: DecodeOptions {
+            sampler,
+            max_new: stage.text_len,
+            eos: tok.eos,
+            forbid: Vec::new(),
+            seed,
+            use_cache: true,
+        },
+        text_len: stage.text_len,
+        resolution: stage.resolution,
+        resize: stage.resize,
+        batch_size: 16,
+    };
+    let (preds, _) = predict(model, cfg, tok, &examples, &opts, device, |_| {})?;
+    let refs = references_from_suffix(task, &examples);
+    let scored: Vec<Prediction> = preds
+        .iter()
+        .map(|p| Prediction {
+            id: p.id.clone(),
+            prediction: p.prediction.clone(),
+            scores: (task == Task::Detect).then(|| p.object_scores.clone()),
+        })
+        .collect();
+    let pairs: Vec<_> = scored.iter().zip(refs.iter()).collect();
+    let metrics = score(task, &pairs, None)?;
     let mut correct = 0;
-    let mut shown = Vec::new();
-    let mut answers_seen: std::collections::HashMap<String, usize> =
-        std::collections::HashMap::new();
-    for chunk in (0..n).collect::<Vec<_>>().chunks(16) {
-        let b = chunk.len();
-        let s = n_img + stage.text_len;
-        let (mut ids, mut ar, mut im, mut px, mut answers) =
-            (vec![], vec![], vec![], vec![], vec![]);
-        for &i in chunk {
-            let ex = val.get(i)?;
-            let p = seq.prompt(tok, &ex.prefix)?;
-            ids.extend(std::iter::repeat_n(cfg.image_token_id as i64, n_img));
-            ids.extend(p.ids.iter().map(|x| *x as i64));
-            ar.extend(std::iter::repeat_n(0i64, n_img));
-            ar.extend(p.mask_ar.iter().map(|x| *x as i64));
-            im.extend(std::iter::repeat_n(true, n_img));
-            im.extend(p.mask_input.iter().map(|x| *x == 1));
-            px.extend(ex.images[0].pixels(stage.resolution, stage.resize)?);
-            answers.push((ex.prefix.clone(), ex.suffix.clone()));
-        }
-        let int = |v: Vec<i64>| Tensor::<B, 2, Int>::from_data(TensorData::new(v, [b, s]), device);
-        let input_mask = bool_tensor::<B, 2>(im, [b, s], device);
-        let masks = make_attn_mask(int(ar), input_mask.clone(), cfg.text.sliding_window);
-        let positions = Tensor::<B, 1, Int>::arange(0..s as i64, device)
-            .reshape([1, s])
-            .expand([b, s]);
-        let r = stage.resolution;
-        let input = ModelInput {
-            pixel_values: Tensor::from_data(TensorData::new(px, [b, 1, 3, r, r]), device),
-            input_ids: int(ids),
-            positions,
-            masks,
+    let mut answers_seen: std::collections::HashMap<&str, usize> = Default::default();
+    for p in &preds {
+        correct += usize::from(p.prediction.trim() == p.suffix.trim());
+        *answers_seen.entry(p.suffix.trim()).or_default() += 1;
+    }
+    let shown = preds
+        .iter()
+        .take(5)
+        .map(|p| (p.prefix.clone(), p.suffix.clone(), p.prediction.clone()))
+        .collect();
+    let majority = answers_seen.values().copied().max().unwrap_or(0);
+
+    // Perplexity per source on its validation examples, masks and loss weights as in training.
+    let mut ppl = Perplexity::default();
+    let builder = BatchBuilder {
+        tokenizer: tok.clone(),
+        seq: SequenceBuilder::new(stage.text_len),
+        resolution: stage.resolution,
+        resize: stage.resize,
+        frames: 1,
+    };
+    for (k, src) in stage.sources.iter().enumerate() {
+        let Some(set) = validation_set(stage, k, seed)? else {
+            continue;
         };
-        let (out, _) = pali_model::generate::greedy(
-            model,
-            input,
-            input_mask,
-            cfg.text.sliding_window,
-            stage.text_len,
-            Some(tok.eos as i64),
-        )?;
-        for (row, (prefix, want)) in out.iter().zip(answers) {
-            let ids: Vec<u32> = row
+        let name = match src.kind() {
+            Ok(SourceKind::Synth { task, .. }) => task.name().to_string(),
+            _ => set.name().to_string(),
+        };
+        let m = n.min(set.len());
+        for chunk in (0..m).collect::<Vec<_>>().chunks(16) {
+            let rows = chunk
                 .iter()
-                .take_while(|t| **t != tok.eos as i64)
-                .map(|t| *t as u32)
-                .collect();
-            let got = tok.decode(&ids)?;
-            correct += usize::from(got.trim() == want.trim());
-            *answers_seen.entry(want.trim().to_string()).or_default() += 1;
-            if shown.len() < 5 {
-                shown.push((prefix, want, got));
+                .map(|i| {
+                    let ex = set.get(*i)?;
+                    let enc = builder.encode(&ex)?;
+                    Ok((k, ex, enc))
+                })
+                .collect::<std::result::Result<Vec<_>, pali_data::Error>>()?;
+            let mut batch = builder.build(rows, Vec::new())?;
+            let inputs = step_inputs::<B>(&mut batch, cfg, stage.attention, stage.loss.on, device);
+            for (nll, t) in row_nll(
+                model,
+                inputs.input,
+                inputs.targets,
+                inputs.weights,
+                inputs.n_img,
+            )? {
+                ppl.add(&name, nll, t);
             }
         }
     }
-    let majority = answers_seen.values().copied().max().unwrap_or(0);
     Ok(Eval {
         accuracy: correct as f64 / n.max(1) as f64,
         majority_baseline: majority as f64 / n.max(1) as f64,
+        metrics,
+        perplexity: ppl.per_task().into_iter().map(|(k, p, _)| (k, p)).collect(),
         shown,
     })
+}
+
+/// Runs an evaluation, prints it and appends it to metrics.jsonl.
+#[allow(clippy::too_many_arguments)]
+fn evaluate_and_log<B: Backend>(
+    model: &PaliGemma<B>,
+    cfg: &PaliGemmaConfig,
+    stage: &Stage,
+    tok: &Arc<PaliTokenizer>,
+    seed: u64,
+    global_step: u64,
+    metrics_path: &Path,
+    device: &B::Device,
+    verbose: bool,
+) -> Result<Eval> {
+    let ev = evaluate(model, cfg, stage, tok, seed, stage.eval_examples, device)?;
+    if verbose {
+        for (p, want, got) in &ev.shown {
+            eprintln!("  eval `{p}` → `{got}` (want `{want}`)");
+        }
+    }
+    let ppl: serde_json::Map<String, serde_json::Value> = ev
+        .perplexity
+        .iter()
+        .map(|(k, v)| (k.clone(), json!(v)))
+        .collect();
+    eprintln!(
+        "  eval ({:?}) {} | exact match {:.1}% (most frequent answer: {:.1}%) | val perplexity {}",
+        eval_task(stage),
+        ev.metrics,
+        ev.accuracy * 100.0,
+        ev.majority_baseline * 100.0,
+        serde_json::Value::Object(ppl.clone())
+    );
+    append_jsonl(
+        metrics_path,
+        &json!({"step": global_step, "stage": stage.name, "eval": ev.metrics,
+                "eval_exact_match": ev.accuracy, "eval_majority_baseline": ev.majority_baseline,
+                "eval_examples": stage.eval_examples, "val_perplexity": ppl}),
+    )?;
+    Ok(ev)
 }
 
 /// Runs every stage of `config` on backend `B` (gradients through `Autodiff<B>`).
@@ -460,7 +583,8 @@ pub fn train<B: Backend>(
                 return Ok(summaries);
             }
             let mut batch = loader.recv()?;
-            let inputs = step_inputs::<AD<B>>(&mut batch, &cfg, stage, device);
+            let inputs =
+                step_inputs::<AD<B>>(&mut batch, &cfg, stage.attention, stage.loss.on, device);
             truncated += batch.truncated;
             eos_cut += batch.eos_cut.len();
             skipped += batch.skipped.len();
@@ -563,35 +687,41 @@ pub fn train<B: Backend>(
                     Some(extras),
                 )?;
             }
+            if stage.eval_every > 0
+                && done % stage.eval_every == 0
+                && done < stage.steps
+                && evaluates(stage)
+            {
+                bar.suspend(|| {
+                    evaluate_and_log(
+                        &model.valid(),
+                        &cfg,
+                        stage,
+                        &tok,
+                        config.run.seed,
+                        global_step,
+                        &metrics_path,
+                        device,
+                        false,
+                    )
+                })?;
+            }
         }
         bar.finish();
         let svg = out_dir.join(format!("curves-{}.svg", stage.name));
         crate::plot::stage_curves(&metrics_path, &stage.name, &svg)?;
-        let first_is_synth = matches!(stage.sources[0].kind(), Ok(SourceKind::Synth { .. }));
-        let eval = if stage.eval_examples > 0 && (stage.eval_jsonl.is_some() || first_is_synth) {
-            let ev = evaluate(
+        let eval = if evaluates(stage) {
+            Some(evaluate_and_log(
                 &model.valid(),
                 &cfg,
                 stage,
                 &tok,
                 config.run.seed,
-                stage.eval_examples,
-                device,
-            )?;
-            for (p, want, got) in &ev.shown {
-                eprintln!("  eval `{p}` → `{got}` (want `{want}`)");
-            }
-            eprintln!(
-                "  eval exact match {:.1}% (always giving the most frequent answer: {:.1}%)",
-                ev.accuracy * 100.0,
-                ev.majority_baseline * 100.0
-            );
-            append_jsonl(
+                global_step,
                 &metrics_path,
-                &json!({"step": global_step, "stage": stage.name, "eval_exact_match": ev.accuracy,
-                        "eval_majority_baseline": ev.majority_baseline, "eval_examples": stage.eval_examples}),
-            )?;
-            Some(ev)
+                device,
+                true,
+            )?)
         } else {
             None
         };
@@ -603,6 +733,8 @@ pub fn train<B: Backend>(
             seconds: started.elapsed().as_secs_f64(),
             eval_accuracy: eval.as_ref().map(|e| e.accuracy),
             eval_baseline: eval.as_ref().map(|e| e.majority_baseline),
+            eval_metrics: eval.as_ref().map(|e| e.metrics.clone()),
+            val_perplexity: eval.map(|e| e.perplexity).unwrap_or_default(),
         };
         eprintln!(
             "stage `{}` done: loss {:.4} → {:.4} in {:.1} s{}",

@@ -1,8 +1,6 @@
 //! The model-level commands, run as a user would: `pali forward`, `pali generate`, `pali model`.
 
-mod common;
-
-use common::*;
+use crate::common::*;
 
 #[test]
 fn forward_command_reproduces_hf_outputs() {

@@ -132,6 +132,30 @@ pub fn greedy_parity<B: Backend>(variant: &str, dev: &B::Device) {
     let input_mask = am.clone().equal_elem(1);
     let masks = hf_attention_masks(tt, am, config.text.sliding_window);
     let positions = Tensor::<B, 1, Int>::arange(1..t0 as i64 + 1, dev).reshape([1, t0]);
+    // The eval crate's decoder (0-indexed positions, host-side sampling) on the same prompt;
+    // RoPE only sees position differences, so the tokens must agree with HF's too.
+    let valid: Vec<i64> = {
+        let (ids, _) = i64s(&inp, "gen.input_ids");
+        let (am, _) = i64s(&inp, "gen.attention_mask");
+        ids.iter()
+            .zip(&am)
+            .filter(|(_, m)| **m == 1)
+            .map(|(i, _)| *i)
+            .collect()
+    };
+    let eval_tokens = |sampler: pali_eval::Sampler| {
+        let prompts = pali_eval::Prompts {
+            pixel_values: pixel_values.clone(),
+            mask_ar: vec![vec![0; valid.len()]],
+            ids: vec![valid.clone()],
+        };
+        let mut o = pali_eval::DecodeOptions::greedy(8, u32::MAX);
+        o.sampler = sampler;
+        let d = pali_eval::decode(&model, prompts, config.text.sliding_window, &o).unwrap();
+        d[0].tokens.iter().map(|t| *t as i64).collect::<Vec<_>>()
+    };
+    let eval_greedy = eval_tokens(pali_eval::Sampler::Greedy);
+    let eval_beam1 = eval_tokens(pali_eval::Sampler::Beam(1));
     let prompt = ModelInput {
         pixel_values,
         input_ids: ids,
@@ -149,6 +173,8 @@ pub fn greedy_parity<B: Backend>(variant: &str, dev: &B::Device) {
     .unwrap();
     let (want, _) = i64s(&out, "gen.new_tokens");
     assert_eq!(tokens[0], want, "{variant}: greedy tokens");
+    assert_eq!(eval_greedy, want, "{variant}: pali_eval greedy tokens");
+    assert_eq!(eval_beam1, want, "{variant}: pali_eval beam:1 tokens");
     let (want_logits, ws) = f32s(&out, "gen.step_logits");
     let got: Vec<f32> = logits.into_iter().flat_map(|l| to_vec(l).0).collect();
     let d = compare(

@@ -2,9 +2,7 @@
 //! (tests/fixtures/README.md): every intermediate the fixtures store, at the tolerances they
 //! recommend. The checks live in common/parity.rs so that parity_wgpu.rs runs them on wgpu too.
 
-mod common;
-
-use common::parity::{full_forward_parity, greedy_parity};
+use crate::common::parity::{full_forward_parity, greedy_parity};
 
 type B = burn::backend::Flex;
 

@@ -1,13 +1,11 @@
 //! The trainer end to end, through the `pali` binary: exact resume after SIGKILL, freezing,
 //! per-group schedules read back from metrics.jsonl, and configs that must fail before training.
 
-mod common;
-
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-use common::*;
+use crate::common::*;
 
 fn tokenizer() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("data/tokenizer/tokenizer.json")

@@ -4,9 +4,7 @@
 //! covers the forward pass of both variants, mask by mask and layer by layer.
 #![cfg(feature = "wgpu")]
 
-mod common;
-
-use common::parity::full_forward_parity;
+use crate::common::parity::full_forward_parity;
 
 type B = burn::backend::Wgpu;
 

@@ -1,8 +1,6 @@
 //! `pali data synth|validate|inspect` and `pali tokenizer train`, as a user runs them.
 
-mod common;
-
-use common::*;
+use crate::common::*;
 
 #[test]
 fn synth_then_validate_and_inspect() {

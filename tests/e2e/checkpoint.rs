@@ -1,11 +1,9 @@
 //! Checkpoint IO: HF round trip, shards and both naming generations, unimodal tower loading,
 //! configs the fixtures never covered, and the one-line errors for bad files.
 
-mod common;
-
+use crate::common::*;
 use burn::module::Module;
 use burn::tensor::{Int, Tensor, TensorData};
-use common::*;
 use pali_model::checkpoint::{load_into, parameter_shapes, TensorFile, Tower};
 use pali_model::mask::make_attn_mask;
 use pali_model::presets::count_params;
