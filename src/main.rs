@@ -65,6 +65,8 @@ enum BenchCommand {
     TrainStep(cmd::bench::Args),
     /// Data loading throughput: JPEG decode + resize per core, batches/s of a config.
     Data(cmd::bench::DataArgs),
+    /// Decoding throughput (new tokens/s) of a random model, with and without the KV cache.
+    Decode(cmd::bench::DecodeArgs),
 }
 
 #[derive(Subcommand)]
@@ -100,6 +102,9 @@ fn main() -> ExitCode {
         Command::Bench {
             command: BenchCommand::Data(args),
         } => cmd::bench::run_data(args),
+        Command::Bench {
+            command: BenchCommand::Decode(args),
+        } => cmd::bench::run_decode(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

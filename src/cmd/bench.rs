@@ -296,3 +296,112 @@ pub fn run_data(a: DataArgs) -> Result<()> {
     println!("{}", serde_json::to_string_pretty(&json)?);
     Ok(())
 }
+
+#[derive(clap::Args, Debug)]
+pub struct DecodeArgs {
+    /// Model preset (see `pali model list`); randomly initialised.
+    #[arg(long, default_value = "tiny")]
+    pub preset: String,
+    #[arg(long, default_value_t = 4)]
+    pub batch: usize,
+    /// Prompt text tokens per row (after the image tokens).
+    #[arg(long, default_value_t = 16)]
+    pub prompt_len: usize,
+    /// New tokens per row (EOS is never produced: every row decodes this many).
+    #[arg(long, default_value_t = 64)]
+    pub new_tokens: usize,
+    /// greedy, beam:K, temperature:T, nucleus:P[:T], best_of:N[:T].
+    #[arg(long, default_value = "greedy")]
+    pub decode: pali_eval::Sampler,
+    #[arg(long, default_value_t = 3)]
+    pub repeats: usize,
+    #[command(flatten)]
+    pub device: DeviceArg,
+}
+
+/// `pali bench decode`: decoding throughput with and without the KV cache.
+pub fn run_decode(a: DecodeArgs) -> Result<()> {
+    let config = preset(&a.preset)?;
+    let device_name = format!("{:?}", a.device.device);
+    let (cached, uncached) = dispatch(
+        a.device.device,
+        DecodeJob {
+            a: &a,
+            config: &config,
+        },
+    )?;
+    let tokens = (a.batch * a.new_tokens) as f64;
+    let median = |mut v: Vec<f64>| {
+        v.sort_by(|x, y| x.partial_cmp(y).unwrap());
+        v[v.len() / 2]
+    };
+    let (c, u) = (median(cached), median(uncached));
+    let json = serde_json::json!({
+        "what": "decode (prefill + new tokens)",
+        "model": a.preset,
+        "device": device_name,
+        "decode": format!("{:?}", a.decode),
+        "batch": a.batch,
+        "prompt_tokens": config.num_image_tokens() + a.prompt_len,
+        "new_tokens": a.new_tokens,
+        "kv_cache": {"seconds_median": c, "new_tokens_per_second": tokens / c},
+        "no_cache": {"seconds_median": u, "new_tokens_per_second": tokens / u},
+        "speedup": u / c,
+    });
+    println!("{}", serde_json::to_string_pretty(&json)?);
+    Ok(())
+}
+
+struct DecodeJob<'a> {
+    a: &'a DecodeArgs,
+    config: &'a PaliGemmaConfig,
+}
+
+impl Job for DecodeJob<'_> {
+    type Output = (Vec<f64>, Vec<f64>);
+    fn run<B: Backend>(self, device: B::Device) -> Result<Self::Output> {
+        let (a, c) = (self.a, self.config);
+        B::seed(&device, 0);
+        let model = c.init::<B>(&device);
+        let r = c.vision.image_size();
+        let n_img = c.num_image_tokens();
+        let vocab = c.predictable_vocab() as i64;
+        let prompt = |_: ()| {
+            let ids: Vec<Vec<i64>> = (0..a.batch)
+                .map(|b| {
+                    let mut row = vec![c.image_token_id as i64; n_img];
+                    row.extend(
+                        (0..a.prompt_len).map(|i| 2 + ((b * 31 + i * 7) as i64) % (vocab - 2)),
+                    );
+                    row
+                })
+                .collect();
+            pali_eval::Prompts {
+                pixel_values: Tensor::<B, 5>::random(
+                    [a.batch, 1, 3, r, r],
+                    Distribution::Uniform(-1.0, 1.0),
+                    &device,
+                ),
+                mask_ar: ids.iter().map(|r| vec![0; r.len()]).collect(),
+                ids,
+            }
+        };
+        let mut opts = pali_eval::DecodeOptions::greedy(a.new_tokens, u32::MAX);
+        opts.sampler = a.decode;
+        let mut time = |cache: bool| -> Result<Vec<f64>> {
+            opts.use_cache = cache;
+            // One untimed run (allocations, autotune), then the timed ones.
+            pali_eval::decode(&model, prompt(()), c.text.sliding_window, &opts)?;
+            (0..a.repeats.max(1))
+                .map(|_| {
+                    let t0 = Instant::now();
+                    let out = pali_eval::decode(&model, prompt(()), c.text.sliding_window, &opts)?;
+                    let _ = B::sync(&device);
+                    debug_assert!(out.iter().all(|d| d.tokens.len() == a.new_tokens));
+                    Ok(t0.elapsed().as_secs_f64())
+                })
+                .collect()
+        };
+        Ok((time(true)?, time(false)?))
+    }
+}

@@ -176,6 +176,9 @@ fn pad(ex: &mut TextExample, len: usize, pad: u32) {
     }
 }
 
+/// One `Vec<i64>` per example.
+pub type Rows = Vec<Vec<i64>>;
+
 /// HF `PaliGemmaProcessor` form of a batch: `N` image tokens per image, then the text; right
 /// padding to the longest row. Returns (input_ids, token_type_ids, labels) — labels are −100
 /// outside the suffix, token types are 0 on image + prefix + padding.
@@ -183,7 +186,7 @@ pub fn hf_processor_form(
     tok: &PaliTokenizer,
     examples: &[(&str, &str)],
     num_image_tokens: usize,
-) -> Result<(Vec<Vec<i64>>, Vec<Vec<i64>>, Vec<Vec<i64>>)> {
+) -> Result<(Rows, Rows, Rows)> {
     let b = SequenceBuilder::new(usize::MAX - 1);
     let rows: Vec<TextExample> = examples
         .iter()

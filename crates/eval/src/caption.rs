@@ -121,7 +121,7 @@ pub fn cider_d(predictions: &[String], references: &[Vec<String>]) -> (f64, Vec<
         for r in rs {
             let r = vec(r);
             let delta = h.length - r.length;
-            for n in 0..N {
+            for (n, total) in score.iter_mut().enumerate() {
                 let mut val = 0.0;
                 for (g, w) in &h.weights[n] {
                     let wr = r.weights[n].get(g).copied().unwrap_or(0.0);
@@ -131,7 +131,7 @@ pub fn cider_d(predictions: &[String], references: &[Vec<String>]) -> (f64, Vec<
                     val /= h.norm[n] * r.norm[n];
                 }
                 val *= (-(delta * delta) / (2.0 * sigma * sigma)).exp();
-                score[n] += val;
+                *total += val;
             }
         }
         let avg = score.iter().sum::<f64>() / N as f64 / rs.len().max(1) as f64 * 10.0;

@@ -399,9 +399,7 @@ pub fn score(
             m.insert("relaxed_accuracy", json!(mean(&hit)));
             m.insert(
                 "accuracy",
-                json!(mean(&|p, a| f64::from(u8::from(
-                    a.iter().any(|t| *t == p.prediction)
-                )))),
+                json!(mean(&|p, a| f64::from(u8::from(a.contains(&p.prediction))))),
             );
         }
         Task::Detect => {

@@ -357,7 +357,7 @@ impl<B: Backend> Gemma<B> {
             let c = cache.as_deref_mut().map(|c| &mut c[i]);
             x = layer.forward(x, &rope, masks, c);
         }
-        if let Some(h) = hidden.as_deref_mut() {
+        if let Some(h) = &mut hidden {
             h.push(x.clone());
         }
         self.norm.forward(x)

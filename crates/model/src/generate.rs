@@ -32,10 +32,10 @@ impl CacheState {
         let sk = self.valid[0].len() + 1;
         let build = |window: Option<usize>| {
             let mut v = Vec::with_capacity(b * sk);
-            for r in 0..b {
-                for j in 0..sk - 1 {
-                    let near = window.is_none_or(|w| new_pos[r] - self.positions[r][j] < w as i64);
-                    v.push(self.valid[r][j] && near);
+            for ((valid, pos), new) in self.valid.iter().zip(&self.positions).zip(new_pos) {
+                for (ok, p) in valid.iter().zip(pos) {
+                    let near = window.is_none_or(|w| new - p < w as i64);
+                    v.push(*ok && near);
                 }
                 v.push(true);
             }
@@ -48,12 +48,15 @@ impl CacheState {
     }
 
     fn push(&mut self, pos: &[i64]) {
-        for r in 0..self.valid.len() {
-            self.valid[r].push(true);
-            self.positions[r].push(pos[r]);
+        for ((valid, positions), p) in self.valid.iter_mut().zip(&mut self.positions).zip(pos) {
+            valid.push(true);
+            positions.push(*p);
         }
     }
 }
+
+/// Tokens per row, and the logits of every step.
+pub type Generated<B> = (Vec<Vec<i64>>, Vec<Tensor<B, 2>>);
 
 /// Greedy decoding. `input_mask` [B, S] marks the prompt's real tokens; rows must be
 /// right-padded. Returns `max_new` tokens per row (after `eos`, a row repeats `eos`) and the raw
@@ -65,7 +68,7 @@ pub fn greedy<B: Backend>(
     sliding_window: Option<usize>,
     max_new: usize,
     eos: Option<i64>,
-) -> Result<(Vec<Vec<i64>>, Vec<Tensor<B, 2>>)> {
+) -> Result<Generated<B>> {
     let device = prompt.input_ids.device();
     let [b, s] = prompt.input_ids.dims();
     let valid: Vec<bool> = bool_values(input_mask);

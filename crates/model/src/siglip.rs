@@ -173,7 +173,7 @@ impl<B: Backend> SiglipVision<B> {
             }
             x = layer.forward(x);
         }
-        if let Some(h) = hidden.as_deref_mut() {
+        if let Some(h) = &mut hidden {
             h.push(x.clone());
         }
         self.post_layernorm.forward(x)
