@@ -37,6 +37,11 @@ enum Command {
         #[command(subcommand)]
         command: cmd::data::DataCommand,
     },
+    /// The segmentation mask tokenizer (VQ-VAE): train, encode a mask, decode tokens.
+    Vqvae {
+        #[command(subcommand)]
+        command: cmd::vqvae::VqvaeCommand,
+    },
     /// Tokenizers: train one for the synthetic corpus.
     Tokenizer {
         #[command(subcommand)]
@@ -91,6 +96,7 @@ fn main() -> ExitCode {
         Command::Finetune(args) => cmd::finetune::run(args),
         Command::Data { command } => cmd::data::run(command),
         Command::Tokenizer { command } => cmd::tokenizer::run(command),
+        Command::Vqvae { command } => cmd::vqvae::run(command),
         Command::Forward(args) => cmd::forward::run(args),
         Command::Generate(args) => cmd::generate::run(args),
         Command::Eval(args) => cmd::eval::run_eval(args),

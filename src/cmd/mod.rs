@@ -8,3 +8,4 @@ pub mod inputs;
 pub mod model;
 pub mod tokenizer;
 pub mod train;
+pub mod vqvae;

@@ -150,6 +150,84 @@ pub fn rle_to_string(counts: &[i64]) -> String {
     s
 }
 
+/// Reads `[<loc×4>]<seg×16>`: the optional box tokens and the 16 codes. Errors name what is
+/// wrong (too few tokens, a code outside `0..codebook_size`).
+pub fn parse_seg_tokens(
+    text: &str,
+    codebook_size: usize,
+) -> crate::Result<(Option<[u32; 4]>, [u32; 16])> {
+    let bad = |m: String| crate::Error::Other(format!("segmentation tokens `{text}`: {m}"));
+    let (loc, rest) = take_tokens::<4>(text.trim(), "<loc");
+    if let Some(l) = loc {
+        if let Some(v) = l.iter().find(|v| **v > 1023) {
+            return Err(bad(format!("location {v} outside 0..1023")));
+        }
+    }
+    let (seg, tail) = take_tokens::<16>(rest, "<seg");
+    let seg = seg.ok_or_else(|| {
+        let n = rest.matches("<seg").count();
+        bad(format!("expected 16 <segNNN> tokens, found {n}"))
+    })?;
+    if let Some(v) = seg.iter().find(|v| **v as usize >= codebook_size) {
+        return Err(bad(format!("code {v} outside 0..{}", codebook_size - 1)));
+    }
+    if !tail.trim().is_empty() && tail.trim_start().starts_with('<') {
+        return Err(bad(format!("unexpected `{}` after the 16 codes", tail.trim())));
+    }
+    Ok((loc, seg))
+}
+
+/// A decoded 64×64 map placed into a `width × height` image: inside its box (location tokens,
+/// turned into pixels as big_vision's evaluator does) or stretched over the whole image; bilinear
+/// resize, inside where > 0.
+pub fn place_mask(
+    m64: &[f32],
+    loc: Option<[u32; 4]>,
+    width: usize,
+    height: usize,
+) -> pali_data::masks::BinaryMask {
+    let (y1, x1, y2, x2) = match loc {
+        Some(l) => (
+            (l[0] as f64 / 1023.0 * height as f64) as usize,
+            (l[1] as f64 / 1023.0 * width as f64) as usize,
+            ((l[2] as f64 / 1023.0 * height as f64) as usize).min(height),
+            ((l[3] as f64 / 1023.0 * width as f64) as usize).min(width),
+        ),
+        None => (0, 0, height, width),
+    };
+    let mut data = vec![false; width * height];
+    if y2 > y1 && x2 > x1 {
+        let (bw, bh) = (x2 - x1, y2 - y1);
+        let r = resize_plane(m64, 64, 64, bw, bh, ResizeMethod::Bilinear);
+        for y in 0..bh {
+            for x in 0..bw {
+                data[(y1 + y) * width + x1 + x] = r[y * bw + x] > 0.0;
+            }
+        }
+    }
+    pali_data::masks::BinaryMask {
+        width,
+        height,
+        data,
+    }
+}
+
+/// The VQ-VAE as the RefCOCO evaluator's mask decoder.
+pub struct VqVaeDecoder<B: burn::tensor::backend::Backend> {
+    pub model: pali_model::vqvae::VqVae<B>,
+    pub device: B::Device,
+}
+
+impl<B: burn::tensor::backend::Backend> MaskDecoder for VqVaeDecoder<B> {
+    fn decode(&self, codes: &[u32; 16]) -> Vec<f32> {
+        let t = burn::tensor::Tensor::<B, 2, burn::tensor::Int>::from_data(
+            burn::tensor::TensorData::new(codes.iter().map(|c| *c as i64).collect::<Vec<_>>(), [1, 16]),
+            &self.device,
+        );
+        self.model.decode(t).into_data().iter::<f32>().collect()
+    }
+}
+
 /// A parsed referring-expression output.
 #[derive(Debug, Clone, PartialEq)]
 pub struct SegPrediction {

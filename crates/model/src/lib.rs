@@ -9,10 +9,12 @@ pub mod generate;
 pub mod hf;
 pub mod loss;
 pub mod mask;
+pub mod npz;
 pub mod paligemma;
 pub mod presets;
 pub mod projector;
 pub mod siglip;
+pub mod vqvae;
 
 pub use config::{
     GemmaConfig, ImageEncoder, LayerType, PaliGemmaConfig, ProjectorKind, SiglipConfig,

@@ -1,5 +1,6 @@
 //! The staged PaliGemma curriculum: run configs, schedules, the optimizer chain, position
-//! embedding resampling, checkpoints and the training loop.
+//! embedding resampling, checkpoints and the training loop; and the VQ-VAE mask tokenizer's
+//! training (`vqvae`).
 
 pub mod ckpt;
 pub mod config;
@@ -9,5 +10,6 @@ pub mod plot;
 pub mod posemb;
 pub mod schedule;
 pub mod train;
+pub mod vqvae;
 
 pub use error::{Error, Result};
