@@ -274,7 +274,7 @@ pub fn run_data(a: DataArgs) -> Result<()> {
         let c = pali_trainer::config::RunConfig::load(cfg, &[])?;
         let st = &c.stages[0];
         let tok = std::sync::Arc::new(pali_data::PaliTokenizer::from_file(&c.tokenizer.path)?);
-        let srcs = pali_trainer::train::stage_sources(st, c.run.seed, 0)?;
+        let srcs = pali_trainer::train::stage_sources(st, c.run.seed, 0, &Default::default())?;
         let w: Vec<f64> = st.sources.iter().map(|s| s.weight).collect();
         let mut mix = pali_data::mixture::Mixture::new(srcs, &w, c.run.seed)?;
         let builder = pali_data::batch::BatchBuilder {

@@ -135,7 +135,12 @@ fn inspect(
     };
     let st = &cfg.stages[si];
     let tok = Arc::new(PaliTokenizer::from_file(&cfg.tokenizer.path)?);
-    let srcs = pali_trainer::train::stage_sources(st, cfg.run.seed, 0)?;
+    let srcs = pali_trainer::train::stage_sources(
+        st,
+        cfg.run.seed,
+        0,
+        &pali_trainer::train::mask_encoders::<crate::backend::Cpu>(&cfg, &Default::default())?,
+    )?;
     let weights: Vec<f64> = st.sources.iter().map(|s| s.weight).collect();
     // The same stream the trainer draws for this stage.
     let mut mix = Mixture::new(srcs, &weights, cfg.run.seed.wrapping_add(si as u64))?;

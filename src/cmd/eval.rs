@@ -15,6 +15,7 @@ use pali_data::{PaliTokenizer, SequenceBuilder};
 use pali_eval::perplexity::{row_nll, Perplexity};
 use pali_eval::run::{predict, references_from_suffix, PredictOptions};
 use pali_eval::score::{pair, read_references, score, Prediction};
+use pali_eval::segmentation::{MaskDecoder, VqVaeDecoder};
 use pali_eval::{DecodeOptions, Sampler, Task};
 use pali_model::{PaliGemma, PaliGemmaConfig};
 use pali_trainer::config::{Attention, LossOn};
@@ -90,6 +91,9 @@ pub struct EvalArgs {
     /// Only the first N examples.
     #[arg(long)]
     pub limit: Option<usize>,
+    /// VQ-VAE weights to decode RefCOCO `<seg>` tokens into masks (else the box is the mask).
+    #[arg(long)]
+    pub vqvae: Option<PathBuf>,
     #[command(flatten)]
     pub decoding: DecodeArgs,
     #[arg(long)]
@@ -108,6 +112,10 @@ pub struct ScoreArgs {
     /// Per task, see docs/eval.md.
     #[arg(long)]
     pub references: PathBuf,
+    /// VQ-VAE weights to decode RefCOCO `<seg>` tokens into masks (`pali vqvae train` output or
+    /// big_vision's `vae-oid.npz`); without it the predicted box is the mask.
+    #[arg(long)]
+    pub vqvae: Option<PathBuf>,
 }
 
 #[derive(clap::Args, Debug)]
@@ -129,7 +137,16 @@ pub struct PredictArgs {
 }
 
 pub fn run_score(a: ScoreArgs) -> Result<()> {
-    let m = pali_eval::score_files(a.task, &a.predictions, &a.references)?;
+    let decoder = match &a.vqvae {
+        Some(p) => Some(mask_decoder::<crate::backend::Cpu>(p, &Default::default())?),
+        None => None,
+    };
+    let m = pali_eval::score_files(
+        a.task,
+        &a.predictions,
+        &a.references,
+        decoder.as_ref().map(|d| d as &dyn MaskDecoder),
+    )?;
     println!("{}", serde_json::to_string_pretty(&m)?);
     Ok(())
 }
@@ -140,6 +157,16 @@ pub fn run_eval(a: EvalArgs) -> Result<()> {
 
 pub fn run_predict(a: PredictArgs) -> Result<()> {
     dispatch(a.device.device, PredictJob(a))
+}
+
+/// A VQ-VAE checkpoint as the RefCOCO mask decoder.
+fn mask_decoder<B: Backend>(path: &Path, device: &B::Device) -> Result<VqVaeDecoder<B>> {
+    let (_, model) = pali_model::vqvae::load::<B>(path, device)
+        .with_context(|| format!("loading the VQ-VAE {}", path.display()))?;
+    Ok(VqVaeDecoder {
+        model,
+        device: device.clone(),
+    })
 }
 
 /// Model, config, tokenizer and resolution of a checkpoint directory.
@@ -253,6 +280,11 @@ impl Job for EvalJob {
                 )
             })
             .collect();
+        let decoder = match &a.vqvae {
+            Some(p) => Some(mask_decoder::<B>(p, &device)?),
+            None => None,
+        };
+        let decoder = decoder.as_ref().map(|d| d as &dyn MaskDecoder);
         let mut metrics = match &a.references {
             Some(path) => {
                 let refs = read_references(path, a.task)?;
@@ -260,7 +292,7 @@ impl Job for EvalJob {
                     .out
                     .clone()
                     .unwrap_or_else(|| PathBuf::from("(predictions)"));
-                score(a.task, &pair(&predictions, &out, &refs, path)?, None)?
+                score(a.task, &pair(&predictions, &out, &refs, path)?, decoder)?
             }
             None => {
                 let refs = references_from_suffix(a.task, &examples);
@@ -269,7 +301,7 @@ impl Job for EvalJob {
                     .map(|(_, p)| p)
                     .zip(refs.iter())
                     .collect();
-                score(a.task, &pairs, None)?
+                score(a.task, &pairs, decoder)?
             }
         };
         if let Value::Object(m) = &mut metrics {

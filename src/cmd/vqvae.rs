@@ -186,7 +186,13 @@ impl Job for DecodeJob {
         let m64: Vec<f32> = model.decode(t).into_data().iter::<f32>().collect();
         let mask = pali_eval::segmentation::place_mask(&m64, loc, w, h);
         mask.save_png(&a.out)?;
-        eprintln!("wrote {} ({}x{}, {} pixels inside)", a.out.display(), w, h, mask.area());
+        eprintln!(
+            "wrote {} ({}x{}, {} pixels inside)",
+            a.out.display(),
+            w,
+            h,
+            mask.area()
+        );
         Ok(())
     }
 }

@@ -10,3 +10,4 @@ mod cli_model;
 mod parity;
 mod parity_wgpu;
 mod train;
+mod vqvae;

@@ -6,12 +6,14 @@
 //! `file:line: field: what`; with `OnError::Skip` bad lines are counted and skipped instead.
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use crate::error::{Error, Result};
 use crate::image::{self as img, ResizeMethod};
+use crate::masks::{BinaryMask, MaskEncoder};
 use crate::rng::Rng;
 use crate::synth::{Kind, Scene};
 use crate::tasks;
@@ -71,6 +73,8 @@ pub enum SynthTask {
     Detect,
     Ocr,
     GroundedCaption,
+    /// Referring segmentation; needs a VQ-VAE mask encoder.
+    Segment,
 }
 
 impl SynthTask {
@@ -90,6 +94,7 @@ impl SynthTask {
             SynthTask::Detect => "detect",
             SynthTask::Ocr => "ocr",
             SynthTask::GroundedCaption => "grounded_caption",
+            SynthTask::Segment => "segment",
         }
     }
 }
@@ -103,6 +108,8 @@ pub struct SynthDataset {
     pub split: u64,
     pub size: usize,
     pub task_prefix: bool,
+    /// The VQ-VAE encoder the `segment` task writes its `<seg>` codes with.
+    pub mask_encoder: Option<Arc<dyn MaskEncoder>>,
     name: String,
 }
 
@@ -115,8 +122,41 @@ impl SynthDataset {
             split,
             size,
             task_prefix,
+            mask_encoder: None,
             name,
         }
+    }
+
+    /// With the mask encoder the `segment` task needs.
+    pub fn with_mask_encoder(mut self, encoder: Arc<dyn MaskEncoder>) -> Self {
+        self.mask_encoder = Some(encoder);
+        self
+    }
+
+    /// `segment {kind}` of one shape: its visible pixels at 224 px, cropped to their box,
+    /// encoded to 16 codes.
+    fn segment(&self, scene: &Scene, rng: &mut Rng) -> Result<(String, String)> {
+        let enc = self.mask_encoder.as_ref().ok_or_else(|| {
+            Error::Invalid(
+                "the `segment` task needs a VQ-VAE mask encoder: set `vqvae = \"PATH\"` on the \
+                 source (train one with `pali vqvae train --synthetic`)"
+                    .into(),
+            )
+        })?;
+        let i = rng.below(scene.shapes.len());
+        let m = BinaryMask {
+            width: 224,
+            height: 224,
+            data: scene.mask(i, 224),
+        };
+        let bbox = m.bbox().unwrap_or(scene.shapes[i].bbox);
+        let codes = enc.encode(&m.crop64(bbox)?)?;
+        Ok(tasks::segment(
+            scene.shapes[i].kind.name(),
+            bbox,
+            &codes,
+            self.task_prefix,
+        ))
     }
 
     /// (prefix, suffix) of `scene` for this task; `rng` picks among questions.
@@ -182,6 +222,7 @@ impl SynthDataset {
                 let s = rng.pick(shapes);
                 tasks::grounded_caption(s.bbox, &s.label(), tp)
             }
+            SynthTask::Segment => unreachable!("handled in get()"),
         }
     }
 }
@@ -199,7 +240,11 @@ impl Dataset for SynthDataset {
             self.seed,
             &[self.split, index as u64, self.task as u64 + 100],
         );
-        let (prefix, suffix) = self.texts(&scene, &mut rng);
+        let (prefix, suffix) = if self.task == SynthTask::Segment {
+            self.segment(&scene, &mut rng)?
+        } else {
+            self.texts(&scene, &mut rng)
+        };
         Ok(Example {
             id: format!("synth:{}:{}:{index}", self.task.name(), self.split),
             images: vec![ImageSource::Synth(Box::new(scene))],

@@ -8,6 +8,18 @@ use crate::image::{resize, ResizeMethod, Rgb};
 use crate::rng::Rng;
 use crate::synth::Scene;
 
+/// Turns a 64×64 mask crop (values in [0, 1]) into its 16 `<seg>` codes: the VQ-VAE encoder
+/// (implemented where a Burn backend is at hand, `pali_eval::segmentation::VqVaeEncoder`).
+pub trait MaskEncoder: Send + Sync {
+    fn encode(&self, crop64: &[f32]) -> Result<[u32; 16]>;
+}
+
+impl std::fmt::Debug for dyn MaskEncoder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("MaskEncoder")
+    }
+}
+
 /// A binary mask, row-major.
 #[derive(Debug, Clone, PartialEq)]
 pub struct BinaryMask {
@@ -55,7 +67,11 @@ impl BinaryMask {
         let mut data = Vec::with_capacity(cw * ch * 3);
         for y in y1..y2 {
             for x in x1..x2 {
-                let v = if self.data[y * self.width + x] { 255.0 } else { 0.0 };
+                let v = if self.data[y * self.width + x] {
+                    255.0
+                } else {
+                    0.0
+                };
                 data.extend([v, v, v]);
             }
         }
@@ -100,7 +116,9 @@ fn random_shape(rng: &mut Rng) -> impl Fn(f32, f32) -> bool {
     let (cx, cy) = (rng.range(0.2, 0.8), rng.range(0.2, 0.8));
     let (a, b) = (rng.range(0.08, 0.4), rng.range(0.08, 0.4));
     let t = rng.range(0.0, std::f32::consts::PI);
-    let tri: Vec<(f32, f32)> = (0..3).map(|_| (rng.range(0.0, 1.0), rng.range(0.0, 1.0))).collect();
+    let tri: Vec<(f32, f32)> = (0..3)
+        .map(|_| (rng.range(0.0, 1.0), rng.range(0.0, 1.0)))
+        .collect();
     move |x: f32, y: f32| {
         let (dx, dy) = (x - cx, y - cy);
         let (u, v) = (dx * t.cos() + dy * t.sin(), -dx * t.sin() + dy * t.cos());
@@ -108,7 +126,9 @@ fn random_shape(rng: &mut Rng) -> impl Fn(f32, f32) -> bool {
             0 => (u / a).powi(2) + (v / b).powi(2) <= 1.0,
             1 => u.abs() <= a && v.abs() <= b,
             _ => {
-                let s = |p: (f32, f32), q: (f32, f32)| (q.0 - p.0) * (y - p.1) - (q.1 - p.1) * (x - p.0);
+                let s = |p: (f32, f32), q: (f32, f32)| {
+                    (q.0 - p.0) * (y - p.1) - (q.1 - p.1) * (x - p.0)
+                };
                 let (d0, d1, d2) = (s(tri[0], tri[1]), s(tri[1], tri[2]), s(tri[2], tri[0]));
                 (d0 >= 0.0 && d1 >= 0.0 && d2 >= 0.0) || (d0 <= 0.0 && d1 <= 0.0 && d2 <= 0.0)
             }
@@ -122,7 +142,7 @@ fn random_shape(rng: &mut Rng) -> impl Fn(f32, f32) -> bool {
 pub fn synthetic_mask(seed: u64, index: u64) -> BinaryMask {
     let mut rng = Rng::derive(seed, &[index, 0x5E6]);
     let size = 32 + rng.below(97); // 32..128 px
-    if index % 2 == 0 {
+    if index.is_multiple_of(2) {
         let scene = Scene::generate(seed, 3 + rng.below(1 << 20) as u64, index);
         let i = rng.below(scene.shapes.len());
         let data = scene.mask(i, size);
@@ -141,7 +161,10 @@ pub fn synthetic_mask(seed: u64, index: u64) -> BinaryMask {
         let mut data = vec![false; size * size];
         for y in 0..size {
             for x in 0..size {
-                let (fx, fy) = ((x as f32 + 0.5) / size as f32, (y as f32 + 0.5) / size as f32);
+                let (fx, fy) = (
+                    (x as f32 + 0.5) / size as f32,
+                    (y as f32 + 0.5) / size as f32,
+                );
                 data[y * size + x] =
                     shapes.iter().any(|s| s(fx, fy)) && !cut.as_ref().is_some_and(|c| c(fx, fy));
             }
@@ -171,8 +194,14 @@ mod tests {
             assert_eq!(c.len(), 64 * 64);
             // Cropped to its own box, the mask touches every border of the crop.
             let inside = |x: usize, y: usize| c[y * 64 + x] > 0.0;
-            assert!((0..64).any(|x| inside(x, 0)) && (0..64).any(|x| inside(x, 63)), "mask {i}");
-            assert!((0..64).any(|y| inside(0, y)) && (0..64).any(|y| inside(63, y)), "mask {i}");
+            assert!(
+                (0..64).any(|x| inside(x, 0)) && (0..64).any(|x| inside(x, 63)),
+                "mask {i}"
+            );
+            assert!(
+                (0..64).any(|y| inside(0, y)) && (0..64).any(|y| inside(63, y)),
+                "mask {i}"
+            );
         }
         let empty = BinaryMask {
             width: 4,

@@ -9,7 +9,7 @@
 //! | vqg | `question {lang} {answer}` | question |
 //! | detect | `detect a ; b` | `<loc×4> a ; <loc×4> b` (y_min x_min y_max x_max) |
 //! | grounded caption | `caption <loc×4>` | text |
-//! | segment | `segment a` | `<loc×4><seg×16> a` (needs the VQ-VAE mask tokenizer) |
+//! | segment | `segment a` | `<loc×4><seg×16> a` (codes from the VQ-VAE mask encoder) |
 //!
 //! With `task_prefix = false` (the paper's ablation) the task words are dropped: a question stays,
 //! `caption en` becomes empty.
@@ -93,6 +93,18 @@ pub fn grounded_caption(b: [f32; 4], text: &str, task_prefix: bool) -> (String, 
         loc_box(b)
     };
     (p, text.to_string())
+}
+
+/// Referring segmentation of one object: `segment {label}` → `<loc×4><seg×16> {label}`, the
+/// codes from the VQ-VAE mask encoder.
+pub fn segment(label: &str, b: [f32; 4], codes: &[u32; 16], task_prefix: bool) -> (String, String) {
+    let p = if task_prefix {
+        format!("segment {label}")
+    } else {
+        label.to_string()
+    };
+    let seg: String = codes.iter().map(|c| format!("<seg{c:03}>")).collect();
+    (p, format!("{}{seg} {label}", loc_box(b)))
 }
 
 /// Parses the boxes of a detection string back (for evaluation and tests).

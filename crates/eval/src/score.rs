@@ -499,10 +499,16 @@ pub fn box_as_mask(width: usize, height: usize, b: [f64; 4]) -> Mask {
     }
 }
 
-/// `pali score`: reads both files, pairs them, scores.
-pub fn score_files(task: Task, predictions: &Path, references: &Path) -> Result<Value> {
+/// `pali score`: reads both files, pairs them, scores (RefCOCO masks through `decoder`, else
+/// the predicted box is the mask).
+pub fn score_files(
+    task: Task,
+    predictions: &Path,
+    references: &Path,
+    decoder: Option<&dyn MaskDecoder>,
+) -> Result<Value> {
     let preds = read_predictions(predictions)?;
     let refs = read_references(references, task)?;
     let pairs = pair(&preds, predictions, &refs, references)?;
-    score(task, &pairs, None)
+    score(task, &pairs, decoder)
 }

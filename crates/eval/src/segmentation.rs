@@ -172,7 +172,10 @@ pub fn parse_seg_tokens(
         return Err(bad(format!("code {v} outside 0..{}", codebook_size - 1)));
     }
     if !tail.trim().is_empty() && tail.trim_start().starts_with('<') {
-        return Err(bad(format!("unexpected `{}` after the 16 codes", tail.trim())));
+        return Err(bad(format!(
+            "unexpected `{}` after the 16 codes",
+            tail.trim()
+        )));
     }
     Ok((loc, seg))
 }
@@ -221,10 +224,41 @@ pub struct VqVaeDecoder<B: burn::tensor::backend::Backend> {
 impl<B: burn::tensor::backend::Backend> MaskDecoder for VqVaeDecoder<B> {
     fn decode(&self, codes: &[u32; 16]) -> Vec<f32> {
         let t = burn::tensor::Tensor::<B, 2, burn::tensor::Int>::from_data(
-            burn::tensor::TensorData::new(codes.iter().map(|c| *c as i64).collect::<Vec<_>>(), [1, 16]),
+            burn::tensor::TensorData::new(
+                codes.iter().map(|c| *c as i64).collect::<Vec<_>>(),
+                [1, 16],
+            ),
             &self.device,
         );
         self.model.decode(t).into_data().iter::<f32>().collect()
+    }
+}
+
+/// The VQ-VAE as the data crate's mask encoder (the `segment` task's targets).
+pub struct VqVaeEncoder<B: burn::tensor::backend::Backend> {
+    pub model: pali_model::vqvae::VqVae<B>,
+    pub device: B::Device,
+}
+
+impl<B: burn::tensor::backend::Backend> pali_data::masks::MaskEncoder for VqVaeEncoder<B> {
+    fn encode(&self, crop64: &[f32]) -> pali_data::Result<[u32; 16]> {
+        if crop64.len() != 64 * 64 {
+            return Err(pali_data::Error::Invalid(format!(
+                "mask crop has {} values, expected 64x64 = 4096",
+                crop64.len()
+            )));
+        }
+        let x = burn::tensor::Tensor::<B, 4>::from_data(
+            burn::tensor::TensorData::new(crop64.to_vec(), [1, 1, 64, 64]),
+            &self.device,
+        );
+        let (codes, _) = self.model.quantize(self.model.encode(x));
+        let v: Vec<i64> = codes.into_data().iter::<i64>().collect();
+        let mut out = [0u32; 16];
+        for (o, c) in out.iter_mut().zip(v) {
+            *o = c as u32;
+        }
+        Ok(out)
     }
 }
 

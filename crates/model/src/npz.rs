@@ -71,14 +71,20 @@ fn parse_npy(b: &[u8]) -> std::result::Result<(Vec<usize>, Vec<f32>), String> {
         .split(',')
         .map(str::trim)
         .filter(|s| !s.is_empty())
-        .map(|s| s.parse::<usize>().map_err(|_| format!("bad shape `({inner})`")))
+        .map(|s| {
+            s.parse::<usize>()
+                .map_err(|_| format!("bad shape `({inner})`"))
+        })
         .collect::<std::result::Result<_, _>>()?;
     let n: usize = shape.iter().product();
     let data = &b[start + hlen..];
     let values: Vec<f32> = match dtype {
         "<f4" => {
             if data.len() != 4 * n {
-                return Err(format!("{} data bytes for shape {shape:?} of f32", data.len()));
+                return Err(format!(
+                    "{} data bytes for shape {shape:?} of f32",
+                    data.len()
+                ));
             }
             data.chunks_exact(4)
                 .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
@@ -86,7 +92,10 @@ fn parse_npy(b: &[u8]) -> std::result::Result<(Vec<usize>, Vec<f32>), String> {
         }
         "<f8" => {
             if data.len() != 8 * n {
-                return Err(format!("{} data bytes for shape {shape:?} of f64", data.len()));
+                return Err(format!(
+                    "{} data bytes for shape {shape:?} of f64",
+                    data.len()
+                ));
             }
             data.chunks_exact(8)
                 .map(|c| f64::from_le_bytes(c.try_into().expect("8 bytes")) as f32)
@@ -101,8 +110,8 @@ fn parse_npy(b: &[u8]) -> std::result::Result<(Vec<usize>, Vec<f32>), String> {
 pub fn write(path: &Path, tensors: &NamedTensors) -> Result<()> {
     let file = std::fs::File::create(path).map_err(io_err(path))?;
     let mut zip = zip::ZipWriter::new(file);
-    let opts = zip::write::SimpleFileOptions::default()
-        .compression_method(zip::CompressionMethod::Stored);
+    let opts =
+        zip::write::SimpleFileOptions::default().compression_method(zip::CompressionMethod::Stored);
     for (name, (shape, values)) in tensors {
         zip.start_file(format!("{name}.npy"), opts)
             .map_err(|e| bad(path, e))?;

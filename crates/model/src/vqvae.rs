@@ -136,7 +136,10 @@ impl VqVaeConfig {
             enc_out: Conv2dConfig::new([c[3], self.embed_dim], [1, 1]).init(device),
             codebook: Param::from_tensor(Tensor::random(
                 [self.codebook_size, self.embed_dim],
-                Distribution::Uniform(-1.0 / self.codebook_size as f64, 1.0 / self.codebook_size as f64),
+                Distribution::Uniform(
+                    -1.0 / self.codebook_size as f64,
+                    1.0 / self.codebook_size as f64,
+                ),
                 device,
             )),
             dec_in: Conv2dConfig::new([self.embed_dim, dc], [1, 1]).init(device),
@@ -257,16 +260,36 @@ impl<B: Backend> VqVae<B> {
         for (i, r) in self.enc_res.iter().enumerate() {
             push_res(&mut out, &format!("encoder.{}", 8 + i), r);
         }
-        push_conv(&mut out, "encoder.10", &self.enc_out.weight, &self.enc_out.bias);
+        push_conv(
+            &mut out,
+            "encoder.10",
+            &self.enc_out.weight,
+            &self.enc_out.bias,
+        );
         push(&mut out, "_vq_vae._embedding".into(), self.codebook.val());
-        push_conv(&mut out, "decoder.0", &self.dec_in.weight, &self.dec_in.bias);
+        push_conv(
+            &mut out,
+            "decoder.0",
+            &self.dec_in.weight,
+            &self.dec_in.bias,
+        );
         for (i, r) in self.dec_res.iter().enumerate() {
             push_res(&mut out, &format!("decoder.{}", 2 + i), r);
         }
         for (i, u) in self.up.iter().enumerate() {
-            push_conv(&mut out, &format!("decoder.{}", 4 + 2 * i), &u.weight, &u.bias);
+            push_conv(
+                &mut out,
+                &format!("decoder.{}", 4 + 2 * i),
+                &u.weight,
+                &u.bias,
+            );
         }
-        push_conv(&mut out, "decoder.12", &self.dec_out.weight, &self.dec_out.bias);
+        push_conv(
+            &mut out,
+            "decoder.12",
+            &self.dec_out.weight,
+            &self.dec_out.bias,
+        );
         out
     }
 }
@@ -302,7 +325,11 @@ pub type NamedTensors = BTreeMap<String, (Vec<usize>, Vec<f32>)>;
 /// Builds a VQ-VAE from named tensors (a `vae-oid.npz` or a `pali vqvae train` checkpoint),
 /// reading every width from the shapes. Missing tensors and inconsistent shapes are errors
 /// naming the tensor; other tensors are ignored.
-pub fn from_tensors<B: Backend>(t: &NamedTensors, what: &str, device: &B::Device) -> crate::error::Result<(VqVaeConfig, VqVae<B>)> {
+pub fn from_tensors<B: Backend>(
+    t: &NamedTensors,
+    what: &str,
+    device: &B::Device,
+) -> crate::error::Result<(VqVaeConfig, VqVae<B>)> {
     let get = |name: &str, rank: usize| -> crate::error::Result<&(Vec<usize>, Vec<f32>)> {
         let v = t.get(name).ok_or_else(|| Error::MissingTensor {
             name: name.into(),
@@ -335,8 +362,11 @@ pub fn from_tensors<B: Backend>(t: &NamedTensors, what: &str, device: &B::Device
         .with_dec_res_hidden(get("decoder.2.net.0.weight", 4)?.0[0]);
     let mut model = cfg.init::<B>(device);
     // Every expected tensor, with the shape the config implies.
-    let expected: BTreeMap<String, Vec<usize>> =
-        model.named_tensors().into_iter().map(|(n, s, _)| (n, s)).collect();
+    let expected: BTreeMap<String, Vec<usize>> = model
+        .named_tensors()
+        .into_iter()
+        .map(|(n, s, _)| (n, s))
+        .collect();
     for (name, shape) in &expected {
         let (found, _) = t.get(name).ok_or_else(|| Error::MissingTensor {
             name: name.clone(),
@@ -354,11 +384,17 @@ pub fn from_tensors<B: Backend>(t: &NamedTensors, what: &str, device: &B::Device
     }
     let p4 = |name: &str| -> Param<Tensor<B, 4>> {
         let (s, v) = &t[name];
-        Param::from_tensor(Tensor::from_data(TensorData::new(v.clone(), [s[0], s[1], s[2], s[3]]), device))
+        Param::from_tensor(Tensor::from_data(
+            TensorData::new(v.clone(), [s[0], s[1], s[2], s[3]]),
+            device,
+        ))
     };
     let p1 = |name: &str| -> Option<Param<Tensor<B, 1>>> {
         let (s, v) = &t[name];
-        Some(Param::from_tensor(Tensor::from_data(TensorData::new(v.clone(), [s[0]]), device)))
+        Some(Param::from_tensor(Tensor::from_data(
+            TensorData::new(v.clone(), [s[0]]),
+            device,
+        )))
     };
     let set = |c: &mut Conv2d<B>, name: &str| {
         c.weight = p4(&format!("{name}.weight"));
@@ -374,7 +410,10 @@ pub fn from_tensors<B: Backend>(t: &NamedTensors, what: &str, device: &B::Device
     }
     set(&mut model.enc_out, "encoder.10");
     let (s, v) = &t["_vq_vae._embedding"];
-    model.codebook = Param::from_tensor(Tensor::from_data(TensorData::new(v.clone(), [s[0], s[1]]), device));
+    model.codebook = Param::from_tensor(Tensor::from_data(
+        TensorData::new(v.clone(), [s[0], s[1]]),
+        device,
+    ));
     set(&mut model.dec_in, "decoder.0");
     for (i, r) in model.dec_res.iter_mut().enumerate() {
         for (k, c) in [(0, &mut r.conv0), (2, &mut r.conv1), (4, &mut r.conv2)] {
@@ -390,7 +429,10 @@ pub fn from_tensors<B: Backend>(t: &NamedTensors, what: &str, device: &B::Device
 }
 
 /// Loads a VQ-VAE from a `.npz` (big_vision's `vae-oid.npz` layout) or a `.safetensors` file.
-pub fn load<B: Backend>(path: &Path, device: &B::Device) -> crate::error::Result<(VqVaeConfig, VqVae<B>)> {
+pub fn load<B: Backend>(
+    path: &Path,
+    device: &B::Device,
+) -> crate::error::Result<(VqVaeConfig, VqVae<B>)> {
     let tensors = if path.extension().is_some_and(|e| e == "npz") {
         crate::npz::read(path)?
     } else {
@@ -418,7 +460,8 @@ pub fn save<B: Backend>(model: &VqVae<B>, path: &Path) -> crate::error::Result<(
         .map(|(n, s, b)| {
             (
                 n.clone(),
-                safetensors::tensor::TensorView::new(safetensors::Dtype::F32, s.clone(), b).expect("sizes match"),
+                safetensors::tensor::TensorView::new(safetensors::Dtype::F32, s.clone(), b)
+                    .expect("sizes match"),
             )
         })
         .collect();

@@ -93,6 +93,10 @@ pub struct Source {
     pub path: Option<PathBuf>,
     #[serde(default = "one")]
     pub weight: f64,
+    /// VQ-VAE weights for the `segment` task (`pali vqvae train` output or big_vision's
+    /// `vae-oid.npz`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vqvae: Option<PathBuf>,
 }
 
 #[derive(Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq)]
@@ -427,6 +431,29 @@ impl RunConfig {
                         ))
                     }
                     _ => {}
+                }
+                if let Ok(SourceKind::Synth {
+                    task: SynthTask::Segment,
+                    ..
+                }) = src.kind()
+                {
+                    match &src.vqvae {
+                        None => {
+                            return err(format!(
+                                "{at}: source {}: task `segment` needs `vqvae = \"PATH\"` (train \
+                                 one with `pali vqvae train --synthetic`)",
+                                k + 1
+                            ))
+                        }
+                        Some(p) if !p.is_file() => {
+                            return err(format!(
+                                "{at}: source {}: vqvae: file not found: {}",
+                                k + 1,
+                                p.display()
+                            ))
+                        }
+                        _ => {}
+                    }
                 }
                 if !src.weight.is_finite() || src.weight < 0.0 {
                     return err(format!(

@@ -9,8 +9,9 @@
 //! 2. else `model.init_hf` (an HF PaliGemma checkpoint);
 //! 3. else a random initialisation from `run.seed` (projector zero-initialised).
 
+use std::collections::HashMap;
 use std::io::Write;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -21,10 +22,12 @@ use burn::tensor::{ElementConversion, Int, Tensor, TensorData};
 use indicatif::{ProgressBar, ProgressStyle};
 use pali_data::batch::{Batch, BatchBuilder, Loader};
 use pali_data::dataset::{Dataset, Example, JsonlDataset, SynthDataset, SynthTask};
+use pali_data::masks::MaskEncoder;
 use pali_data::mixture::Mixture;
 use pali_data::{PaliTokenizer, SequenceBuilder};
 use pali_eval::perplexity::{row_nll, Perplexity};
 use pali_eval::run::{predict, references_from_suffix, PredictOptions};
+use pali_eval::segmentation::VqVaeEncoder;
 use pali_eval::{score, DecodeOptions, Prediction, Sampler, Task};
 use pali_model::checkpoint::{load_into, TensorFile, Tower};
 use pali_model::loss::{reduce, token_nll};
@@ -115,25 +118,53 @@ pub fn model_config(
 }
 
 /// The datasets of a stage's sources (`split` 0 = train, 1 = validation).
-pub fn stage_sources(stage: &Stage, seed: u64, split: u64) -> Result<Vec<Arc<dyn Dataset>>> {
+pub fn stage_sources(
+    stage: &Stage,
+    seed: u64,
+    split: u64,
+    encoders: &MaskEncoders,
+) -> Result<Vec<Arc<dyn Dataset>>> {
     stage
         .sources
         .iter()
         .map(|s| -> Result<Arc<dyn Dataset>> {
             Ok(match s.kind().map_err(Error::Config)? {
-                SourceKind::Synth { task, size } => Arc::new(SynthDataset::new(
-                    task,
-                    seed,
-                    split,
-                    size,
-                    stage.task_prefix,
-                )),
+                SourceKind::Synth { task, size } => {
+                    let mut d = SynthDataset::new(task, seed, split, size, stage.task_prefix);
+                    if let Some(e) = s.vqvae.as_ref().and_then(|p| encoders.get(p)) {
+                        d = d.with_mask_encoder(e.clone());
+                    }
+                    Arc::new(d)
+                }
                 SourceKind::Jsonl { path } => {
                     Arc::new(JsonlDataset::open(&path, stage.on_error, false)?)
                 }
             })
         })
         .collect()
+}
+
+/// VQ-VAE mask encoders of the `segment` sources, by checkpoint path.
+pub type MaskEncoders = HashMap<PathBuf, Arc<dyn MaskEncoder>>;
+
+/// Loads the VQ-VAE of every source that names one (on `device`).
+pub fn mask_encoders<B: Backend>(config: &RunConfig, device: &B::Device) -> Result<MaskEncoders> {
+    let mut out = MaskEncoders::new();
+    for p in config
+        .stages
+        .iter()
+        .flat_map(|s| s.sources.iter().filter_map(|x| x.vqvae.clone()))
+    {
+        if let std::collections::hash_map::Entry::Vacant(slot) = out.entry(p) {
+            let (_, model) = pali_model::vqvae::load::<B>(slot.key(), device)?;
+            let enc = VqVaeEncoder {
+                model,
+                device: device.clone(),
+            };
+            slot.insert(Arc::new(enc) as Arc<dyn MaskEncoder>);
+        }
+    }
+    Ok(out)
 }
 
 /// Resamples the position embedding when the stage's resolution differs from the model's.
@@ -274,6 +305,7 @@ pub fn eval_task(stage: &Stage) -> Task {
             SynthTask::Vqa | SynthTask::Count => Task::Vqa,
             SynthTask::Detect => Task::Detect,
             SynthTask::Ocr => Task::Docvqa,
+            SynthTask::Segment => Task::Refcoco,
         },
         _ => Task::Vqa,
     }
@@ -281,9 +313,16 @@ pub fn eval_task(stage: &Stage) -> Task {
 
 /// Validation examples of a source: the synthetic world's validation split, or `eval_jsonl`
 /// for a JSONL source (`None` without one: its training data is no validation set).
-fn validation_set(stage: &Stage, source: usize, seed: u64) -> Result<Option<Arc<dyn Dataset>>> {
+fn validation_set(
+    stage: &Stage,
+    source: usize,
+    seed: u64,
+    encoders: &MaskEncoders,
+) -> Result<Option<Arc<dyn Dataset>>> {
     Ok(match stage.sources[source].kind() {
-        Ok(SourceKind::Synth { .. }) => Some(stage_sources(stage, seed, 1)?.remove(source)),
+        Ok(SourceKind::Synth { .. }) => {
+            Some(stage_sources(stage, seed, 1, encoders)?.remove(source))
+        }
         _ => match &stage.eval_jsonl {
             Some(p) => Some(Arc::new(JsonlDataset::open(p, stage.on_error, false)?)),
             None => None,
@@ -293,6 +332,7 @@ fn validation_set(stage: &Stage, source: usize, seed: u64) -> Result<Option<Arc<
 
 /// Decodes `n` validation examples and scores them with the stage's task (the evaluators of
 /// `pali eval`), and measures validation perplexity of every source.
+#[allow(clippy::too_many_arguments)]
 fn evaluate<B: Backend>(
     model: &PaliGemma<B>,
     cfg: &PaliGemmaConfig,
@@ -300,11 +340,12 @@ fn evaluate<B: Backend>(
     tok: &Arc<PaliTokenizer>,
     seed: u64,
     n: usize,
+    encoders: &MaskEncoders,
     device: &B::Device,
 ) -> Result<Eval> {
     let val: Arc<dyn Dataset> = match &stage.eval_jsonl {
         Some(p) => Arc::new(JsonlDataset::open(p, stage.on_error, false)?),
-        None => stage_sources(stage, seed, 1)?.remove(0),
+        None => stage_sources(stage, seed, 1, encoders)?.remove(0),
     };
     let n = n.min(val.len());
     let examples: Vec<Example> = (0..n)
@@ -361,7 +402,7 @@ fn evaluate<B: Backend>(
         frames: 1,
     };
     for (k, src) in stage.sources.iter().enumerate() {
-        let Some(set) = validation_set(stage, k, seed)? else {
+        let Some(set) = validation_set(stage, k, seed, encoders)? else {
             continue;
         };
         let name = match src.kind() {
@@ -410,10 +451,20 @@ fn evaluate_and_log<B: Backend>(
     seed: u64,
     global_step: u64,
     metrics_path: &Path,
+    encoders: &MaskEncoders,
     device: &B::Device,
     verbose: bool,
 ) -> Result<Eval> {
-    let ev = evaluate(model, cfg, stage, tok, seed, stage.eval_examples, device)?;
+    let ev = evaluate(
+        model,
+        cfg,
+        stage,
+        tok,
+        seed,
+        stage.eval_examples,
+        encoders,
+        device,
+    )?;
     if verbose {
         for (p, want, got) in &ev.shown {
             eprintln!("  eval `{p}` → `{got}` (want `{want}`)");
@@ -456,6 +507,7 @@ pub fn train<B: Backend>(
     let metrics_path = out_dir.join("metrics.jsonl");
     let tok = Arc::new(PaliTokenizer::from_file(&config.tokenizer.path)?);
 
+    let encoders = mask_encoders::<B>(config, device)?;
     // Check every stage's groups against the model's parameters before any work.
     let probe = model_config(config, &tok, config.stages[0].resolution)?.init::<B>(device);
     let paths = optim::param_paths::<B, _>(&probe);
@@ -463,7 +515,7 @@ pub fn train<B: Backend>(
         Groups::new(s)?
             .assign(&paths)
             .map_err(|e| Error::Config(format!("stage {} (`{}`): {e}", i + 1, s.name)))?;
-        stage_sources(s, config.run.seed, 0)?;
+        stage_sources(s, config.run.seed, 0, &encoders)?;
     }
     drop(probe);
 
@@ -531,7 +583,7 @@ pub fn train<B: Backend>(
         if start_step == 0 && si > 0 && !stage.carry_optimizer {
             adam = AdamState::default();
         }
-        let srcs = stage_sources(stage, config.run.seed, 0)?;
+        let srcs = stage_sources(stage, config.run.seed, 0, &encoders)?;
         let weights: Vec<f64> = stage.sources.iter().map(|s| s.weight).collect();
         let mut mixture = Mixture::new(srcs, &weights, config.run.seed.wrapping_add(si as u64))?;
         if let Some(ms) = resumed.as_ref().and_then(|st| st.mixture.clone()) {
@@ -701,6 +753,7 @@ pub fn train<B: Backend>(
                         config.run.seed,
                         global_step,
                         &metrics_path,
+                        &encoders,
                         device,
                         false,
                     )
@@ -719,6 +772,7 @@ pub fn train<B: Backend>(
                 config.run.seed,
                 global_step,
                 &metrics_path,
+                &encoders,
                 device,
                 true,
             )?)

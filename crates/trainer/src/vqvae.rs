@@ -65,15 +65,23 @@ pub struct VqSummary {
 }
 
 /// Held-out synthetic masks use a seed no training run uses.
-const HELDOUT_SEED: u64 = 0x4E1D_0u64;
+const HELDOUT_SEED: u64 = 0x0004_E1D0;
 
 /// 64×64 crops in [0, 1] of masks `start..start + n` of a source.
-fn crops(source: &MaskSource, files: &[PathBuf], seed: u64, start: u64, n: usize) -> Result<Vec<f32>> {
+fn crops(
+    source: &MaskSource,
+    files: &[PathBuf],
+    seed: u64,
+    start: u64,
+    n: usize,
+) -> Result<Vec<f32>> {
     let mut out = Vec::with_capacity(n * MASK_SIZE * MASK_SIZE);
     for k in 0..n as u64 {
         let m = match source {
             MaskSource::Synthetic => synthetic_mask(seed, start + k),
-            MaskSource::Dir(_) => BinaryMask::load(&files[((start + k) % files.len() as u64) as usize])?,
+            MaskSource::Dir(_) => {
+                BinaryMask::load(&files[((start + k) % files.len() as u64) as usize])?
+            }
         };
         let Some(b) = m.bbox() else {
             return Err(Error::Train(format!("mask {} is empty", start + k)));
@@ -88,21 +96,31 @@ fn mask_files(dir: &Path) -> Result<Vec<PathBuf>> {
         .map_err(io(dir))?
         .filter_map(|e| e.ok().map(|e| e.path()))
         .filter(|p| {
-            p.extension()
-                .and_then(|e| e.to_str())
-                .is_some_and(|e| matches!(e.to_ascii_lowercase().as_str(), "png" | "jpg" | "jpeg" | "bmp"))
+            p.extension().and_then(|e| e.to_str()).is_some_and(|e| {
+                matches!(
+                    e.to_ascii_lowercase().as_str(),
+                    "png" | "jpg" | "jpeg" | "bmp"
+                )
+            })
         })
         .collect();
     files.sort();
     if files.is_empty() {
-        return Err(Error::Config(format!("{}: no PNG/JPEG/BMP mask files", dir.display())));
+        return Err(Error::Config(format!(
+            "{}: no PNG/JPEG/BMP mask files",
+            dir.display()
+        )));
     }
     Ok(files)
 }
 
 /// Mean IoU of the round trip on `masks` (64×64 crops in [0, 1]; inside = ≥ 0.5), and the
 /// number of distinct codes used.
-pub fn round_trip_iou<B: Backend>(model: &VqVae<B>, masks: &[f32], device: &B::Device) -> (f64, usize) {
+pub fn round_trip_iou<B: Backend>(
+    model: &VqVae<B>,
+    masks: &[f32],
+    device: &B::Device,
+) -> (f64, usize) {
     let n = masks.len() / (MASK_SIZE * MASK_SIZE);
     let mut sum = 0.0;
     let mut used = std::collections::BTreeSet::new();
@@ -120,7 +138,11 @@ pub fn round_trip_iou<B: Backend>(model: &VqVae<B>, masks: &[f32], device: &B::D
                 inter += usize::from(t && r);
                 union += usize::from(t || r);
             }
-            sum += if union == 0 { 1.0 } else { inter as f64 / union as f64 };
+            sum += if union == 0 {
+                1.0
+            } else {
+                inter as f64 / union as f64
+            };
         }
     }
     (sum / n.max(1) as f64, used.len())
@@ -138,11 +160,18 @@ pub fn train_vqvae<B: Backend>(opts: &VqTrainOptions, device: &B::Device) -> Res
     // Held-out masks: another seed of the synthetic stream, or the last tenth of the files
     // (a single file is both).
     let (heldout, train_files) = match &opts.masks {
-        MaskSource::Synthetic => (crops(&opts.masks, &files, HELDOUT_SEED, 0, opts.eval_masks)?, files),
+        MaskSource::Synthetic => (
+            crops(&opts.masks, &files, HELDOUT_SEED, 0, opts.eval_masks)?,
+            files,
+        ),
         MaskSource::Dir(_) => {
             let held_n = (files.len() / 10).max(1);
             let split = files.len().saturating_sub(held_n).max(1).min(files.len());
-            let held = if files.len() == 1 { files.clone() } else { files[split..].to_vec() };
+            let held = if files.len() == 1 {
+                files.clone()
+            } else {
+                files[split..].to_vec()
+            };
             let train = files[..split].to_vec();
             (crops(&opts.masks, &held, 0, 0, held.len())?, train)
         }
@@ -152,7 +181,11 @@ pub fn train_vqvae<B: Backend>(opts: &VqTrainOptions, device: &B::Device) -> Res
     let mut optim = AdamConfig::new().init::<AD<B>, VqVae<AD<B>>>();
     let metrics = opts.out_dir.join("metrics.jsonl");
     let _ = std::fs::remove_file(&metrics);
-    let bar = if opts.progress { ProgressBar::new(opts.steps) } else { ProgressBar::hidden() };
+    let bar = if opts.progress {
+        ProgressBar::new(opts.steps)
+    } else {
+        ProgressBar::hidden()
+    };
     bar.set_style(
         ProgressStyle::with_template("vqvae [{bar:30}] {pos}/{len} {msg} ETA {eta}")
             .expect("template")
@@ -166,7 +199,10 @@ pub fn train_vqvae<B: Backend>(opts: &VqTrainOptions, device: &B::Device) -> Res
     let bs = opts.batch_size;
     let mut step = 0u64;
     while step < opts.steps {
-        if opts.max_minutes.is_some_and(|m| started.elapsed().as_secs_f64() > m * 60.0) {
+        if opts
+            .max_minutes
+            .is_some_and(|m| started.elapsed().as_secs_f64() > m * 60.0)
+        {
             break;
         }
         let px = crops(&opts.masks, &train_files, opts.seed, step * bs as u64, bs)?;
@@ -174,8 +210,12 @@ pub fn train_vqvae<B: Backend>(opts: &VqTrainOptions, device: &B::Device) -> Res
         let target = (x.clone() - 0.5) * 2.0;
         let out = model.forward(x);
         let recon = (out.recon - target).powf_scalar(2.0).mean();
-        let codebook = (out.quantized.clone() - out.z.clone().detach()).powf_scalar(2.0).mean();
-        let commit = (out.z.clone() - out.quantized.detach()).powf_scalar(2.0).mean();
+        let codebook = (out.quantized.clone() - out.z.clone().detach())
+            .powf_scalar(2.0)
+            .mean();
+        let commit = (out.z.clone() - out.quantized.detach())
+            .powf_scalar(2.0)
+            .mean();
         let loss = recon.clone() + codebook + commit * opts.beta;
         let lv = loss.clone().into_scalar().elem::<f64>();
         if !lv.is_finite() {
@@ -196,11 +236,18 @@ pub fn train_vqvae<B: Backend>(opts: &VqTrainOptions, device: &B::Device) -> Res
         // then dead-code restarts: rows no cell picked in the last 20 steps take the value of a
         // random encoder output of this batch (plus a little noise). Without them the encoder
         // outputs drift away from a codebook that only a few cells ever reach.
-        if step == 1 || step % 20 == 0 {
+        if step == 1 || step.is_multiple_of(20) {
             let dead: Vec<usize> = (0..k).filter(|i| step == 1 || usage[*i] == 0).collect();
             if !dead.is_empty() {
                 let d = model.embed_dim();
-                let z: Vec<f32> = out.z.clone().detach().permute([0, 2, 3, 1]).into_data().iter::<f32>().collect();
+                let z: Vec<f32> = out
+                    .z
+                    .clone()
+                    .detach()
+                    .permute([0, 2, 3, 1])
+                    .into_data()
+                    .iter::<f32>()
+                    .collect();
                 let cells = z.len() / d;
                 let mut book: Vec<f32> = model.codebook.val().into_data().iter::<f32>().collect();
                 for &i in &dead {
@@ -214,10 +261,14 @@ pub fn train_vqvae<B: Backend>(opts: &VqTrainOptions, device: &B::Device) -> Res
             }
             usage.iter_mut().for_each(|u| *u = 0);
         }
-        if step % opts.log_every == 0 || step == opts.steps {
+        if step.is_multiple_of(opts.log_every) || step == opts.steps {
             let r = recon.into_scalar().elem::<f64>();
             let line = json!({"step": step, "loss": lv, "recon": r, "seconds": started.elapsed().as_secs_f64()});
-            let mut f = std::fs::OpenOptions::new().create(true).append(true).open(&metrics).map_err(io(&metrics))?;
+            let mut f = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(&metrics)
+                .map_err(io(&metrics))?;
             use std::io::Write;
             writeln!(f, "{line}").map_err(io(&metrics))?;
             bar.set_message(format!("loss {lv:.4} recon {r:.4}"));
@@ -230,7 +281,11 @@ pub fn train_vqvae<B: Backend>(opts: &VqTrainOptions, device: &B::Device) -> Res
     let ckpt = opts.out_dir.join("vqvae.safetensors");
     vqvae::save(&valid, &ckpt)?;
     let cfg_path = opts.out_dir.join("config.json");
-    std::fs::write(&cfg_path, serde_json::to_string_pretty(&opts.config).expect("json")).map_err(io(&cfg_path))?;
+    std::fs::write(
+        &cfg_path,
+        serde_json::to_string_pretty(&opts.config).expect("json"),
+    )
+    .map_err(io(&cfg_path))?;
     let summary = VqSummary {
         steps: step,
         seconds: started.elapsed().as_secs_f64(),
