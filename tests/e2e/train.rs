@@ -388,3 +388,172 @@ fn resume_at_a_stage_boundary_is_bit_exact() {
         );
     }
 }
+
+/// The paper's default start: SigLIP and Gemma checkpoints, the Gemma vocabulary lacking the
+/// 1152 `<loc>`/`<seg>` tokens, grown by `token_init`.
+#[test]
+fn unimodal_start_loads_both_towers_and_grows_the_vocabulary() {
+    use burn::backend::Flex;
+    use pali_data::PaliTokenizer;
+    let d = tempfile::tempdir().unwrap();
+    let tok = PaliTokenizer::from_file(&tokenizer()).unwrap();
+    let (v, v0) = (tok.vocab_size(), tok.loc[0] as usize);
+    assert_eq!(
+        v - v0,
+        1152,
+        "loc/seg tokens are the last ids of the test tokenizer"
+    );
+    // Unimodal checkpoints cut out of a random tiny PaliGemma, with HF's unimodal names.
+    let cfg = pali_model::presets::tiny(v, tok.image as usize, 32);
+    let full = d.path().join("full.safetensors");
+    pali_model::checkpoint::save_safetensors(&cfg.init::<Flex>(&Default::default()), &full)
+        .unwrap();
+    let all = all_f32(&open(&full));
+    let siglip: Vec<_> = all
+        .iter()
+        .filter_map(|(n, s, x)| {
+            n.strip_prefix("vision_tower.")
+                .map(|k| (k.to_string(), s.clone(), x.clone()))
+        })
+        .collect();
+    let gemma: Vec<_> = all
+        .iter()
+        .filter_map(|(n, s, x)| {
+            let k = n.strip_prefix("language_model.")?.to_string();
+            if k == "model.embed_tokens.weight" {
+                let dim = s[1];
+                return Some((k, vec![v0, dim], x[..v0 * dim].to_vec()));
+            }
+            Some((k, s.clone(), x.clone()))
+        })
+        .collect();
+    assert!(siglip.iter().any(|t| t.0.starts_with("vision_model.")));
+    write_f32(&d.path().join("siglip.safetensors"), &siglip);
+    write_f32(&d.path().join("gemma.safetensors"), &gemma);
+
+    let run = |token_init: &str| -> Vec<(String, Vec<usize>, Vec<f32>)> {
+        let dir = d.path().join(token_init);
+        std::fs::create_dir_all(&dir).unwrap();
+        let extra = format!(
+            "init_siglip = \"{}\"\ninit_gemma = \"{}\"\ntoken_init = \"{token_init}\"\n",
+            d.path().join("siglip.safetensors").display(),
+            d.path().join("gemma.safetensors").display()
+        );
+        let text = std::fs::read_to_string(config(&dir, "")).unwrap();
+        let text = text.replacen(
+            "preset = \"tiny\"\n",
+            &format!("preset = \"tiny\"\n{extra}"),
+            1,
+        );
+        std::fs::write(dir.join("run.toml"), text).unwrap();
+        // One step at lr 0 writes the initial weights to a checkpoint.
+        run_ok(
+            pali()
+                .args([
+                    "train",
+                    "--quiet",
+                    "--max-steps",
+                    "1",
+                    "--set",
+                    "stage.1.lr=0.0",
+                    "--set",
+                    "stage.1.checkpoint_every=1",
+                ])
+                .arg(dir.join("run.toml")),
+        );
+        final_model(&dir)
+    };
+    for init in ["normal", "avg_emb"] {
+        let got = run(init);
+        let get = |name: &str| {
+            got.iter()
+                .find(|t| t.0 == name)
+                .unwrap_or_else(|| panic!("{name}"))
+        };
+        // Every vision tensor is the SigLIP checkpoint's.
+        for (n, _, x) in &siglip {
+            assert_eq!(&get(&format!("vision_tower.{n}")).2, x, "{init}: {n}");
+        }
+        let emb = get("language_model.model.embed_tokens.weight");
+        let dim = emb.1[1];
+        assert_eq!(emb.1[0], v);
+        let old = &gemma
+            .iter()
+            .find(|t| t.0 == "model.embed_tokens.weight")
+            .unwrap()
+            .2;
+        assert_eq!(
+            &emb.2[..v0 * dim],
+            &old[..],
+            "{init}: the checkpoint's rows are kept"
+        );
+        let new = &emb.2[v0 * dim..];
+        let mean: Vec<f32> = (0..dim)
+            .map(|j| (0..v0).map(|r| old[r * dim + j]).sum::<f32>() / v0 as f32)
+            .collect();
+        let dev_from_mean = new
+            .iter()
+            .enumerate()
+            .map(|(i, x)| (x - mean[i % dim]).abs())
+            .fold(0f32, f32::max);
+        let std = (new.iter().map(|x| x * x).sum::<f32>() / new.len() as f32).sqrt();
+        match init {
+            // N(0, 0.02): the sample standard deviation of ~74k values is within 2 %.
+            "normal" => assert!((std - 0.02).abs() < 0.0005, "std {std}"),
+            // The mean embedding plus N(0, 0.002) noise.
+            _ => assert!(
+                dev_from_mean < 0.012 && dev_from_mean > 0.0,
+                "{dev_from_mean}"
+            ),
+        }
+    }
+}
+
+/// `reset = ["vision_tower"]` re-initialises the image encoder at the stage start and nothing
+/// else (stage 2 runs at lr 0, so any change is the reset).
+#[test]
+fn reset_reinitialises_only_the_named_tower() {
+    let d = tempfile::tempdir().unwrap();
+    let cfg = config(d.path(), "");
+    let text = std::fs::read_to_string(&cfg).unwrap().replacen(
+        "name = \"s2\"\n",
+        "name = \"s2\"\nreset = [\"vision_tower\"]\n",
+        1,
+    );
+    std::fs::write(&cfg, text).unwrap();
+    run_ok(
+        pali()
+            .args(["train", "--quiet", "--set", "stage.2.lr=0.0"])
+            .arg(&cfg),
+    );
+    let load = |step: &str| {
+        all_f32(&open(
+            &d.path()
+                .join(format!("out/checkpoints/step-{step}/model.safetensors")),
+        ))
+    };
+    let (before, after) = (load("00000012"), load("00000018"));
+    let mut changed = (0, 0);
+    for ((n, _, a), (_, _, b)) in before.iter().zip(&after) {
+        if n.contains("position_embedding") {
+            continue; // resampled 32 → 64 px anyway
+        }
+        if n.starts_with("vision_tower.") {
+            changed.0 += usize::from(a != b);
+        } else {
+            assert_eq!(a, b, "{n} must not change");
+            changed.1 += 1;
+        }
+    }
+    assert!(
+        changed.0 > 10,
+        "vision tensors re-initialised: {}",
+        changed.0
+    );
+    let e = run_err(
+        pali()
+            .args(["train", "--set", "stage.2.reset=[\"vision\"]"])
+            .arg(&cfg),
+    );
+    assert!(e.contains("reset: unknown part `vision`"), "{e}");
+}

@@ -67,10 +67,30 @@ pub struct ModelSection {
     /// Initialise from an HF PaliGemma checkpoint directory instead of randomly.
     #[serde(default)]
     pub init_hf: Option<PathBuf>,
+    /// Unimodal start: the image encoder from a SigLIP checkpoint (HF `vision_model.*` names;
+    /// a safetensors file or a directory).
+    #[serde(default)]
+    pub init_siglip: Option<PathBuf>,
+    /// Unimodal start: the decoder from a Gemma checkpoint (HF `model.*` names). A smaller
+    /// vocabulary than the tokenizer's is extended by `token_init`.
+    #[serde(default)]
+    pub init_gemma: Option<PathBuf>,
+    /// Rows added to a Gemma embedding for new tokens: `normal` (N(0, 0.02)) or `avg_emb`
+    /// (the mean embedding plus N(0, 0.002) noise).
+    #[serde(default)]
+    pub token_init: TokenInit,
     #[serde(default)]
     pub projector: ProjectorChoice,
     #[serde(default)]
     pub encoder: EncoderChoice,
+}
+
+#[derive(Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum TokenInit {
+    #[default]
+    Normal,
+    AvgEmb,
 }
 
 #[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
@@ -246,6 +266,10 @@ pub struct Stage {
     /// Keep the optimizer state from the previous stage.
     #[serde(default = "yes")]
     pub carry_optimizer: bool,
+    /// Re-initialise these parts at the start of the stage (`vision_tower`,
+    /// `multi_modal_projector`, `language_model`): the paper's "reset" ablation.
+    #[serde(default)]
+    pub reset: Vec<String>,
     #[serde(default = "log_every")]
     pub log_every: u64,
     /// Checkpoint interval in steps (and always at the end of the stage).
@@ -381,7 +405,14 @@ impl RunConfig {
         };
         fix(&mut self.run.out_dir);
         fix(&mut self.tokenizer.path);
-        if let Some(p) = &mut self.model.init_hf {
+        for p in [
+            &mut self.model.init_hf,
+            &mut self.model.init_siglip,
+            &mut self.model.init_gemma,
+        ]
+        .into_iter()
+        .flatten()
+        {
             fix(p);
         }
         for s in &mut self.stages {
@@ -390,6 +421,9 @@ impl RunConfig {
             }
             for src in &mut s.sources {
                 if let Some(path) = &mut src.path {
+                    fix(path);
+                }
+                if let Some(path) = &mut src.vqvae {
                     fix(path);
                 }
             }
@@ -407,6 +441,21 @@ impl RunConfig {
                 "tokenizer.path: file not found: {}",
                 self.tokenizer.path.display()
             ));
+        }
+        for (key, p) in [
+            ("init_siglip", &self.model.init_siglip),
+            ("init_gemma", &self.model.init_gemma),
+        ] {
+            if let Some(p) = p {
+                if !p.exists() {
+                    return err(format!("model.{key}: not found: {}", p.display()));
+                }
+                if self.model.init_hf.is_some() {
+                    return err(format!(
+                        "model.{key}: give either `init_hf` or unimodal checkpoints"
+                    ));
+                }
+            }
         }
         if let Some(p) = &self.model.init_hf {
             if !p.join("config.json").is_file() {
@@ -482,6 +531,17 @@ impl RunConfig {
             }
             if let Err(m) = s.eval_decode.parse::<pali_eval::Sampler>() {
                 return err(format!("{at}: eval_decode: {m}"));
+            }
+            if let Some(r) = s.reset.iter().find(|r| {
+                !matches!(
+                    r.as_str(),
+                    "vision_tower" | "multi_modal_projector" | "language_model"
+                )
+            }) {
+                return err(format!(
+                    "{at}: reset: unknown part `{r}` (vision_tower, multi_modal_projector, \
+                     language_model)"
+                ));
             }
             if s.steps == 0 || s.batch_size == 0 || s.text_len == 0 {
                 return err(format!("{at}: steps, batch_size and text_len must be > 0"));

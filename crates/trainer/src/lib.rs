@@ -5,6 +5,7 @@
 pub mod ckpt;
 pub mod config;
 pub mod error;
+pub mod init;
 pub mod optim;
 pub mod plot;
 pub mod posemb;

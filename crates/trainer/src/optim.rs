@@ -165,6 +165,15 @@ pub struct AdamState<B: Backend> {
     pub t: HashMap<String, u64>,
 }
 
+impl<B: Backend> AdamState<B> {
+    /// Drops the moments of every parameter under `prefix` (a re-initialised part).
+    pub fn forget(&mut self, prefix: &str) {
+        self.m.retain(|k, _| !k.starts_with(prefix));
+        self.v.retain(|k, _| !k.starts_with(prefix));
+        self.t.retain(|k, _| !k.starts_with(prefix));
+    }
+}
+
 impl<B: Backend> Default for AdamState<B> {
     fn default() -> Self {
         Self {

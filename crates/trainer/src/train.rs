@@ -7,7 +7,8 @@
 //! 1. with `resume`, the newest checkpoint under `out_dir/checkpoints` (model, Adam moments,
 //!    data-stream state, step) — the run continues exactly where it stopped;
 //! 2. else `model.init_hf` (an HF PaliGemma checkpoint);
-//! 3. else a random initialisation from `run.seed` (projector zero-initialised).
+//! 3. else a random initialisation from `run.seed` (projector zero-initialised), with the towers
+//!    named by `model.init_siglip` / `model.init_gemma` loaded from unimodal checkpoints.
 
 use std::collections::HashMap;
 use std::io::Write;
@@ -168,7 +169,11 @@ pub fn mask_encoders<B: Backend>(config: &RunConfig, device: &B::Device) -> Resu
 }
 
 /// Resamples the position embedding when the stage's resolution differs from the model's.
-fn set_resolution<B: Backend>(model: PaliGemma<B>, from: usize, to: usize) -> PaliGemma<B> {
+pub(crate) fn set_resolution<B: Backend>(
+    model: PaliGemma<B>,
+    from: usize,
+    to: usize,
+) -> PaliGemma<B> {
     let mut model = model;
     if from == to {
         return model;
@@ -552,7 +557,10 @@ pub fn train<B: Backend>(
                         let (hf, m) = pali_model::load_hf::<AD<B>>(p, device)?;
                         set_resolution(m, hf.vision.image_size(), res0)
                     }
-                    None => model_config(config, &tok, res0)?.init::<AD<B>>(device),
+                    None => {
+                        let c0 = model_config(config, &tok, res0)?;
+                        crate::init::unimodal(c0.init::<AD<B>>(device), &c0, &config.model, device)?
+                    }
                 };
                 (m, AdamState::default(), None)
             }
@@ -578,6 +586,26 @@ pub fn train<B: Backend>(
         }
         let cfg = model_config(config, &tok, resolution)?;
         let groups = Groups::new(stage)?;
+        if start_step == 0 && !stage.reset.is_empty() {
+            // Seeded by the stage, so a run resumed at this boundary resets to the same weights.
+            B::seed(device, config.run.seed.wrapping_add(1000 + si as u64));
+            let fresh = cfg.init::<AD<B>>(device);
+            for part in &stage.reset {
+                match part.as_str() {
+                    "vision_tower" => model.vision_tower = fresh.vision_tower.clone(),
+                    "multi_modal_projector" => {
+                        model.multi_modal_projector = fresh.multi_modal_projector.clone()
+                    }
+                    _ => model.language_model = fresh.language_model.clone(),
+                }
+                adam.forget(&format!("{part}."));
+            }
+            eprintln!(
+                "stage `{}`: re-initialised {}",
+                stage.name,
+                stage.reset.join(", ")
+            );
+        }
         model = optim::apply_freeze(model, &groups)?;
         // At a stage start (fresh or resumed at the boundary) the optimizer state may be reset.
         if start_step == 0 && si > 0 && !stage.carry_optimizer {
