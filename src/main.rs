@@ -30,6 +30,8 @@ enum Command {
     },
     /// Train: the staged curriculum of a run config (stage 1 → 2 → 3, or any subset).
     Train(cmd::train::Args),
+    /// Run an ablation grid (variants × seeds) and write its results table and plots.
+    Ablate(cmd::ablate::Args),
     /// Transfer a checkpoint to a JSONL dataset (writes the equivalent run config and runs it).
     Finetune(cmd::finetune::Args),
     /// Datasets: synthetic export, validation, batch inspection.
@@ -94,6 +96,7 @@ fn main() -> ExitCode {
         },
         Command::Train(args) => cmd::train::run(args),
         Command::Finetune(args) => cmd::finetune::run(args),
+        Command::Ablate(args) => cmd::ablate::run(args),
         Command::Data { command } => cmd::data::run(command),
         Command::Tokenizer { command } => cmd::tokenizer::run(command),
         Command::Vqvae { command } => cmd::vqvae::run(command),

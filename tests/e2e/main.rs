@@ -3,6 +3,8 @@
 
 mod common;
 
+mod ablate;
+
 mod checkpoint;
 mod cli_data;
 mod cli_eval;

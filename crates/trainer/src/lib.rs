@@ -2,6 +2,7 @@
 //! embedding resampling, checkpoints and the training loop; and the VQ-VAE mask tokenizer's
 //! training (`vqvae`).
 
+pub mod ablate;
 pub mod ckpt;
 pub mod config;
 pub mod error;

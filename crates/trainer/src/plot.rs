@@ -74,3 +74,94 @@ pub fn stage_curves(metrics: &Path, stage: &str, out: &Path) -> Result<()> {
     };
     draw().map_err(|e| Error::Train(format!("plotting {}: {e}", out.display())))
 }
+
+/// One bar per variant (mean over seeds) with ±std error bars.
+pub fn bars(metric: &str, t: &crate::ablate::Table, out: &Path) -> Result<()> {
+    let rows: Vec<(&String, f64, f64)> = t
+        .iter()
+        .filter_map(|(v, per)| per.get(metric).map(|(m, s, _)| (v, *m, *s)))
+        .collect();
+    if rows.is_empty() {
+        return Ok(());
+    }
+    let draw = || -> std::result::Result<(), Box<dyn std::error::Error>> {
+        let root = SVGBackend::new(out, (120 + 110 * rows.len() as u32, 420)).into_drawing_area();
+        root.fill(&WHITE)?;
+        let hi = rows.iter().map(|r| r.1 + r.2).fold(0.0, f64::max);
+        let lo = rows.iter().map(|r| r.1 - r.2).fold(0.0, f64::min);
+        let pad = (hi - lo).abs().max(1e-9) * 0.1;
+        let n = rows.len();
+        let mut c = ChartBuilder::on(&root)
+            .caption(metric, ("sans-serif", 20))
+            .margin(15)
+            .x_label_area_size(40)
+            .y_label_area_size(60)
+            .build_cartesian_2d((0..n).into_segmented(), (lo - pad).min(0.0)..hi + pad)?;
+        c.configure_mesh()
+            .disable_x_mesh()
+            .x_label_formatter(&|x| match x {
+                SegmentValue::CenterOf(i) => rows.get(*i).map(|r| r.0.clone()).unwrap_or_default(),
+                _ => String::new(),
+            })
+            .draw()?;
+        for (i, (_, m, s)) in rows.iter().enumerate() {
+            let color = Palette99::pick(i).to_rgba();
+            c.draw_series(std::iter::once(Rectangle::new(
+                [
+                    (SegmentValue::Exact(i), 0.0),
+                    (SegmentValue::Exact(i + 1), *m),
+                ],
+                color.filled(),
+            )))?;
+            c.draw_series(std::iter::once(PathElement::new(
+                vec![
+                    (SegmentValue::CenterOf(i), m - s),
+                    (SegmentValue::CenterOf(i), m + s),
+                ],
+                BLACK.stroke_width(2),
+            )))?;
+        }
+        root.present()?;
+        Ok(())
+    };
+    draw().map_err(|e| Error::Train(format!("plotting {}: {e}", out.display())))
+}
+
+/// Training loss over global steps, one line per run, coloured by variant.
+pub fn loss_curves(name: &str, runs: &[crate::ablate::RunResult], out: &Path) -> Result<()> {
+    let pts = runs.iter().flat_map(|r| r.loss_curve.iter());
+    let (xmax, ymax) = pts.fold((1.0f64, 0.0f64), |a, p| (a.0.max(p.0), a.1.max(p.1)));
+    if runs.iter().all(|r| r.loss_curve.is_empty()) {
+        return Ok(());
+    }
+    let mut variants: Vec<&String> = runs.iter().map(|r| &r.variant).collect();
+    variants.dedup();
+    let draw = || -> std::result::Result<(), Box<dyn std::error::Error>> {
+        let root = SVGBackend::new(out, (900, 500)).into_drawing_area();
+        root.fill(&WHITE)?;
+        let mut c = ChartBuilder::on(&root)
+            .caption(format!("{name}: training loss"), ("sans-serif", 20))
+            .margin(10)
+            .x_label_area_size(30)
+            .y_label_area_size(50)
+            .build_cartesian_2d(0.0..xmax, 0.0..ymax * 1.05 + 1e-9)?;
+        c.configure_mesh().x_desc("step").y_desc("loss").draw()?;
+        for (i, v) in variants.iter().enumerate() {
+            let color = Palette99::pick(i).to_rgba();
+            for (k, r) in runs.iter().filter(|r| &&r.variant == v).enumerate() {
+                let s = c.draw_series(LineSeries::new(r.loss_curve.iter().copied(), color))?;
+                if k == 0 {
+                    s.label(v.to_string())
+                        .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], color));
+                }
+            }
+        }
+        c.configure_series_labels()
+            .background_style(WHITE.mix(0.8))
+            .border_style(BLACK)
+            .draw()?;
+        root.present()?;
+        Ok(())
+    };
+    draw().map_err(|e| Error::Train(format!("plotting {}: {e}", out.display())))
+}
