@@ -130,6 +130,10 @@ pub struct PredictArgs {
     /// Draw the detected boxes (if any) onto the image and save it as PNG here.
     #[arg(long)]
     pub draw: Option<PathBuf>,
+    /// VQ-VAE weights: with `--draw`, segmentation outputs (`<loc×4><seg×16>`) are drawn as
+    /// masks too.
+    #[arg(long)]
+    pub vqvae: Option<PathBuf>,
     #[command(flatten)]
     pub decoding: DecodeArgs,
     #[command(flatten)]
@@ -432,9 +436,36 @@ impl Job for PredictJob {
                     p.object_scores.get(k).copied().unwrap_or(1.0)
                 );
             }
+            let mut masks = 0;
+            if let Some(vae) = &a.vqvae {
+                let dec = mask_decoder::<B>(vae, &device)?;
+                for (k, part) in p.prediction.split(';').enumerate() {
+                    let Some(seg) = pali_eval::segmentation::parse_segmentation(part) else {
+                        continue;
+                    };
+                    let Some(codes) = seg.seg else { continue };
+                    let m64 = dec.decode(&codes);
+                    let (iw, ih) = (img.width() as usize, img.height() as usize);
+                    let m = pali_eval::segmentation::place_mask(&m64, Some(seg.loc), iw, ih);
+                    let c = PALETTE[k % PALETTE.len()];
+                    for (i, inside) in m.data.iter().enumerate() {
+                        if *inside {
+                            let px = img.get_pixel_mut((i % iw) as u32, (i / iw) as u32);
+                            for ch in 0..3 {
+                                px.0[ch] = ((px.0[ch] as u16 + c[ch] as u16) / 2) as u8;
+                            }
+                        }
+                    }
+                    masks += 1;
+                }
+            }
             img.save(out)
                 .with_context(|| format!("writing {}", out.display()))?;
-            eprintln!("drew {} boxes onto {}", dets.len(), out.display());
+            eprintln!(
+                "drew {} boxes and {masks} masks onto {}",
+                dets.len(),
+                out.display()
+            );
         }
         Ok(())
     }

@@ -73,7 +73,13 @@ fn grid_runs_reports_and_resumes_without_redoing_finished_runs() {
         "{out}"
     );
 
-    let out = run_ok(pali().args(["ablate", "--quiet"]).arg(&grid));
+    // A relative path to the grid file (from its directory) must put runs under its out_dir.
+    assert!(grid.ends_with("grid.toml"));
+    let out = run_ok(
+        pali()
+            .current_dir(d.path())
+            .args(["ablate", "--quiet", "grid.toml"]),
+    );
     let g = d.path().join("grid");
     let md = std::fs::read_to_string(g.join("results.md")).unwrap();
     assert!(

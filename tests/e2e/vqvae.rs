@@ -283,6 +283,32 @@ source = [{{ kind = "synth", task = "segment", size = 20{vqvae} }}]
         .find(|v| v.get("eval").is_some())
         .expect("an evaluation");
     assert!(eval["eval"]["miou"].is_number(), "{eval}");
+    // `pali predict --vqvae … --draw` on that checkpoint (masks are drawn when the output has
+    // `<seg>` codes; a 2-step model rarely writes them, so only the path is exercised).
+    let img = d.path().join("img.png");
+    pali_data::masks::synthetic_mask(1, 2)
+        .save_png(&img)
+        .unwrap();
+    let drawn = d.path().join("drawn.png");
+    let err = run_ok(
+        pali()
+            .args([
+                "predict",
+                "--max-new-tokens",
+                "24",
+                "--prompt",
+                "segment circle",
+                "--checkpoint",
+            ])
+            .arg(d.path().join("out/checkpoints/step-00000002"))
+            .arg("--image")
+            .arg(&img)
+            .arg("--vqvae")
+            .arg(&vae)
+            .arg("--draw")
+            .arg(&drawn),
+    );
+    assert!(drawn.is_file(), "{err}");
 
     // Offline RefCOCO scoring decodes `<seg>` tokens through the VQ-VAE when given one.
     let (p, r) = (d.path().join("p.jsonl"), d.path().join("r.jsonl"));

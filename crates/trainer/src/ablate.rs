@@ -73,7 +73,10 @@ impl AblationConfig {
         let text = std::fs::read_to_string(path).map_err(io(path))?;
         let mut a: AblationConfig =
             toml::from_str(&text).map_err(|e| Error::Config(format!("{}: {e}", path.display())))?;
-        let base = path.parent().unwrap_or(Path::new("."));
+        // Absolute paths: run directories are passed to the base config as overrides, which
+        // it would otherwise resolve against its own directory.
+        let abs = std::path::absolute(path).map_err(io(path))?;
+        let base = abs.parent().unwrap_or(Path::new("/")).to_path_buf();
         for p in [&mut a.ablation.base, &mut a.ablation.out_dir] {
             if p.is_relative() {
                 *p = base.join(&*p);

@@ -96,28 +96,30 @@ pub fn bars(metric: &str, t: &crate::ablate::Table, out: &Path) -> Result<()> {
             .margin(15)
             .x_label_area_size(40)
             .y_label_area_size(60)
-            .build_cartesian_2d((0..n).into_segmented(), (lo - pad).min(0.0)..hi + pad)?;
+            .build_cartesian_2d(0.0..n as f64, (lo - pad).min(0.0)..hi + pad)?;
+        // Bar i spans [i + 0.15, i + 0.85]; its name sits at i + 0.5.
         c.configure_mesh()
             .disable_x_mesh()
-            .x_label_formatter(&|x| match x {
-                SegmentValue::CenterOf(i) => rows.get(*i).map(|r| r.0.clone()).unwrap_or_default(),
-                _ => String::new(),
+            .x_labels(2 * n + 1)
+            .x_label_formatter(&|x| {
+                let i = x.floor() as usize;
+                let centred = (x - x.floor() - 0.5).abs() < 1e-6;
+                if centred {
+                    rows.get(i).map(|r| r.0.clone()).unwrap_or_default()
+                } else {
+                    String::new()
+                }
             })
             .draw()?;
         for (i, (_, m, s)) in rows.iter().enumerate() {
             let color = Palette99::pick(i).to_rgba();
+            let x = i as f64;
             c.draw_series(std::iter::once(Rectangle::new(
-                [
-                    (SegmentValue::Exact(i), 0.0),
-                    (SegmentValue::Exact(i + 1), *m),
-                ],
+                [(x + 0.15, 0.0), (x + 0.85, *m)],
                 color.filled(),
             )))?;
             c.draw_series(std::iter::once(PathElement::new(
-                vec![
-                    (SegmentValue::CenterOf(i), m - s),
-                    (SegmentValue::CenterOf(i), m + s),
-                ],
+                vec![(x + 0.5, m - s), (x + 0.5, m + s)],
                 BLACK.stroke_width(2),
             )))?;
         }
