@@ -451,8 +451,8 @@ impl Job for PredictJob {
                     for (i, inside) in m.data.iter().enumerate() {
                         if *inside {
                             let px = img.get_pixel_mut((i % iw) as u32, (i / iw) as u32);
-                            for ch in 0..3 {
-                                px.0[ch] = ((px.0[ch] as u16 + c[ch] as u16) / 2) as u8;
+                            for (v, cc) in px.0.iter_mut().zip(c) {
+                                *v = ((*v as u16 + cc as u16) / 2) as u8;
                             }
                         }
                     }
