@@ -117,6 +117,9 @@ pub struct Source {
     /// `vae-oid.npz`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub vqvae: Option<PathBuf>,
+    /// Train on only K examples of this source, drawn by `run.seed` (few-shot transfer).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub few_shot: Option<usize>,
 }
 
 #[derive(Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq)]

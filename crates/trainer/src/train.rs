@@ -24,7 +24,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use pali_data::batch::{Batch, BatchBuilder, Loader};
 use pali_data::dataset::{Dataset, Example, JsonlDataset, SynthDataset, SynthTask};
 use pali_data::masks::MaskEncoder;
-use pali_data::mixture::Mixture;
+use pali_data::mixture::{FewShot, Mixture};
 use pali_data::{PaliTokenizer, SequenceBuilder};
 use pali_eval::perplexity::{row_nll, Perplexity};
 use pali_eval::run::{predict, references_from_suffix, PredictOptions};
@@ -129,7 +129,7 @@ pub fn stage_sources(
         .sources
         .iter()
         .map(|s| -> Result<Arc<dyn Dataset>> {
-            Ok(match s.kind().map_err(Error::Config)? {
+            let d: Arc<dyn Dataset> = match s.kind().map_err(Error::Config)? {
                 SourceKind::Synth { task, size } => {
                     let mut d = SynthDataset::new(task, seed, split, size, stage.task_prefix);
                     if let Some(e) = s.vqvae.as_ref().and_then(|p| encoders.get(p)) {
@@ -140,6 +140,11 @@ pub fn stage_sources(
                 SourceKind::Jsonl { path } => {
                     Arc::new(JsonlDataset::open(&path, stage.on_error, false)?)
                 }
+            };
+            // Few-shot subsets apply to the training split; validation stays whole.
+            Ok(match s.few_shot {
+                Some(k) if split == 0 => Arc::new(FewShot::new(d, k, seed)?),
+                _ => d,
             })
         })
         .collect()
@@ -835,4 +840,41 @@ pub fn train<B: Backend>(
     std::fs::write(&sp, serde_json::to_string_pretty(&summaries).expect("json"))
         .map_err(io(&sp))?;
     Ok(summaries)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn few_shot_limits_the_training_split_only() {
+        let d = tempfile::tempdir().unwrap();
+        let tok = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../data/tokenizer/tokenizer.json");
+        let p = d.path().join("run.toml");
+        std::fs::write(
+            &p,
+            format!(
+                "[run]\nname = \"f\"\nout_dir = \"out\"\n[model]\npreset = \"tiny\"\n[tokenizer]\npath = \"{}\"\n\
+                 [[stage]]\nname = \"s\"\nresolution = 32\ntext_len = 16\nsteps = 1\n\
+                 batch_size = 1\nlr = 1e-3\n\
+                 source = [{{ kind = \"synth\", task = \"vqa\", size = 100, few_shot = 7 }}]\n",
+                tok.display()
+            ),
+        )
+        .unwrap();
+        let c = RunConfig::load(&p, &[]).unwrap();
+        let train = stage_sources(&c.stages[0], 3, 0, &MaskEncoders::new()).unwrap();
+        let val = stage_sources(&c.stages[0], 3, 1, &MaskEncoders::new()).unwrap();
+        assert_eq!((train[0].len(), val[0].len()), (7, 100));
+        assert!(
+            train[0].name().contains("7-shot, seed 3"),
+            "{}",
+            train[0].name()
+        );
+        let again = stage_sources(&c.stages[0], 3, 0, &MaskEncoders::new()).unwrap();
+        assert_eq!(
+            train[0].get(0).unwrap().suffix,
+            again[0].get(0).unwrap().suffix
+        );
+    }
 }
