@@ -202,8 +202,8 @@ pub(crate) fn set_resolution<B: Backend>(
     model
 }
 
-/// Model inputs of a batch: image tokens first, then `text[:, :-1]`; targets `text[:, 1:]`.
-/// Model inputs, next-token targets and loss weights of a batch.
+/// Model inputs of a batch (image tokens first, then `text[:, :-1]`), next-token targets
+/// (`text[:, 1:]`) and loss weights.
 pub struct StepInputs<B: Backend> {
     pub input: ModelInput<B>,
     /// [B, T]: text position t predicts targets[t].
