@@ -12,14 +12,14 @@ use pali_data::batch::BatchBuilder;
 use pali_data::dataset::{Dataset, Example, ImageSource, JsonlDataset, OnError};
 use pali_data::image::ResizeMethod;
 use pali_data::{PaliTokenizer, SequenceBuilder};
-use pali_eval::perplexity::{row_nll, Perplexity};
+use pali_eval::perplexity::Perplexity;
 use pali_eval::run::{predict, references_from_suffix, PredictOptions};
 use pali_eval::score::{pair, read_references, score, Prediction};
 use pali_eval::segmentation::{MaskDecoder, VqVaeDecoder};
 use pali_eval::{DecodeOptions, Sampler, Task};
 use pali_model::{PaliGemma, PaliGemmaConfig};
 use pali_trainer::config::{Attention, LossOn};
-use pali_trainer::train::step_inputs;
+use pali_trainer::train::batch_nll;
 use serde_json::{json, Value};
 
 use crate::backend::{dispatch, Job};
@@ -362,17 +362,18 @@ fn perplexity<B: Backend>(
             .iter()
             .map(|e| Ok((0, e.clone(), builder.encode(e)?)))
             .collect::<Result<Vec<_>, pali_data::Error>>()?;
-        let mut batch = builder.build(rows, Vec::new())?;
-        truncated += batch.truncated;
-        let inputs = step_inputs::<B>(&mut batch, cfg, Attention::PrefixLm, LossOn::Suffix, device);
-        for (nll, t) in row_nll(
+        let (nll, cut) = batch_nll(
             model,
-            inputs.input,
-            inputs.targets,
-            inputs.weights,
-            inputs.n_img,
-        )? {
-            ppl.add("data", nll, t);
+            cfg,
+            &builder,
+            rows,
+            Attention::PrefixLm,
+            LossOn::Suffix,
+            device,
+        )?;
+        truncated += cut;
+        for (n, t) in nll {
+            ppl.add("data", n, t);
         }
         pb.inc(chunk.len() as u64);
     }

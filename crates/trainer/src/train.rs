@@ -321,25 +321,6 @@ pub fn eval_task(stage: &Stage) -> Task {
     }
 }
 
-/// Validation examples of a source: the synthetic world's validation split, or `eval_jsonl`
-/// for a JSONL source (`None` without one: its training data is no validation set).
-fn validation_set(
-    stage: &Stage,
-    source: usize,
-    seed: u64,
-    encoders: &MaskEncoders,
-) -> Result<Option<Arc<dyn Dataset>>> {
-    Ok(match stage.sources[source].kind() {
-        Ok(SourceKind::Synth { .. }) => {
-            Some(stage_sources(stage, seed, 1, encoders)?.remove(source))
-        }
-        _ => match &stage.eval_jsonl {
-            Some(p) => Some(Arc::new(JsonlDataset::open(p, stage.on_error, false)?)),
-            None => None,
-        },
-    })
-}
-
 /// Decodes `n` validation examples and scores them with the stage's task (the evaluators of
 /// `pali eval`), and measures validation perplexity of every source.
 #[allow(clippy::too_many_arguments)]
@@ -353,10 +334,14 @@ fn evaluate<B: Backend>(
     encoders: &MaskEncoders,
     device: &B::Device,
 ) -> Result<Eval> {
-    let val: Arc<dyn Dataset> = match &stage.eval_jsonl {
-        Some(p) => Arc::new(JsonlDataset::open(p, stage.on_error, false)?),
-        None => stage_sources(stage, seed, 1, encoders)?.remove(0),
+    // Validation data, opened once: the synthetic sources' validation split, and `eval_jsonl`
+    // (the decoded set when given, and the validation set of JSONL sources).
+    let split1 = stage_sources(stage, seed, 1, encoders)?;
+    let eval_set: Option<Arc<dyn Dataset>> = match &stage.eval_jsonl {
+        Some(p) => Some(Arc::new(JsonlDataset::open(p, stage.on_error, false)?)),
+        None => None,
     };
+    let val = eval_set.clone().unwrap_or_else(|| split1[0].clone());
     let n = n.min(val.len());
     let examples: Vec<Example> = (0..n)
         .map(|i| val.get(i))
@@ -412,8 +397,11 @@ fn evaluate<B: Backend>(
         frames: 1,
     };
     for (k, src) in stage.sources.iter().enumerate() {
-        let Some(set) = validation_set(stage, k, seed, encoders)? else {
-            continue;
+        let set = match (src.kind(), &eval_set) {
+            (Ok(SourceKind::Synth { .. }), _) => split1[k].clone(),
+            (_, Some(e)) => e.clone(),
+            // A JSONL source without `eval_jsonl`: its training data is no validation set.
+            (_, None) => continue,
         };
         let name = match src.kind() {
             Ok(SourceKind::Synth { task, .. }) => task.name().to_string(),
@@ -429,16 +417,17 @@ fn evaluate<B: Backend>(
                     Ok((k, ex, enc))
                 })
                 .collect::<std::result::Result<Vec<_>, pali_data::Error>>()?;
-            let mut batch = builder.build(rows, Vec::new())?;
-            let inputs = step_inputs::<B>(&mut batch, cfg, stage.attention, stage.loss.on, device);
-            for (nll, t) in row_nll(
+            let (nll, _) = batch_nll(
                 model,
-                inputs.input,
-                inputs.targets,
-                inputs.weights,
-                inputs.n_img,
-            )? {
-                ppl.add(&name, nll, t);
+                cfg,
+                &builder,
+                rows,
+                stage.attention,
+                stage.loss.on,
+                device,
+            )?;
+            for (n, t) in nll {
+                ppl.add(&name, n, t);
             }
         }
     }
@@ -449,6 +438,29 @@ fn evaluate<B: Backend>(
         perplexity: ppl.per_task().into_iter().map(|(k, p, _)| (k, p)).collect(),
         shown,
     })
+}
+
+/// Summed suffix NLL and token count of each row of encoded examples, with the masks and loss
+/// weights of a training step; also the number of rows whose text was cut.
+pub fn batch_nll<B: Backend>(
+    model: &PaliGemma<B>,
+    cfg: &PaliGemmaConfig,
+    builder: &BatchBuilder,
+    rows: Vec<(usize, Example, pali_data::batch::Encoded)>,
+    attention: Attention,
+    loss_on: LossOn,
+    device: &B::Device,
+) -> Result<(Vec<(f64, f64)>, usize)> {
+    let mut batch = builder.build(rows, Vec::new())?;
+    let inputs = step_inputs::<B>(&mut batch, cfg, attention, loss_on, device);
+    let nll = row_nll(
+        model,
+        inputs.input,
+        inputs.targets,
+        inputs.weights,
+        inputs.n_img,
+    )?;
+    Ok((nll, batch.truncated))
 }
 
 /// Runs an evaluation, prints it and appends it to metrics.jsonl.
