@@ -297,7 +297,6 @@ source = [{{ kind = "synth", task = "detect", size = 50 }}, {{ kind = "synth", t
             .arg("--draw")
             .arg(&png),
     );
-    assert!(!out.trim().is_empty() || png.is_file());
     assert!(png.is_file(), "{out}");
     let e = run_err(
         pali()
