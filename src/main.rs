@@ -85,6 +85,22 @@ enum ModelCommand {
     },
     /// List the presets.
     List,
+    /// Write one tower of a checkpoint as a unimodal HF checkpoint: the decoder as a Gemma
+    /// (`model.init_gemma`) or the image encoder as a SigLIP (`model.init_siglip`).
+    Export {
+        /// A checkpoint directory (`OUT/checkpoints/step-…`) or safetensors file.
+        #[arg(long)]
+        checkpoint: std::path::PathBuf,
+        /// `gemma` (the decoder) or `siglip` (the image encoder).
+        #[arg(long)]
+        tower: String,
+        /// Keep only the first N embedding rows (e.g. drop the `<loc>`/`<seg>` rows).
+        #[arg(long)]
+        vocab: Option<usize>,
+        /// Output safetensors file.
+        #[arg(long)]
+        out: std::path::PathBuf,
+    },
 }
 
 fn main() -> ExitCode {
@@ -93,6 +109,12 @@ fn main() -> ExitCode {
         Command::Model { command } => match command {
             ModelCommand::Info { preset } => cmd::model::info(&preset),
             ModelCommand::List => cmd::model::list(),
+            ModelCommand::Export {
+                checkpoint,
+                tower,
+                vocab,
+                out,
+            } => cmd::model::export(&checkpoint, &tower, vocab, &out),
         },
         Command::Train(args) => cmd::train::run(args),
         Command::Finetune(args) => cmd::finetune::run(args),

@@ -5,7 +5,7 @@ use std::path::PathBuf;
 
 use anyhow::{Context, Result};
 use burn::tensor::backend::Backend;
-use pali_trainer::ablate::{finished, run_grid, AblationConfig, RunSpec};
+use pali_trainer::ablate::{finished, run_grid, AblationConfig};
 
 use crate::backend::{dispatch, Job};
 use crate::DeviceArg;
@@ -20,6 +20,10 @@ pub struct Args {
     /// Print the resolved run configs and what would run; train nothing.
     #[arg(long)]
     pub dry_run: bool,
+    /// Smoke test: every variant with one seed and 2 steps per stage, under DIR (not the
+    /// grid's out_dir); checks that the whole grid runs.
+    #[arg(long, value_name = "DIR")]
+    pub smoke: Option<PathBuf>,
     /// No progress bars.
     #[arg(long)]
     pub quiet: bool,
@@ -28,10 +32,23 @@ pub struct Args {
 }
 
 pub fn run(a: Args) -> Result<()> {
-    let ab = AblationConfig::load(&a.config)
+    let mut ab = AblationConfig::load(&a.config)
         .with_context(|| format!("loading {}", a.config.display()))?;
+    if let Some(dir) = &a.smoke {
+        ab.smoke = true;
+        ab.ablation.out_dir = std::path::absolute(dir)?;
+    }
     let runs = ab.plan(a.only.as_deref())?;
     if a.dry_run {
+        for p in ab.prepare_plan()? {
+            println!(
+                "# prepare `{}` → {} ({})",
+                p.name,
+                p.target.display(),
+                if p.done() { "done" } else { "to run" }
+            );
+            println!("{}", toml::to_string(&p.config)?);
+        }
         for r in &runs {
             println!(
                 "# {} seed {} → {} ({})",
@@ -53,7 +70,7 @@ pub fn run(a: Args) -> Result<()> {
         a.device.device,
         GridJob {
             ab,
-            runs,
+            only: a.only,
             progress: !a.quiet,
         },
     )
@@ -61,14 +78,14 @@ pub fn run(a: Args) -> Result<()> {
 
 struct GridJob {
     ab: AblationConfig,
-    runs: Vec<RunSpec>,
+    only: Option<String>,
     progress: bool,
 }
 
 impl Job for GridJob {
     type Output = ();
     fn run<B: Backend>(self, device: B::Device) -> Result<()> {
-        run_grid::<B>(&self.ab, &self.runs, &device, self.progress)?;
+        run_grid::<B>(&self.ab, self.only.as_deref(), &device, self.progress)?;
         let md = self.ab.ablation.out_dir.join("results.md");
         println!("{}", std::fs::read_to_string(&md)?);
         println!("results in {}", self.ab.ablation.out_dir.display());

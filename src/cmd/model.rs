@@ -1,4 +1,4 @@
-//! `pali model info|list`.
+//! `pali model info|list|export`.
 
 use std::path::Path;
 
@@ -76,5 +76,12 @@ pub fn info(name: &str) -> Result<()> {
         n.total(),
         human(n.total())
     );
+    Ok(())
+}
+
+pub fn export(checkpoint: &Path, tower: &str, vocab: Option<usize>, out: &Path) -> Result<()> {
+    let t = pali_model::checkpoint::tower_by_name(tower)?;
+    let n = pali_model::checkpoint::export_tower(checkpoint, t, vocab, out)?;
+    println!("{n} tensors → {}", out.display());
     Ok(())
 }

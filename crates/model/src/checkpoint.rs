@@ -485,3 +485,83 @@ pub fn save_safetensors<B: Backend, M: Module<B>>(module: &M, path: &Path) -> Re
     std::fs::rename(&tmp, path).map_err(io_err(path))?;
     Ok(())
 }
+
+/// Writes one tower of a PaliGemma checkpoint as a unimodal HF checkpoint: the decoder as a
+/// Gemma (`model.*`, what `init_gemma` reads) or the image encoder as a SigLIP
+/// (`vision_model.*`, what `init_siglip` reads), as f32. `vocab` keeps only the first rows of
+/// the embedding: a decoder without the `<loc>`/`<seg>` rows, i.e. a plain Gemma, for the
+/// token-init ablation. Written atomically. Returns the number of tensors written.
+pub fn export_tower(src: &Path, tower: Tower, vocab: Option<usize>, out: &Path) -> Result<usize> {
+    let file = TensorFile::open(src)?;
+    let (from, to) = match tower {
+        Tower::Language => ("language_model.", "model."),
+        Tower::Vision => ("vision_tower.", "vision_model."),
+        Tower::All => {
+            return Err(Error::Input(
+                "export_tower: pick the language or the vision tower".into(),
+            ))
+        }
+    };
+    let embed = "model.embed_tokens.weight";
+    let mut tensors: Vec<(String, Vec<usize>, Vec<u8>)> = Vec::new();
+    for key in file.names() {
+        let Some(rest) = module_path(key, Tower::All)
+            .and_then(|p| p.strip_prefix(from).map(|r| format!("{to}{r}")))
+        else {
+            continue;
+        };
+        let (mut vals, mut shape) = file.f32(key)?;
+        if let (true, Some(v)) = (rest == embed, vocab) {
+            if v > shape[0] {
+                return Err(Error::Input(format!(
+                    "export: --vocab {v} is larger than the {} rows of `{key}` in {}",
+                    shape[0],
+                    src.display()
+                )));
+            }
+            vals.truncate(v * shape[1]);
+            shape[0] = v;
+        }
+        tensors.push((
+            rest,
+            shape,
+            vals.iter().flat_map(|x| x.to_le_bytes()).collect(),
+        ));
+    }
+    if tensors.is_empty() {
+        return Err(Error::Input(format!(
+            "{}: no `{from}*` tensors to export",
+            src.display()
+        )));
+    }
+    let views: Vec<(String, safetensors::tensor::TensorView)> = tensors
+        .iter()
+        .map(|(n, s, b)| {
+            let view = safetensors::tensor::TensorView::new(Dtype::F32, s.clone(), b)
+                .expect("consistent view");
+            (n.clone(), view)
+        })
+        .collect();
+    let meta = HashMap::from([("format".to_string(), "pt".to_string())]);
+    let tmp = out.with_extension("safetensors.tmp");
+    safetensors::tensor::serialize_to_file(views, Some(meta), &tmp).map_err(|e| {
+        Error::Safetensors {
+            path: tmp.clone(),
+            msg: e.to_string(),
+        }
+    })?;
+    std::fs::rename(&tmp, out).map_err(io_err(out))?;
+    Ok(tensors.len())
+}
+
+/// `gemma` → [`Tower::Language`], `siglip` → [`Tower::Vision`] (names used in configs and
+/// on the command line).
+pub fn tower_by_name(name: &str) -> Result<Tower> {
+    match name {
+        "gemma" => Ok(Tower::Language),
+        "siglip" => Ok(Tower::Vision),
+        other => Err(Error::Input(format!(
+            "unknown tower `{other}` (gemma, siglip)"
+        ))),
+    }
+}

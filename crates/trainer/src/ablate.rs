@@ -2,7 +2,14 @@
 //! seeds. Every (variant, seed) trains under `out_dir/VARIANT/seed-S`; a finished run (its
 //! `summary.json` exists) is skipped, an interrupted one resumes from its last checkpoint.
 //! Results: `results.json`, `results.md` (mean ± std per variant and metric, best in bold, the
-//! paper's finding beside it) and SVG plots (a bar chart per metric, loss curves per variant).
+//! paper's finding beside it) and SVG plots (a bar chart per metric, loss curves per variant,
+//! and curves of tracked evaluation metrics over training).
+//!
+//! `[[prepare]]` runs are trained once, before the grid, under `out_dir/_prepare/NAME`; an
+//! override may name their output as `{prepare.NAME}`: the final checkpoint directory, or the
+//! exported tower file with `export`. This is how a grid starts many transfers from one
+//! pretraining (few-shot transfer) or from a pretrained decoder without the new tokens
+//! (new-token init).
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -21,8 +28,28 @@ use crate::train::{train, TrainOptions};
 #[serde(deny_unknown_fields)]
 pub struct AblationConfig {
     pub ablation: AblationSection,
+    #[serde(rename = "prepare", default)]
+    pub prepares: Vec<Prepare>,
     #[serde(rename = "variant")]
     pub variants: Vec<Variant>,
+    /// Smoke test (`pali ablate --smoke`): one seed, 2 steps per stage, tiny evaluations.
+    #[serde(skip)]
+    pub smoke: bool,
+}
+
+/// Shrinks a run to a smoke test: every stage 2 steps, evaluations of 2 examples at the end.
+fn shrink(c: &mut RunConfig) {
+    for s in &mut c.stages {
+        s.steps = 2;
+        s.checkpoint_every = 2;
+        s.log_every = 1;
+        s.eval_every = 0;
+        s.eval_examples = s.eval_examples.min(2);
+        for g in &mut s.groups {
+            g.warmup_steps = g.warmup_steps.min(1);
+            g.cooldown_steps = 0;
+        }
+    }
 }
 
 #[derive(Serialize, Deserialize, Debug, Clone)]
@@ -36,11 +63,62 @@ pub struct AblationSection {
     #[serde(default = "one_seed")]
     pub seeds: Vec<u64>,
     /// Metrics of the table: `final_loss`, `wall_seconds`, `tokens_per_s`, `exact_match`,
-    /// `val_perplexity/TASK`, `eval/KEY` (keys of the last evaluation, see docs/eval.md).
+    /// `val_perplexity/TASK`, `eval/KEY` (keys of the last evaluation, see docs/eval.md), and
+    /// `CURVE@start` for a tracked curve's first value.
     pub metrics: Vec<String>,
     /// What the paper found (shown above the table).
     #[serde(default)]
     pub paper: String,
+    /// Overrides applied to every variant (before the variant's own).
+    #[serde(default)]
+    pub set: Vec<String>,
+    /// Evaluation metrics plotted over training steps (`val_perplexity/TASK`, `eval/KEY`),
+    /// from every evaluation in metrics.jsonl (set `eval_every` in the base).
+    #[serde(default)]
+    pub curves: Vec<String>,
+}
+
+/// A run trained once before the grid; its output is `{prepare.NAME}` in overrides.
+#[derive(Serialize, Deserialize, Debug, Clone)]
+#[serde(deny_unknown_fields)]
+pub struct Prepare {
+    pub name: String,
+    /// Its run config (relative to the ablation file; default: the ablation's base).
+    #[serde(default)]
+    pub base: Option<PathBuf>,
+    #[serde(default)]
+    pub set: Vec<String>,
+    /// Export one tower of the final checkpoint; `{prepare.NAME}` is then that file.
+    #[serde(default)]
+    pub export: Option<Export>,
+}
+
+/// `pali model export` of a preparatory run's final checkpoint.
+#[derive(Serialize, Deserialize, Debug, Clone)]
+#[serde(deny_unknown_fields)]
+pub struct Export {
+    /// `gemma` (the decoder) or `siglip` (the image encoder).
+    pub tower: String,
+    /// Keep only the first N embedding rows (a decoder without `<loc>`/`<seg>` rows).
+    #[serde(default)]
+    pub vocab: Option<usize>,
+}
+
+/// A preparatory run, resolved.
+#[derive(Debug, Clone)]
+pub struct PrepareSpec {
+    pub name: String,
+    pub dir: PathBuf,
+    pub config: RunConfig,
+    /// What `{prepare.NAME}` stands for.
+    pub target: PathBuf,
+    pub export: Option<Export>,
+}
+
+impl PrepareSpec {
+    pub fn done(&self) -> bool {
+        finished(&self.dir) && self.target.exists()
+    }
 }
 
 #[derive(Serialize, Deserialize, Debug, Clone)]
@@ -77,9 +155,31 @@ impl AblationConfig {
         // it would otherwise resolve against its own directory.
         let abs = std::path::absolute(path).map_err(io(path))?;
         let base = abs.parent().unwrap_or(Path::new("/")).to_path_buf();
-        for p in [&mut a.ablation.base, &mut a.ablation.out_dir] {
+        for p in [&mut a.ablation.base, &mut a.ablation.out_dir]
+            .into_iter()
+            .chain(a.prepares.iter_mut().filter_map(|p| p.base.as_mut()))
+        {
             if p.is_relative() {
                 *p = base.join(&*p);
+            }
+        }
+        let mut names = std::collections::HashSet::new();
+        for p in &a.prepares {
+            if !names.insert(&p.name) || p.name.is_empty() || p.name.contains(['/', '\\', '}']) {
+                return Err(Error::Config(format!(
+                    "{}: prepare name `{}` is empty, repeated or has a slash or brace",
+                    path.display(),
+                    p.name
+                )));
+            }
+            if let Some(e) = &p.export {
+                pali_model::checkpoint::tower_by_name(&e.tower).map_err(|m| {
+                    Error::Config(format!(
+                        "{}: prepare `{}`: export: {m}",
+                        path.display(),
+                        p.name
+                    ))
+                })?;
             }
         }
         let mut names = std::collections::HashSet::new();
@@ -101,24 +201,77 @@ impl AblationConfig {
         Ok(a)
     }
 
-    /// Every run of the grid with its resolved config (overrides applied and checked).
+    /// The preparatory runs, resolved (their overrides checked).
+    pub fn prepare_plan(&self) -> Result<Vec<PrepareSpec>> {
+        self.prepares
+            .iter()
+            .map(|p| {
+                let dir = self.ablation.out_dir.join("_prepare").join(&p.name);
+                let mut sets = p.set.clone();
+                sets.push(format!("run.out_dir=\"{}\"", dir.display()));
+                let base = p.base.as_ref().unwrap_or(&self.ablation.base);
+                let mut config = RunConfig::load(base, &sets)
+                    .map_err(|e| Error::Config(format!("prepare `{}`: {e}", p.name)))?;
+                if self.smoke {
+                    shrink(&mut config);
+                }
+                let target = match &p.export {
+                    Some(e) => dir.join(format!("{}.safetensors", e.tower)),
+                    None => {
+                        let steps: u64 = config.stages.iter().map(|s| s.steps).sum();
+                        dir.join("checkpoints").join(format!("step-{steps:08}"))
+                    }
+                };
+                Ok(PrepareSpec {
+                    name: p.name.clone(),
+                    dir,
+                    config,
+                    target,
+                    export: p.export.clone(),
+                })
+            })
+            .collect()
+    }
+
+    /// Every run of the grid with its resolved config (overrides applied; checked as well
+    /// once the preparatory runs exist).
     pub fn plan(&self, only: Option<&str>) -> Result<Vec<RunSpec>> {
+        let prepares = self.prepare_plan()?;
+        let ready = prepares.iter().all(|p| p.done());
         let mut out = Vec::new();
         for v in &self.variants {
             if only.is_some_and(|o| o != v.name) {
                 continue;
             }
-            for &seed in &self.ablation.seeds {
+            let seeds = if self.smoke {
+                &self.ablation.seeds[..1]
+            } else {
+                &self.ablation.seeds[..]
+            };
+            for &seed in seeds {
                 let dir = self
                     .ablation
                     .out_dir
                     .join(&v.name)
                     .join(format!("seed-{seed}"));
-                let mut sets = v.set.clone();
+                let mut sets = Vec::new();
+                for s in self.ablation.set.iter().chain(&v.set) {
+                    sets.push(
+                        substitute(s, &prepares)
+                            .map_err(|m| Error::Config(format!("variant `{}`: {m}", v.name)))?,
+                    );
+                }
                 sets.push(format!("run.seed={seed}"));
                 sets.push(format!("run.out_dir=\"{}\"", dir.display()));
-                let config = RunConfig::load(&self.ablation.base, &sets)
-                    .map_err(|e| Error::Config(format!("variant `{}` seed {seed}: {e}", v.name)))?;
+                let mut config = if ready {
+                    RunConfig::load(&self.ablation.base, &sets)
+                } else {
+                    RunConfig::parse(&self.ablation.base, &sets)
+                }
+                .map_err(|e| Error::Config(format!("variant `{}` seed {seed}: {e}", v.name)))?;
+                if self.smoke {
+                    shrink(&mut config);
+                }
                 out.push(RunSpec {
                     variant: v.name.clone(),
                     seed,
@@ -137,19 +290,86 @@ impl AblationConfig {
     }
 }
 
+/// Replaces `{prepare.NAME}` by what that preparatory run provides.
+fn substitute(s: &str, prepares: &[PrepareSpec]) -> std::result::Result<String, String> {
+    let mut out = String::new();
+    let mut rest = s;
+    while let Some(i) = rest.find("{prepare.") {
+        out.push_str(&rest[..i]);
+        let after = &rest[i + "{prepare.".len()..];
+        let end = after
+            .find('}')
+            .ok_or_else(|| format!("`{s}`: unclosed `{{prepare.`"))?;
+        let name = &after[..end];
+        let p = prepares
+            .iter()
+            .find(|p| p.name == name)
+            .ok_or_else(|| format!("`{s}`: no [[prepare]] named `{name}`"))?;
+        out.push_str(&p.target.display().to_string());
+        rest = &after[end + 1..];
+    }
+    out.push_str(rest);
+    Ok(out)
+}
+
 /// Whether a run finished (the trainer writes `summary.json` last).
 pub fn finished(dir: &Path) -> bool {
     dir.join("summary.json").is_file()
 }
 
-/// Runs `runs` (skipping finished ones, resuming interrupted ones), then writes the results of
-/// every finished run of the whole grid.
+/// Trains the preparatory runs that are not done yet (resuming interrupted ones) and exports
+/// their towers.
+pub fn run_prepares<B: Backend>(
+    a: &AblationConfig,
+    device: &B::Device,
+    progress: bool,
+) -> Result<()> {
+    for p in a.prepare_plan()? {
+        if p.done() {
+            eprintln!("prepare `{}`: done, skipped", p.name);
+            continue;
+        }
+        if !finished(&p.dir) {
+            let resume = !crate::ckpt::checkpoints(&p.dir).is_empty();
+            eprintln!(
+                "prepare `{}`{}",
+                p.name,
+                if resume { " (resuming)" } else { "" }
+            );
+            let opts = TrainOptions {
+                resume,
+                progress,
+                max_steps: None,
+            };
+            train::<B>(&p.config, device, &opts)?;
+        }
+        if let Some(e) = &p.export {
+            let last = crate::ckpt::checkpoints(&p.dir).pop().ok_or_else(|| {
+                Error::Train(format!(
+                    "prepare `{}`: no checkpoint in {}",
+                    p.name,
+                    p.dir.display()
+                ))
+            })?;
+            let tower = pali_model::checkpoint::tower_by_name(&e.tower)?;
+            pali_model::checkpoint::export_tower(&last, tower, e.vocab, &p.target)?;
+            eprintln!("prepare `{}`: exported {}", p.name, p.target.display());
+        }
+    }
+    Ok(())
+}
+
+/// Runs the grid (or variant `only`): first the preparatory runs, then every (variant, seed),
+/// skipping finished ones and resuming interrupted ones; then writes the results of every
+/// finished run of the whole grid.
 pub fn run_grid<B: Backend>(
     a: &AblationConfig,
-    runs: &[RunSpec],
+    only: Option<&str>,
     device: &B::Device,
     progress: bool,
 ) -> Result<Vec<RunResult>> {
+    run_prepares::<B>(a, device, progress)?;
+    let runs = a.plan(only)?;
     let started = Instant::now();
     let todo = runs.iter().filter(|r| !finished(&r.dir)).count();
     let mut done_now = 0usize;
@@ -194,7 +414,7 @@ pub fn run_grid<B: Backend>(
         .plan(None)?
         .iter()
         .filter(|r| finished(&r.dir))
-        .map(collect)
+        .map(|r| collect(r, &a.ablation.curves))
         .collect::<Result<Vec<_>>>()?;
     write_results(a, &results)?;
     Ok(results)
@@ -208,10 +428,13 @@ pub struct RunResult {
     pub metrics: BTreeMap<String, f64>,
     /// (global step, loss) of every logged step.
     pub loss_curve: Vec<(f64, f64)>,
+    /// (global step, value) of every evaluation, per tracked metric (`curves`).
+    pub curves: BTreeMap<String, Vec<(f64, f64)>>,
 }
 
-/// Reads a finished run's `summary.json` and `metrics.jsonl`.
-pub fn collect(r: &RunSpec) -> Result<RunResult> {
+/// Reads a finished run's `summary.json` and `metrics.jsonl`; `curves` are the evaluation
+/// metrics to follow over training.
+pub fn collect(r: &RunSpec, curves: &[String]) -> Result<RunResult> {
     let read = |p: PathBuf| -> Result<String> { std::fs::read_to_string(&p).map_err(io(&p)) };
     let summary: Value = serde_json::from_str(&read(r.dir.join("summary.json"))?)
         .map_err(|e| Error::Train(format!("{}: {e}", r.dir.display())))?;
@@ -247,16 +470,33 @@ pub fn collect(r: &RunSpec) -> Result<RunResult> {
         }
     }
     let mut curve = Vec::new();
+    let mut tracked: BTreeMap<String, Vec<(f64, f64)>> = BTreeMap::new();
     let mut tps = Vec::new();
     for line in read(r.dir.join("metrics.jsonl"))?.lines() {
         let Ok(v) = serde_json::from_str::<Value>(line) else {
             continue;
         };
+        for c in curves {
+            // `val_perplexity/vqa` → v["val_perplexity"]["vqa"], `eval/cider` → v["eval"]["cider"].
+            let x = c
+                .split_once('/')
+                .and_then(|(a, b)| v.get(a).and_then(|o| o.get(b)))
+                .and_then(|x| x.as_f64());
+            if let (Some(s), Some(x)) = (v["step"].as_f64(), x) {
+                tracked.entry(c.clone()).or_default().push((s, x));
+            }
+        }
         if let (Some(s), Some(l)) = (v["step"].as_f64(), v["loss"].as_f64()) {
             curve.push((s, l));
         }
         if let Some(t) = v["tokens_per_s"].as_f64() {
             tps.push(t);
+        }
+    }
+    // Where each tracked curve starts (e.g. the step-0 perplexity of new-token init).
+    for (c, pts) in &tracked {
+        if let Some(&(_, x)) = pts.first() {
+            m.insert(format!("{c}@start"), x);
         }
     }
     if !tps.is_empty() {
@@ -270,6 +510,7 @@ pub fn collect(r: &RunSpec) -> Result<RunResult> {
         seed: r.seed,
         metrics: m,
         loss_curve: curve,
+        curves: tracked,
     })
 }
 
@@ -403,6 +644,11 @@ fn write_results(a: &AblationConfig, results: &[RunResult]) -> Result<()> {
         plots.push(file);
     }
     crate::plot::loss_curves(&a.ablation.name, results, &dir.join("loss.svg"))?;
+    for c in &a.ablation.curves {
+        let file = format!("curve-{}.svg", c.replace('/', "_"));
+        crate::plot::metric_curves(&a.ablation.name, c, results, &dir.join(&file))?;
+        plots.push(file);
+    }
     md.push_str("\nPlots: `loss.svg`");
     for f in &plots {
         md.push_str(&format!(", `{f}`"));

@@ -34,6 +34,10 @@ pub struct Run {
     /// Checkpoints to keep (oldest removed first).
     #[serde(default = "default_keep")]
     pub keep_checkpoints: usize,
+    /// Train only these stages (by name, in config order); default: all. E.g.
+    /// `--set 'run.stages=["transfer"]'` skips stage 1 (the stage-1 length ablation).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stages: Option<Vec<String>>,
 }
 
 fn default_keep() -> usize {
@@ -384,6 +388,14 @@ impl RunConfig {
     /// Reads, overrides and validates a run config; relative paths are resolved against the
     /// config file's directory.
     pub fn load(path: &Path, overrides: &[String]) -> Result<Self> {
+        let c = Self::parse(path, overrides)?;
+        c.validate(path)?;
+        Ok(c)
+    }
+
+    /// [`RunConfig::load`] without the checks of [`RunConfig::validate`] (files may not exist
+    /// yet: an ablation's runs that start from a preparatory run's output).
+    pub fn parse(path: &Path, overrides: &[String]) -> Result<Self> {
         let text = std::fs::read_to_string(path)
             .map_err(|e| Error::Config(format!("{}: {e}", path.display())))?;
         let mut doc: toml::Value =
@@ -396,7 +408,20 @@ impl RunConfig {
             .map_err(|e: toml::de::Error| Error::Config(format!("{}: {e}", path.display())))?;
         let base = path.parent().unwrap_or(Path::new("."));
         c.resolve_paths(base);
-        c.validate(path)?;
+        if let Some(keep) = &c.run.stages {
+            if let Some(n) = keep
+                .iter()
+                .find(|n| !c.stages.iter().any(|s| &s.name == *n))
+            {
+                let have: Vec<&str> = c.stages.iter().map(|s| s.name.as_str()).collect();
+                return Err(Error::Config(format!(
+                    "{}: run.stages: no stage `{n}` (stages: {})",
+                    path.display(),
+                    have.join(", ")
+                )));
+            }
+            c.stages.retain(|s| keep.contains(&s.name));
+        }
         Ok(c)
     }
 

@@ -167,3 +167,60 @@ pub fn loss_curves(name: &str, runs: &[crate::ablate::RunResult], out: &Path) ->
     };
     draw().map_err(|e| Error::Train(format!("plotting {}: {e}", out.display())))
 }
+
+/// A tracked evaluation metric over global steps (log scale), one line per run, coloured by
+/// variant.
+pub fn metric_curves(
+    name: &str,
+    metric: &str,
+    runs: &[crate::ablate::RunResult],
+    out: &Path,
+) -> Result<()> {
+    let series: Vec<(&String, &Vec<(f64, f64)>)> = runs
+        .iter()
+        .filter_map(|r| r.curves.get(metric).map(|c| (&r.variant, c)))
+        .filter(|(_, c)| !c.is_empty())
+        .collect();
+    if series.is_empty() {
+        return Ok(());
+    }
+    let pts = series.iter().flat_map(|(_, c)| c.iter());
+    let (xmax, ymin, ymax) = pts.fold((1.0f64, f64::INFINITY, 0.0f64), |a, p| {
+        (a.0.max(p.0), a.1.min(p.1), a.2.max(p.1))
+    });
+    let ymin = (ymin * 0.9).max(1e-6);
+    let mut variants: Vec<&String> = series.iter().map(|(v, _)| *v).collect();
+    variants.dedup();
+    let draw = || -> std::result::Result<(), Box<dyn std::error::Error>> {
+        let root = SVGBackend::new(out, (900, 500)).into_drawing_area();
+        root.fill(&WHITE)?;
+        let mut c = ChartBuilder::on(&root)
+            .caption(format!("{name}: {metric}"), ("sans-serif", 20))
+            .margin(10)
+            .x_label_area_size(30)
+            .y_label_area_size(60)
+            .build_cartesian_2d(0.0..xmax, (ymin..ymax * 1.1 + 1e-9).log_scale())?;
+        c.configure_mesh()
+            .x_desc("step")
+            .y_desc(format!("{metric} (log)"))
+            .draw()?;
+        for (i, v) in variants.iter().enumerate() {
+            let color = Palette99::pick(i).to_rgba();
+            for (k, (_, pts)) in series.iter().filter(|(w, _)| w == v).enumerate() {
+                c.draw_series(pts.iter().map(|&p| Circle::new(p, 3, color.filled())))?;
+                let s = c.draw_series(LineSeries::new(pts.iter().copied(), color))?;
+                if k == 0 {
+                    s.label(v.to_string())
+                        .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], color));
+                }
+            }
+        }
+        c.configure_series_labels()
+            .background_style(WHITE.mix(0.8))
+            .border_style(BLACK)
+            .draw()?;
+        root.present()?;
+        Ok(())
+    };
+    draw().map_err(|e| Error::Train(format!("plotting {}: {e}", out.display())))
+}

@@ -674,6 +674,25 @@ pub fn train<B: Backend>(
         // Data problems since the last log line (truncated rows, rows that lost EOS, skipped).
         let (mut truncated, mut eos_cut, mut skipped) = (0usize, 0usize, 0usize);
 
+        // With mid-stage evaluations, also one before the first step: where a curve starts
+        // matters to some ablations (new-token init: the step-0 perplexity).
+        if stage.eval_every > 0 && start_step == 0 && evaluates(stage) {
+            bar.suspend(|| {
+                evaluate_and_log(
+                    &model.valid(),
+                    &cfg,
+                    stage,
+                    &tok,
+                    config.run.seed,
+                    global_step,
+                    &metrics_path,
+                    &encoders,
+                    device,
+                    false,
+                )
+            })?;
+        }
+
         // ---- The loop ----
         for step in start_step..stage.steps {
             if opts.max_steps.is_some_and(|m| global_step >= m) {
