@@ -283,6 +283,7 @@ pub fn run_data(a: DataArgs) -> Result<()> {
             resolution: st.resolution,
             resize: st.resize,
             frames: 1,
+            transforms: pali_trainer::train::transforms(st, c.run.seed),
         };
         let t = Instant::now();
         for _ in 0..a.batches {

@@ -152,6 +152,7 @@ fn inspect(
         resolution: st.resolution,
         resize: st.resize,
         frames: 1,
+        transforms: pali_trainer::train::transforms(st, cfg.run.seed.wrapping_add(si as u64)),
     };
     let mut w = Writer::default();
     for bi in 0..batches {

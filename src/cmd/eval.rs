@@ -47,6 +47,12 @@ pub struct DecodeArgs {
     pub text_len: usize,
     #[arg(long, value_enum, default_value = "bicubic")]
     pub resize: Resize,
+    /// Resize images to this resolution first (as a stage's `downscale`).
+    #[arg(long)]
+    pub downscale: Option<usize>,
+    /// Tiles per side, each its own frame (as a stage's `window`).
+    #[arg(long, default_value_t = 1)]
+    pub window: usize,
     /// Tokenizer (default: `tokenizer.json` in the checkpoint directory).
     #[arg(long)]
     pub tokenizer: Option<PathBuf>,
@@ -57,6 +63,16 @@ pub enum Resize {
     Bicubic,
     Bilinear,
     BilinearNoAntialias,
+}
+
+impl DecodeArgs {
+    fn transforms(&self) -> pali_data::transform::Transforms {
+        pali_data::transform::Transforms {
+            downscale: self.downscale,
+            window: self.window.max(1),
+            ..Default::default()
+        }
+    }
 }
 
 impl From<Resize> for ResizeMethod {
@@ -264,6 +280,7 @@ impl Job for EvalJob {
             resolution: res,
             resize: a.decoding.resize.into(),
             batch_size: a.batch_size,
+            transforms: a.decoding.transforms(),
         };
         let pb = bar(n, "decoding");
         let (preds, thr) = predict(&model, &cfg, &tok, &examples, &opts, &device, |k| {
@@ -354,13 +371,14 @@ fn perplexity<B: Backend>(
         resolution: res,
         resize: a.decoding.resize.into(),
         frames,
+        transforms: a.decoding.transforms(),
     };
     let mut ppl = Perplexity::default();
     let mut truncated = 0;
     for chunk in examples.chunks(a.batch_size.max(1)) {
         let rows = chunk
             .iter()
-            .map(|e| Ok((0, e.clone(), builder.encode(e)?)))
+            .map(|e| Ok((0, e.clone(), builder.encode(e, None)?)))
             .collect::<Result<Vec<_>, pali_data::Error>>()?;
         let (nll, cut) = batch_nll(
             model,
@@ -408,6 +426,7 @@ impl Job for PredictJob {
             resolution: image_resolution(&cfg),
             resize: a.decoding.resize.into(),
             batch_size: 1,
+            transforms: a.decoding.transforms(),
         };
         let (preds, thr) = predict(&model, &cfg, &tok, &[ex], &opts, &device, |_| {})?;
         let p = &preds[0];

@@ -139,3 +139,142 @@ fn grid_runs_reports_and_resumes_without_redoing_finished_runs() {
     let e = run_err(pali().args(["ablate", "--only", "nope"]).arg(&grid));
     assert!(e.contains("no variant named `nope`"), "{e}");
 }
+
+/// Every shipped ablation config runs end to end at smoke size (one seed, 2 steps per stage),
+/// preparatory runs and exports included.
+#[test]
+fn every_shipped_ablation_runs_as_a_smoke_test() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("configs/ablations");
+    let d = tempfile::tempdir().unwrap();
+    let mut names: Vec<String> = std::fs::read_dir(&root)
+        .unwrap()
+        .filter_map(|e| {
+            let n = e.unwrap().file_name().into_string().unwrap();
+            (n.ends_with(".toml") && !n.starts_with("base")).then(|| n.replace(".toml", ""))
+        })
+        .collect();
+    names.sort();
+    assert!(names.len() >= 13, "{names:?}");
+    for name in &names {
+        let cfg = root.join(format!("{name}.toml"));
+        let text = std::fs::read_to_string(&cfg).unwrap();
+        let variants = text.matches("[[variant]]").count();
+        let out_dir = d.path().join(name);
+        let md = run_ok(
+            pali()
+                .args(["ablate", "--quiet", "--smoke"])
+                .arg(&out_dir)
+                .arg(&cfg),
+        );
+        let rows = md
+            .lines()
+            .filter(|l| l.starts_with("| ") && !l.starts_with("| variant"))
+            .count();
+        assert_eq!(rows, variants, "{name}: {md}");
+        // Nothing is written next to the shipped grid.
+        assert!(out_dir.join("results.json").is_file(), "{name}");
+    }
+
+    // token_init: the preparatory decoder was exported without the 1153 new rows, and every
+    // variant started from it; the tracked curve starts at step 0.
+    let ti = d.path().join("token_init");
+    let g = open(&ti.join("_prepare/lm/gemma.safetensors"));
+    let (_, shape) = f32s(&g, "model.embed_tokens.weight");
+    assert_eq!(shape[0], 600);
+    assert!(g.names().all(|n| n.starts_with("model.")));
+    let resolved = std::fs::read_to_string(ti.join("avg_emb/seed-0/config.resolved.toml")).unwrap();
+    assert!(
+        resolved.contains("_prepare/lm/gemma.safetensors"),
+        "{resolved}"
+    );
+    let res: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(ti.join("results.json")).unwrap()).unwrap();
+    let run = &res["runs"][0];
+    assert!(
+        run["metrics"]["val_perplexity/detect@start"]
+            .as_f64()
+            .unwrap()
+            > 1.0,
+        "{run}"
+    );
+    assert!(ti.join("curve-val_perplexity_detect.svg").is_file());
+    // few_shot: transfers start from the prepared checkpoint and run only the transfer stage.
+    let fs = d.path().join("few_shot/k64/seed-0");
+    let resolved = std::fs::read_to_string(fs.join("config.resolved.toml")).unwrap();
+    assert!(
+        resolved.contains("_prepare/pretrain/checkpoints/step-00000002"),
+        "{resolved}"
+    );
+    let summary = std::fs::read_to_string(fs.join("summary.json")).unwrap();
+    assert!(
+        summary.contains("\"transfer\"") && !summary.contains("\"pretrain\""),
+        "{summary}"
+    );
+}
+
+#[test]
+fn model_export_writes_one_tower_and_checks_the_vocabulary() {
+    let d = tempfile::tempdir().unwrap();
+    let ck = fixture("tiny-gemma1");
+    let out = d.path().join("gemma.safetensors");
+    let msg = run_ok(
+        pali()
+            .args([
+                "model",
+                "export",
+                "--tower",
+                "gemma",
+                "--vocab",
+                "1000",
+                "--checkpoint",
+            ])
+            .arg(&ck)
+            .arg("--out")
+            .arg(&out),
+    );
+    assert!(msg.contains("tensors →"), "{msg}");
+    let g = open(&out);
+    let (emb, shape) = f32s(&g, "model.embed_tokens.weight");
+    let full = open(&ck.join("model.safetensors"));
+    let key = full
+        .names()
+        .find(|n| n.ends_with("embed_tokens.weight"))
+        .unwrap()
+        .to_string();
+    let (want, wshape) = f32s(&full, &key);
+    assert_eq!(shape, vec![1000, wshape[1]]);
+    assert_eq!(emb[..], want[..1000 * wshape[1]]);
+    let out = d.path().join("siglip.safetensors");
+    run_ok(
+        pali()
+            .args(["model", "export", "--tower", "siglip", "--checkpoint"])
+            .arg(&ck)
+            .arg("--out")
+            .arg(&out),
+    );
+    assert!(open(&out).names().all(|n| n.starts_with("vision_model.")));
+    let e = run_err(
+        pali()
+            .args([
+                "model",
+                "export",
+                "--tower",
+                "gemma",
+                "--vocab",
+                "999999",
+                "--checkpoint",
+            ])
+            .arg(&ck)
+            .arg("--out")
+            .arg(d.path().join("x.safetensors")),
+    );
+    assert!(e.contains("larger than the") && e.contains("rows"), "{e}");
+    let e = run_err(
+        pali()
+            .args(["model", "export", "--tower", "clip", "--checkpoint"])
+            .arg(&ck)
+            .arg("--out")
+            .arg(d.path().join("x.safetensors")),
+    );
+    assert!(e.contains("unknown tower `clip`"), "{e}");
+}

@@ -246,6 +246,90 @@ fn bad_configs_fail_before_training_with_the_reason() {
             .args(["--set", "stage.2.steps=many"]),
     );
     assert!(e.contains("steps"), "{e}");
+
+    // A stage subset names existing stages; transforms are checked.
+    for (set, want) in [
+        (
+            r#"run.stages=["s1", "s3"]"#,
+            "run.stages: no stage `s3` (stages: s1, s2)",
+        ),
+        ("stage.s1.window=0", "window and downscale must be > 0"),
+        (
+            "stage.s1.augment.jpeg_quality=[90, 10]",
+            "augment.jpeg_quality: [90, 10]",
+        ),
+        (
+            "stage.s1.augment.crop_min_area=1.5",
+            "crop_min_area: 1.5 is not in (0, 1]",
+        ),
+    ] {
+        let e = run_err(pali().arg("train").arg(&cfg).args(["--set", set]));
+        assert!(e.contains(want), "{set}: {e}");
+    }
+    let detect = config(d.path(), "");
+    let text = std::fs::read_to_string(&detect).unwrap();
+    std::fs::write(
+        &detect,
+        text.replace(r#"task = "ocr""#, r#"task = "detect""#),
+    )
+    .unwrap();
+    let e = run_err(
+        pali()
+            .arg("train")
+            .arg(&detect)
+            .args(["--set", "stage.s1.augment={ crop_min_area = 0.8 }"]),
+    );
+    assert!(
+        e.contains("crop_min_area moves objects") && e.contains("`detect`"),
+        "{e}"
+    );
+}
+
+/// Windowing and downscaling train and evaluate; augmentations keep a run reproducible.
+#[test]
+fn image_transforms_train_and_stay_deterministic() {
+    let d = tempfile::tempdir().unwrap();
+    let cfg = config(d.path(), "");
+    let run = |out: &str, extra: &[&str]| {
+        let mut c = pali();
+        c.arg("train").arg("--quiet").arg(&cfg);
+        c.args([
+            "--set",
+            &format!("run.out_dir=\"{out}/out\""),
+            "--set",
+            r#"run.stages=["s1"]"#,
+        ]);
+        c.args([
+            "--set",
+            "stage.s1.steps=3",
+            "--set",
+            "stage.s1.eval_examples=4",
+        ]);
+        for e in extra {
+            c.args(["--set", e]);
+        }
+        run_ok(&mut c);
+        metrics(&d.path().join(out))
+    };
+    let loss = |m: &[serde_json::Value]| -> Vec<f64> {
+        m.iter().filter_map(|v| v["loss"].as_f64()).collect()
+    };
+    let plain = run("plain", &[]);
+    let win = run("win", &["stage.s1.window=2", "stage.s1.resolution=16"]);
+    let down = run("down", &["stage.s1.downscale=8"]);
+    assert!(
+        win.iter().any(|v| v.get("eval").is_some()),
+        "windowed run evaluated"
+    );
+    assert_ne!(loss(&plain), loss(&win));
+    assert_ne!(loss(&plain), loss(&down));
+    let aug = [
+        "stage.s1.augment={ crop_min_area = 0.7, jpeg_quality = [40, 90], random_resize = true }",
+    ];
+    let a1 = run("aug1", &aug);
+    let a2 = run("aug2", &aug);
+    assert_eq!(loss(&a1), loss(&a2), "augmentations are seeded");
+    assert_ne!(loss(&a1), loss(&plain));
 }
 
 /// The README's main job, shortened through `--set`: all three stages run, the resolution

@@ -57,13 +57,21 @@ pub struct BatchBuilder {
     pub seq: SequenceBuilder,
     pub resolution: usize,
     pub resize: ResizeMethod,
-    /// Images per example (frames); every example must have exactly this many.
+    /// Images per example; every example must have exactly this many.
     pub frames: usize,
+    /// Downscale, windowing (each image becomes `window²` frames) and augmentations.
+    pub transforms: crate::transform::Transforms,
 }
 
 impl BatchBuilder {
-    /// Tokens and pixels of one example.
-    pub fn encode(&self, ex: &Example) -> Result<Encoded> {
+    /// Frames per example the model sees (images × windows).
+    pub fn model_frames(&self) -> usize {
+        self.frames * self.transforms.frames_per_image()
+    }
+
+    /// Tokens and pixels of one example; `draw` (unique per draw of the stream) seeds the
+    /// augmentations, `None` for none.
+    pub fn encode(&self, ex: &Example, draw: Option<u64>) -> Result<Encoded> {
         if ex.images.len() != self.frames {
             return Err(Error::Invalid(format!(
                 "{}: {} images, but the stage expects {} per example",
@@ -76,10 +84,12 @@ impl BatchBuilder {
             .seq
             .train(&self.tokenizer, &ex.prefix, &ex.suffix)
             .map_err(|e| Error::Invalid(format!("{}: {e}", ex.id)))?;
-        let mut px = Vec::with_capacity(self.frames * 3 * self.resolution * self.resolution);
-        for im in &ex.images {
+        let mut px = Vec::with_capacity(self.model_frames() * 3 * self.resolution.pow(2));
+        for (k, im) in ex.images.iter().enumerate() {
+            let draw = draw.map(|d| d.wrapping_mul(31).wrapping_add(k as u64));
             px.extend(
-                im.pixels(self.resolution, self.resize)
+                self.transforms
+                    .pixels(im, self.resolution, self.resize, draw)
                     .map_err(|e| Error::Invalid(format!("{}: {e}", ex.id)))?,
             );
         }
@@ -96,10 +106,10 @@ impl BatchBuilder {
         let t1 = self.seq.text_len + 1;
         let mut batch = Batch {
             batch_size: b,
-            frames: self.frames,
+            frames: self.model_frames(),
             resolution: self.resolution,
             pixel_values: Vec::with_capacity(
-                b * self.frames * 3 * self.resolution * self.resolution,
+                b * self.model_frames() * 3 * self.resolution * self.resolution,
             ),
             seq_len: t1,
             text: Vec::with_capacity(b * t1),
@@ -147,12 +157,16 @@ pub fn next_batch(
         let drawn = (rows.len()..batch_size)
             .map(|_| {
                 let (s, i) = mix.next_index();
-                Ok((s, mix.sources[s].get(i)?))
+                // The draw's identity (source, examples drawn from it) seeds augmentations.
+                let draw = ((s as u64) << 40) ^ mix.state.sources[s].seen;
+                Ok((s, mix.sources[s].get(i)?, draw))
             })
             .collect::<Result<Vec<_>>>()?;
-        let encoded: Vec<Result<Encoded>> =
-            drawn.par_iter().map(|(_, ex)| builder.encode(ex)).collect();
-        for ((s, ex), enc) in drawn.into_iter().zip(encoded) {
+        let encoded: Vec<Result<Encoded>> = drawn
+            .par_iter()
+            .map(|(_, ex, d)| builder.encode(ex, Some(*d)))
+            .collect();
+        for ((s, ex, _), enc) in drawn.into_iter().zip(encoded) {
             match enc {
                 Ok(enc) => rows.push((s, ex, enc)),
                 Err(e) if on_error == OnError::Skip => {

@@ -34,6 +34,14 @@ impl ImageSource {
             ImageSource::Synth(s) => Ok(img::to_pixel_values(&s.render(res))),
         }
     }
+
+    /// The image as decoded; a synthetic scene is rendered at `res × res`.
+    pub fn rgb(&self, res: usize) -> Result<img::Rgb> {
+        match self {
+            ImageSource::File(p) => img::load(p),
+            ImageSource::Synth(s) => Ok(s.render(res)),
+        }
+    }
 }
 
 #[derive(Debug, Clone)]

@@ -14,6 +14,7 @@ pub mod synth;
 pub mod tasks;
 pub mod tokenizer;
 pub mod tokenizer_train;
+pub mod transform;
 
 pub use error::{Error, Result};
 pub use sequence::{SequenceBuilder, TextExample, Truncation};

@@ -94,6 +94,7 @@ fn loader_skips_or_fails_on_unreadable_images() {
         resolution: 16,
         resize: pali_data::image::ResizeMethod::Bicubic,
         frames: 1,
+        transforms: Default::default(),
     };
     let mut mix = Mixture::new(vec![ds.clone()], &[1.0], 0).unwrap();
     let b = next_batch(&mut mix, &builder, 6, OnError::Skip).unwrap();

@@ -24,6 +24,8 @@ pub struct PredictOptions {
     pub resolution: usize,
     pub resize: ResizeMethod,
     pub batch_size: usize,
+    /// Downscale / windowing as in training (augmentations are never applied here).
+    pub transforms: pali_data::transform::Transforms,
 }
 
 /// One example's prediction.
@@ -71,11 +73,12 @@ pub fn predict<B: Backend>(
     let mut start = 0;
     while start < examples.len() {
         // A batch holds examples with the same number of images.
-        let frames = examples[start].images.len();
+        let images = examples[start].images.len();
+        let frames = images * opts.transforms.frames_per_image();
         let mut end = start;
         while end < examples.len()
             && end - start < opts.batch_size.max(1)
-            && examples[end].images.len() == frames
+            && examples[end].images.len() == images
         {
             end += 1;
         }
@@ -97,7 +100,8 @@ pub fn predict<B: Backend>(
             ids.push(row);
             for im in &ex.images {
                 px.extend(
-                    im.pixels(r, opts.resize)
+                    opts.transforms
+                        .pixels(im, r, opts.resize, None)
                         .map_err(|e| Error::Other(format!("{}: {e}", ex.id)))?,
                 );
             }

@@ -268,6 +268,16 @@ pub struct Stage {
     pub truncation: Truncation,
     #[serde(default)]
     pub resize: ResizeMethod,
+    /// Resize images to this resolution first, then to `resolution` (the information of the
+    /// low resolution at the sequence length of the high one).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub downscale: Option<usize>,
+    /// Cut each image into `window × window` tiles of `resolution`, each its own frame.
+    #[serde(default = "one_usize")]
+    pub window: usize,
+    /// Training augmentations: `crop_min_area`, `jpeg_quality = [lo, hi]`, `random_resize`.
+    #[serde(default)]
+    pub augment: pali_data::transform::Augment,
     #[serde(default)]
     pub on_error: OnError,
     /// Keep the optimizer state from the previous stage.
@@ -305,6 +315,9 @@ pub struct Stage {
     pub groups: Vec<Group>,
 }
 
+fn one_usize() -> usize {
+    1
+}
 fn greedy() -> String {
     "greedy".into()
 }
@@ -356,9 +369,11 @@ pub fn apply_override(doc: &mut toml::Value, spec: &str) -> Result<()> {
             table.insert(p.to_string(), value);
             return Ok(());
         }
+        // A missing table is created (`--set stage.1.augment.random_resize=true`); a key the
+        // schema lacks is refused when the tree is typed.
         let next = table
-            .get_mut(p)
-            .ok_or_else(|| Error::Config(format!("--set {key}: no `{p}` in the config")))?;
+            .entry(p.to_string())
+            .or_insert_with(|| toml::Value::Table(Default::default()));
         if let toml::Value::Array(items) = next {
             let sel = parts[i + 1];
             let idx = match sel.parse::<usize>() {
@@ -570,6 +585,32 @@ impl RunConfig {
                     "{at}: reset: unknown part `{r}` (vision_tower, multi_modal_projector, \
                      language_model)"
                 ));
+            }
+            if s.window == 0 || s.downscale == Some(0) {
+                return err(format!("{at}: window and downscale must be > 0"));
+            }
+            if let Err(m) = s.augment.validate() {
+                return err(format!("{at}: {m}"));
+            }
+            if s.augment.crop_min_area.is_some() {
+                // A crop moves objects: box and mask targets would no longer match the image.
+                let spatial = s.sources.iter().find_map(|src| match src.kind() {
+                    Ok(SourceKind::Synth { task, .. })
+                        if matches!(
+                            task,
+                            SynthTask::Detect | SynthTask::GroundedCaption | SynthTask::Segment
+                        ) =>
+                    {
+                        Some(task.name())
+                    }
+                    _ => None,
+                });
+                if let Some(t) = spatial {
+                    return err(format!(
+                        "{at}: augment.crop_min_area moves objects, but task `{t}` has box or \
+                         mask targets"
+                    ));
+                }
             }
             if s.steps == 0 || s.batch_size == 0 || s.text_len == 0 {
                 return err(format!("{at}: steps, batch_size and text_len must be > 0"));

@@ -361,6 +361,7 @@ fn evaluate<B: Backend>(
         resolution: stage.resolution,
         resize: stage.resize,
         batch_size: 16,
+        transforms: transforms(stage, 0),
     };
     let (preds, _) = predict(model, cfg, tok, &examples, &opts, device, |_| {})?;
     let refs = references_from_suffix(task, &examples);
@@ -395,6 +396,7 @@ fn evaluate<B: Backend>(
         resolution: stage.resolution,
         resize: stage.resize,
         frames: 1,
+        transforms: transforms(stage, 0),
     };
     for (k, src) in stage.sources.iter().enumerate() {
         let set = match (src.kind(), &eval_set) {
@@ -413,7 +415,7 @@ fn evaluate<B: Backend>(
                 .iter()
                 .map(|i| {
                     let ex = set.get(*i)?;
-                    let enc = builder.encode(&ex)?;
+                    let enc = builder.encode(&ex, None)?;
                     Ok((k, ex, enc))
                 })
                 .collect::<std::result::Result<Vec<_>, pali_data::Error>>()?;
@@ -461,6 +463,16 @@ pub fn batch_nll<B: Backend>(
         inputs.n_img,
     )?;
     Ok((nll, batch.truncated))
+}
+
+/// The image transforms of `stage`; `seed` seeds its augmentations.
+pub fn transforms(stage: &Stage, seed: u64) -> pali_data::transform::Transforms {
+    pali_data::transform::Transforms {
+        downscale: stage.downscale,
+        window: stage.window,
+        augment: stage.augment,
+        seed,
+    }
 }
 
 /// Runs an evaluation, prints it and appends it to metrics.jsonl.
@@ -654,6 +666,7 @@ pub fn train<B: Backend>(
             resolution,
             resize: stage.resize,
             frames: 1,
+            transforms: transforms(stage, config.run.seed.wrapping_add(si as u64)),
         };
         let mut loader = Loader::spawn(mixture, builder, stage.batch_size, stage.on_error, 2);
         let bar = if opts.progress {
