@@ -20,6 +20,10 @@ pub struct Args {
     /// Print the resolved run configs and what would run; train nothing.
     #[arg(long)]
     pub dry_run: bool,
+    /// Another base run config (e.g. `configs/ablations/base-paper.toml` for GPUs): the grid
+    /// then goes to `OUT_DIR-BASENAME`.
+    #[arg(long)]
+    pub base: Option<PathBuf>,
     /// Smoke test: every variant with one seed and 2 steps per stage, under DIR (not the
     /// grid's out_dir); checks that the whole grid runs.
     #[arg(long, value_name = "DIR")]
@@ -34,6 +38,15 @@ pub struct Args {
 pub fn run(a: Args) -> Result<()> {
     let mut ab = AblationConfig::load(&a.config)
         .with_context(|| format!("loading {}", a.config.display()))?;
+    if let Some(base) = &a.base {
+        let stem = base.file_stem().and_then(|s| s.to_str()).unwrap_or("base");
+        let out = &ab.ablation.out_dir;
+        ab.ablation.out_dir = out.with_file_name(format!(
+            "{}-{stem}",
+            out.file_name().and_then(|s| s.to_str()).unwrap_or("grid")
+        ));
+        ab.ablation.base = std::path::absolute(base)?;
+    }
     if let Some(dir) = &a.smoke {
         ab.smoke = true;
         ab.ablation.out_dir = std::path::absolute(dir)?;

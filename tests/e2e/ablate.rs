@@ -171,8 +171,21 @@ fn every_shipped_ablation_runs_as_a_smoke_test() {
             .filter(|l| l.starts_with("| ") && !l.starts_with("| variant"))
             .count();
         assert_eq!(rows, variants, "{name}: {md}");
-        // Nothing is written next to the shipped grid.
         assert!(out_dir.join("results.json").is_file(), "{name}");
+        // The same grid resolves on the paper-scale base (GPU), whose stages and groups match
+        // base-cpu.toml's; stage2_mixture has its own three-stage base.
+        if name != "stage2_mixture" {
+            let plan = run_ok(
+                pali()
+                    .args(["ablate", "--dry-run", "--base"])
+                    .arg(root.join("base-paper.toml"))
+                    .arg(&cfg),
+            );
+            assert!(
+                plan.contains("preset = \"paligemma-3b-224\"") && plan.contains("-base-paper/"),
+                "{name}: {plan}"
+            );
+        }
     }
 
     // token_init: the preparatory decoder was exported without the 1153 new rows, and every

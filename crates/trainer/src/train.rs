@@ -106,6 +106,19 @@ pub fn model_config(
             c.text.vocab_size
         )));
     }
+    if config.model.init_hf.is_none() && name != "tiny" {
+        // A preset with another tokenizer (e.g. a full-size model on the synthetic data): the
+        // tokenizer's `<image>` id is used, and rows past its vocabulary are never predicted.
+        c.image_token_id = tok.image as usize;
+        c.output_vocab_size = Some(c.predictable_vocab().min(tok.vocab_size()));
+    } else if tok.image as usize != c.image_token_id {
+        return Err(Error::Config(format!(
+            "tokenizer {} has `<image>` = {} but model `{name}` expects {}",
+            tok.path.display(),
+            tok.image,
+            c.image_token_id
+        )));
+    }
     if config.model.encoder == EncoderChoice::None {
         c.vision = ImageEncoder::RawPatches {
             image_size: resolution,
