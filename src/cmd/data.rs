@@ -1,4 +1,4 @@
-//! `pali data synth|validate|inspect`.
+//! `pali data synth|validate|inspect|import`.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -38,6 +38,12 @@ pub enum DataCommand {
         #[arg(long, default_value_t = 128)]
         text_len: usize,
     },
+    /// Convert a public dataset's annotations to pali JSONL (+ a references file for
+    /// `pali eval --references`).
+    Import {
+        #[command(subcommand)]
+        format: ImportFormat,
+    },
     /// Print the first batches of a run config's stage token by token, and write the tensors.
     Inspect {
         #[arg(long)]
@@ -52,8 +58,137 @@ pub enum DataCommand {
     },
 }
 
+/// Where an import goes.
+#[derive(clap::Args, Debug)]
+pub struct ImportOut {
+    /// Output JSONL.
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Also write the references file (docs/eval.md) here.
+    #[arg(long)]
+    pub references: Option<PathBuf>,
+    /// Image directory as the JSONL should see it (relative to the JSONL file).
+    #[arg(long, default_value = "")]
+    pub image_dir: String,
+}
+
+#[derive(clap::Subcommand, Debug)]
+pub enum ImportFormat {
+    /// COCO captions (`captions_*.json`): `caption en` → a caption.
+    CocoCaptions {
+        annotations: PathBuf,
+        /// One line per image (first caption; all of them as references), for evaluation.
+        #[arg(long)]
+        per_image: bool,
+        #[command(flatten)]
+        out: ImportOut,
+    },
+    /// VQAv2 questions (+ annotations): `answer en QUESTION` → the most common answer.
+    Vqav2 {
+        questions: PathBuf,
+        #[arg(long)]
+        annotations: Option<PathBuf>,
+        /// Image file name from its id: `{id}` or `{id:012}`.
+        #[arg(long, default_value = "COCO_val2014_{id:012}.jpg")]
+        image_pattern: String,
+        #[command(flatten)]
+        out: ImportOut,
+    },
+    /// COCO detection (`instances_*.json`): `detect a ; b` → `<loc×4> a ; …`.
+    CocoDetection {
+        instances: PathBuf,
+        #[command(flatten)]
+        out: ImportOut,
+    },
+    /// RefCOCO/+/g (`refs.json` = the refs pickle as JSON, + COCO `instances.json`):
+    /// `detect SENTENCE` → `<loc×4>`, or with `--vqvae` `segment SENTENCE` → `<loc×4><seg×16>`.
+    Refcoco {
+        refs: PathBuf,
+        #[arg(long)]
+        instances: PathBuf,
+        /// Keep one split (`train`, `val`, `testA`, …).
+        #[arg(long)]
+        split: Option<String>,
+        /// VQ-VAE checkpoint: encode the masks as `<seg>` tokens.
+        #[arg(long)]
+        vqvae: Option<PathBuf>,
+        #[command(flatten)]
+        out: ImportOut,
+    },
+}
+
+fn import(format: ImportFormat) -> Result<()> {
+    use pali_data::import;
+    let (got, out) = match format {
+        ImportFormat::CocoCaptions {
+            annotations,
+            per_image,
+            out,
+        } => (
+            import::coco_captions(&annotations, &out.image_dir, per_image)?,
+            out,
+        ),
+        ImportFormat::Vqav2 {
+            questions,
+            annotations,
+            image_pattern,
+            out,
+        } => (
+            import::vqav2(
+                &questions,
+                annotations.as_deref(),
+                &out.image_dir,
+                &image_pattern,
+            )?,
+            out,
+        ),
+        ImportFormat::CocoDetection { instances, out } => {
+            (import::coco_detection(&instances, &out.image_dir)?, out)
+        }
+        ImportFormat::Refcoco {
+            refs,
+            instances,
+            split,
+            vqvae,
+            out,
+        } => {
+            let device = Default::default();
+            let encoder = match &vqvae {
+                Some(p) => Some(
+                    pali_eval::segmentation::VqVaeEncoder::<crate::backend::Cpu> {
+                        model: pali_model::vqvae::load(p, &device)?.1,
+                        device,
+                    },
+                ),
+                None => None,
+            };
+            let enc = encoder
+                .as_ref()
+                .map(|e| e as &dyn pali_data::masks::MaskEncoder);
+            (
+                import::refcoco(&refs, &instances, &out.image_dir, split.as_deref(), enc)?,
+                out,
+            )
+        }
+    };
+    import::write_jsonl(&out.out, &got.data)?;
+    eprintln!("{} lines → {}", got.data.len(), out.out.display());
+    if let Some(r) = &out.references {
+        import::write_jsonl(r, &got.references)?;
+        eprintln!("{} references → {}", got.references.len(), r.display());
+    }
+    if !got.skipped.is_empty() {
+        eprintln!("left out: {}", got.skipped.len());
+        for s in got.skipped.iter().take(10) {
+            eprintln!("  {s}");
+        }
+    }
+    Ok(())
+}
+
 pub fn run(cmd: DataCommand) -> Result<()> {
     match cmd {
+        DataCommand::Import { format } => import(format),
         DataCommand::Synth {
             out,
             n,

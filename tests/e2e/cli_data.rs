@@ -1,5 +1,7 @@
 //! `pali data synth|validate|inspect` and `pali tokenizer train`, as a user runs them.
 
+use std::path::Path;
+
 use crate::common::*;
 
 #[test]
@@ -85,4 +87,95 @@ fn tokenizer_train_writes_a_usable_tokenizer() {
     assert!(s.contains("wrote"), "{s}");
     let t = pali_data::PaliTokenizer::from_file(&p).unwrap();
     assert_eq!(t.encode("\n").unwrap().len(), 1);
+}
+
+/// `pali data import`: COCO detection and RefCOCO (with the VQ-VAE) to JSONL + references,
+/// which `pali score` then accepts.
+#[test]
+fn import_coco_and_refcoco() {
+    let d = tempfile::tempdir().unwrap();
+    let inst = d.path().join("instances.json");
+    std::fs::write(
+        &inst,
+        serde_json::json!({
+            "images": [{"id": 1, "file_name": "a.jpg", "width": 128, "height": 64}],
+            "categories": [{"id": 3, "name": "cat"}],
+            "annotations": [{"id": 10, "image_id": 1, "category_id": 3, "bbox": [16, 8, 64, 32],
+                             "iscrowd": 0, "segmentation": [[16, 8, 80, 8, 80, 40, 16, 40]]}]
+        })
+        .to_string(),
+    )
+    .unwrap();
+    let refs = d.path().join("refs.json");
+    std::fs::write(
+        &refs,
+        r#"[{"ann_id": 10, "image_id": 1, "split": "val", "sentences": [{"sent": "the cat"}]}]"#,
+    )
+    .unwrap();
+    let out = d.path().join("det.jsonl");
+    let r = d.path().join("det-refs.jsonl");
+    run_ok(
+        pali()
+            .args(["data", "import", "coco-detection"])
+            .arg(&inst)
+            .args(["--image-dir", "images", "--out"])
+            .arg(&out)
+            .arg("--references")
+            .arg(&r),
+    );
+    let line: serde_json::Value =
+        serde_json::from_str(std::fs::read_to_string(&out).unwrap().trim()).unwrap();
+    assert_eq!(line["prefix"], "detect cat");
+    assert_eq!(line["image"], "images/a.jpg");
+    // The data's own suffix scores perfectly against the imported references.
+    let preds = d.path().join("preds.jsonl");
+    std::fs::write(
+        &preds,
+        format!(
+            "{}\n",
+            serde_json::json!({"id": "1", "prediction": line["suffix"]})
+        ),
+    )
+    .unwrap();
+    let s = run_ok(
+        pali()
+            .args(["score", "--task", "detect", "--predictions"])
+            .arg(&preds)
+            .arg("--references")
+            .arg(&r),
+    );
+    let m: serde_json::Value = serde_json::from_str(&s).unwrap();
+    assert!(m["map50"].as_f64().unwrap() > 0.99, "{m}");
+
+    let seg = d.path().join("seg.jsonl");
+    let vq = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/vqvae/tiny.npz");
+    run_ok(
+        pali()
+            .args(["data", "import", "refcoco"])
+            .arg(&refs)
+            .arg("--instances")
+            .arg(&inst)
+            .arg("--vqvae")
+            .arg(&vq)
+            .args(["--split", "val", "--out"])
+            .arg(&seg),
+    );
+    let line: serde_json::Value =
+        serde_json::from_str(std::fs::read_to_string(&seg).unwrap().trim()).unwrap();
+    assert_eq!(line["prefix"], "segment the cat");
+    let suffix = line["suffix"].as_str().unwrap();
+    assert_eq!(suffix.matches("<loc").count(), 4, "{suffix}");
+    assert_eq!(suffix.matches("<seg").count(), 16, "{suffix}");
+
+    let e = run_err(
+        pali()
+            .args(["data", "import", "coco-detection"])
+            .arg(&refs)
+            .arg("--out")
+            .arg(d.path().join("x.jsonl")),
+    );
+    assert!(
+        e.contains("refs.json: images: missing or not a list"),
+        "{e}"
+    );
 }

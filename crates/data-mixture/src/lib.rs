@@ -6,6 +6,7 @@ pub mod dataset;
 pub mod error;
 pub mod font;
 pub mod image;
+pub mod import;
 pub mod masks;
 pub mod mixture;
 pub mod rng;

@@ -179,6 +179,172 @@ pub fn synthetic_mask(seed: u64, index: u64) -> BinaryMask {
     }
 }
 
+/// A COCO `segmentation` field as a mask of `height × width`: polygons (`[[x, y, x, y, …], …]`,
+/// pixel coordinates, filled with the even-odd rule at pixel centres) or RLE
+/// (`{"size": [h, w], "counts": [..] | "…"}`).
+pub fn from_coco_segmentation(
+    seg: &serde_json::Value,
+    height: usize,
+    width: usize,
+) -> std::result::Result<BinaryMask, String> {
+    if let Some(polys) = seg.as_array() {
+        let mut data = vec![false; height * width];
+        for poly in polys {
+            let pts: Vec<f64> = poly
+                .as_array()
+                .ok_or("a polygon is not a list of numbers")?
+                .iter()
+                .map(|v| v.as_f64().ok_or("a polygon coordinate is not a number"))
+                .collect::<std::result::Result<_, _>>()?;
+            if pts.len() < 6 || pts.len() % 2 != 0 {
+                return Err(format!("a polygon has {} coordinates", pts.len()));
+            }
+            let n = pts.len() / 2;
+            for y in 0..height {
+                let cy = y as f64 + 0.5;
+                // x positions where the polygon's edges cross this row's centre line.
+                let mut xs: Vec<f64> = (0..n)
+                    .filter_map(|i| {
+                        let (x0, y0) = (pts[2 * i], pts[2 * i + 1]);
+                        let (x1, y1) = (pts[2 * ((i + 1) % n)], pts[2 * ((i + 1) % n) + 1]);
+                        ((y0 <= cy) != (y1 <= cy)).then(|| x0 + (cy - y0) * (x1 - x0) / (y1 - y0))
+                    })
+                    .collect();
+                xs.sort_by(|a, b| a.total_cmp(b));
+                for pair in xs.chunks_exact(2) {
+                    let lo = (pair[0] - 0.5).ceil().max(0.0) as usize;
+                    let hi = ((pair[1] - 0.5).floor() + 1.0).clamp(0.0, width as f64) as usize;
+                    for x in lo..hi.max(lo) {
+                        data[y * width + x] ^= true;
+                    }
+                }
+            }
+        }
+        return Ok(BinaryMask {
+            width,
+            height,
+            data,
+        });
+    }
+    let counts: RleCounts = serde_json::from_value(seg["counts"].clone())
+        .map_err(|_| "segmentation is neither polygons nor RLE with `counts`".to_string())?;
+    let runs = match counts {
+        RleCounts::List(v) => v,
+        RleCounts::Compressed(s) => rle_from_string(&s)?,
+    };
+    let n = height * width;
+    let mut col_major = vec![false; n];
+    let mut pos = 0usize;
+    for (i, r) in runs.iter().enumerate() {
+        let r = usize::try_from(*r).map_err(|_| format!("negative run length {r}"))?;
+        if pos + r > n {
+            return Err(format!(
+                "RLE runs cover more than the {height}x{width} pixels"
+            ));
+        }
+        if i % 2 == 1 {
+            col_major[pos..pos + r].iter_mut().for_each(|x| *x = true);
+        }
+        pos += r;
+    }
+    let mut data = vec![false; n];
+    for x in 0..width {
+        for y in 0..height {
+            data[y * width + x] = col_major[x * height + y];
+        }
+    }
+    Ok(BinaryMask {
+        width,
+        height,
+        data,
+    })
+}
+
+impl BinaryMask {
+    /// Compressed COCO RLE counts of this mask (column-major runs, starting with 0s).
+    pub fn to_rle_string(&self) -> String {
+        let mut runs = Vec::new();
+        let (mut cur, mut len) = (false, 0i64);
+        for x in 0..self.width {
+            for y in 0..self.height {
+                if self.data[y * self.width + x] != cur {
+                    runs.push(len);
+                    cur = !cur;
+                    len = 0;
+                }
+                len += 1;
+            }
+        }
+        runs.push(len);
+        rle_to_string(&runs)
+    }
+}
+
+/// RLE counts as they appear in COCO JSON.
+#[derive(Debug, Clone, PartialEq, serde::Deserialize)]
+#[serde(untagged)]
+pub enum RleCounts {
+    List(Vec<i64>),
+    Compressed(String),
+}
+
+/// pycocotools' `rleFrString`: 5-bit groups with a continuation bit, offset by 48; from the
+/// third count on, each is stored as a difference to the count two before.
+pub fn rle_from_string(s: &str) -> std::result::Result<Vec<i64>, String> {
+    let b = s.as_bytes();
+    let mut counts: Vec<i64> = Vec::new();
+    let mut p = 0;
+    while p < b.len() {
+        let (mut x, mut k, mut more) = (0i64, 0u32, true);
+        while more {
+            let Some(&ch) = b.get(p) else {
+                return Err("compressed RLE string ends in the middle of a number".into());
+            };
+            if !(48..48 + 64).contains(&ch) {
+                return Err(format!(
+                    "invalid character {:?} in compressed RLE",
+                    ch as char
+                ));
+            }
+            let c = (ch - 48) as i64;
+            x |= (c & 0x1f) << (5 * k);
+            more = c & 0x20 != 0;
+            p += 1;
+            k += 1;
+            if !more && c & 0x10 != 0 {
+                x |= -1i64 << (5 * k);
+            }
+        }
+        if counts.len() > 2 {
+            x += counts[counts.len() - 2];
+        }
+        counts.push(x);
+    }
+    Ok(counts)
+}
+
+/// pycocotools' `rleToString`.
+pub fn rle_to_string(counts: &[i64]) -> String {
+    let mut s = String::new();
+    for i in 0..counts.len() {
+        let mut x = counts[i];
+        if i > 2 {
+            x -= counts[i - 2];
+        }
+        let mut more = true;
+        while more {
+            let mut c = x & 0x1f;
+            x >>= 5;
+            more = if c & 0x10 != 0 { x != -1 } else { x != 0 };
+            if more {
+                c |= 0x20;
+            }
+            s.push((c as u8 + 48) as char);
+        }
+    }
+    s
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -85,70 +85,7 @@ impl Mask {
     }
 }
 
-/// RLE counts as they appear in COCO JSON.
-#[derive(Debug, Clone, PartialEq, serde::Deserialize)]
-#[serde(untagged)]
-pub enum RleCounts {
-    List(Vec<i64>),
-    Compressed(String),
-}
-
-/// pycocotools' `rleFrString`: 5-bit groups with a continuation bit, offset by 48; from the
-/// third count on, each is stored as a difference to the count two before.
-pub fn rle_from_string(s: &str) -> Result<Vec<i64>, String> {
-    let b = s.as_bytes();
-    let mut counts: Vec<i64> = Vec::new();
-    let mut p = 0;
-    while p < b.len() {
-        let (mut x, mut k, mut more) = (0i64, 0u32, true);
-        while more {
-            let Some(&ch) = b.get(p) else {
-                return Err("compressed RLE string ends in the middle of a number".into());
-            };
-            if !(48..48 + 64).contains(&ch) {
-                return Err(format!(
-                    "invalid character {:?} in compressed RLE",
-                    ch as char
-                ));
-            }
-            let c = (ch - 48) as i64;
-            x |= (c & 0x1f) << (5 * k);
-            more = c & 0x20 != 0;
-            p += 1;
-            k += 1;
-            if !more && c & 0x10 != 0 {
-                x |= -1i64 << (5 * k);
-            }
-        }
-        if counts.len() > 2 {
-            x += counts[counts.len() - 2];
-        }
-        counts.push(x);
-    }
-    Ok(counts)
-}
-
-/// pycocotools' `rleToString`.
-pub fn rle_to_string(counts: &[i64]) -> String {
-    let mut s = String::new();
-    for i in 0..counts.len() {
-        let mut x = counts[i];
-        if i > 2 {
-            x -= counts[i - 2];
-        }
-        let mut more = true;
-        while more {
-            let mut c = x & 0x1f;
-            x >>= 5;
-            more = if c & 0x10 != 0 { x != -1 } else { x != 0 };
-            if more {
-                c |= 0x20;
-            }
-            s.push((c as u8 + 48) as char);
-        }
-    }
-    s
-}
+pub use pali_data::masks::{rle_from_string, rle_to_string, RleCounts};
 
 /// Reads `[<loc×4>]<seg×16>`: the optional box tokens and the 16 codes. Errors name what is
 /// wrong (too few tokens, a code outside `0..codebook_size`).
