@@ -44,6 +44,24 @@ pub enum DataCommand {
         #[command(subcommand)]
         format: ImportFormat,
     },
+    /// Remove training lines whose image is a near-duplicate (perceptual hash) of an image of
+    /// the evaluation sets; writes the kept lines and a report of what was removed.
+    Dedup {
+        /// Training JSONL.
+        train: PathBuf,
+        /// Evaluation JSONL(s) to protect.
+        #[arg(long, required = true)]
+        against: Vec<PathBuf>,
+        /// Largest Hamming distance (of 64 bits) counted as a near-duplicate.
+        #[arg(long, default_value_t = 4)]
+        threshold: u32,
+        /// Output JSONL (image paths become absolute when it is in another directory).
+        #[arg(long)]
+        out: PathBuf,
+        /// Report of the removed lines (JSONL; default: OUT with `.removed.jsonl`).
+        #[arg(long)]
+        report: Option<PathBuf>,
+    },
     /// Print the first batches of a run config's stage token by token, and write the tensors.
     Inspect {
         #[arg(long)]
@@ -186,9 +204,64 @@ fn import(format: ImportFormat) -> Result<()> {
     Ok(())
 }
 
+fn dedup(
+    train: &std::path::Path,
+    against: &[PathBuf],
+    threshold: u32,
+    out: &std::path::Path,
+    report: Option<PathBuf>,
+) -> Result<()> {
+    use pali_data::dedup::{absolute_images, filter_jsonl};
+    let t0 = std::time::Instant::now();
+    let (kept, removed) = filter_jsonl(train, against, threshold)?;
+    let dir = |p: &std::path::Path| {
+        std::path::absolute(p)
+            .ok()
+            .and_then(|a| a.parent().map(|d| d.to_path_buf()))
+    };
+    let same_dir = dir(train) == dir(out);
+    let train_dir = train.parent().unwrap_or(std::path::Path::new("."));
+    let mut text = String::new();
+    for (line, l) in &kept {
+        let l = if same_dir {
+            l.clone()
+        } else {
+            absolute_images(l, &std::path::absolute(train_dir)?)
+                .with_context(|| format!("{}:{line}", train.display()))?
+        };
+        text.push_str(&l);
+        text.push('\n');
+    }
+    let tmp = out.with_extension("jsonl.tmp");
+    std::fs::write(&tmp, text)?;
+    std::fs::rename(&tmp, out)?;
+    let report = report.unwrap_or_else(|| out.with_extension("removed.jsonl"));
+    let lines: Vec<serde_json::Value> = removed
+        .iter()
+        .map(|r| serde_json::to_value(r).expect("json"))
+        .collect();
+    pali_data::import::write_jsonl(&report, &lines)?;
+    eprintln!(
+        "{} kept, {} removed (within {threshold} bits of an evaluation image) in {:.1} s → {}; report {}",
+        kept.len(),
+        removed.len(),
+        t0.elapsed().as_secs_f64(),
+        out.display(),
+        report.display()
+    );
+    Ok(())
+}
+
 pub fn run(cmd: DataCommand) -> Result<()> {
     match cmd {
         DataCommand::Import { format } => import(format),
+        DataCommand::Dedup {
+            train,
+            against,
+            threshold,
+            out,
+            report,
+        } => dedup(&train, &against, threshold, &out, report),
         DataCommand::Synth {
             out,
             n,

@@ -179,3 +179,70 @@ fn import_coco_and_refcoco() {
         "{e}"
     );
 }
+
+/// `pali data dedup`: a training line showing an evaluation image is removed and reported; the
+/// output elsewhere keeps working image paths.
+#[test]
+fn dedup_removes_near_duplicates_of_eval_images() {
+    let d = tempfile::tempdir().unwrap();
+    for (split, dir) in [("0", "train"), ("1", "val")] {
+        run_ok(
+            pali()
+                .args([
+                    "data",
+                    "synth",
+                    "--n",
+                    "6",
+                    "--resolution",
+                    "64",
+                    "--split",
+                    split,
+                ])
+                .arg("--out")
+                .arg(d.path().join(dir)),
+        );
+    }
+    let train = d.path().join("train/caption.jsonl");
+    let mut text = std::fs::read_to_string(&train).unwrap();
+    text.push_str(
+        r#"{"image": "../val/images/000003.png", "prefix": "caption en", "suffix": "leak"}"#,
+    );
+    text.push('\n');
+    std::fs::write(&train, text).unwrap();
+    let out = d.path().join("clean/train.jsonl");
+    std::fs::create_dir_all(out.parent().unwrap()).unwrap();
+    let o = pali()
+        .args(["data", "dedup"])
+        .arg(&train)
+        .arg("--against")
+        .arg(d.path().join("val/caption.jsonl"))
+        .arg("--out")
+        .arg(&out)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{err}");
+    assert!(err.contains("6 kept, 1 removed"), "{err}");
+    let report = std::fs::read_to_string(d.path().join("clean/train.removed.jsonl")).unwrap();
+    let r: serde_json::Value = serde_json::from_str(report.trim()).unwrap();
+    assert_eq!(r["line"], 7);
+    assert_eq!(r["distance"], 0);
+    assert!(
+        r["matches"].as_str().unwrap().ends_with("000003.png"),
+        "{r}"
+    );
+    let kept = std::fs::read_to_string(&out).unwrap();
+    assert!(!kept.contains("leak"));
+    run_ok(pali().args(["data", "validate"]).arg(&out));
+
+    let e = run_err(
+        pali()
+            .args(["data", "dedup"])
+            .arg(&train)
+            .arg("--against")
+            .arg(d.path().join("missing.jsonl"))
+            .arg("--out")
+            .arg(&out),
+    );
+    assert!(e.contains("missing.jsonl"), "{e}");
+}

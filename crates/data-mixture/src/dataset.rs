@@ -280,7 +280,7 @@ fn line_err(path: &Path, line: usize, msg: impl Into<String>) -> Error {
     }
 }
 
-fn parse_line(
+pub(crate) fn parse_line(
     path: &Path,
     dir: &Path,
     line_no: usize,

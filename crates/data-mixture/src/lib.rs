@@ -3,6 +3,7 @@
 
 pub mod batch;
 pub mod dataset;
+pub mod dedup;
 pub mod error;
 pub mod font;
 pub mod image;

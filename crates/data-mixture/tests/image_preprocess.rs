@@ -1,7 +1,7 @@
 //! Image preprocessing against HF's SiglipImageProcessor on the fixtures' `image.png`: both of
 //! its resize paths (torchvision antialias bicubic, PIL bicubic), within 2 uint8 levels.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use pali_data::image::{decode, load, preprocess, resize, ResizeMethod, Rgb};
 
@@ -148,4 +148,31 @@ fn exif_orientation_is_applied() {
     let top = img.data[..3].iter().sum::<f32>();
     let bottom = img.data[img.data.len() - 3..].iter().sum::<f32>();
     assert!(top < 100.0 && bottom > 600.0, "top {top}, bottom {bottom}");
+}
+
+/// pHash against the `imagehash` package (scripts/phash_reference.py): pali resizes with
+/// bicubic where imagehash uses Lanczos, so a bit or two may differ (0 on the synthetic images, 2
+/// on the HF fixture image); near-duplicates stay within
+/// the default threshold and distinct images far beyond it.
+#[test]
+fn phash_agrees_with_imagehash() {
+    use pali_data::dedup::{hamming, phash};
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let text = std::fs::read_to_string(root.join("tests/fixtures/phash/reference.json")).unwrap();
+    let want: std::collections::BTreeMap<String, u64> = serde_json::from_str(&text).unwrap();
+    let mut ours = std::collections::BTreeMap::new();
+    for (file, h) in &want {
+        let got = phash(&load(&root.join(file)).unwrap());
+        let d = hamming(got, *h);
+        eprintln!("{file}: {d} bits from imagehash");
+        assert!(d <= 2, "{file}: {d} bits from imagehash");
+        ours.insert(file.clone(), got);
+    }
+    let a = ours["tests/fixtures/phash/000000.png"];
+    assert!(hamming(a, ours["tests/fixtures/phash/000000-q50.jpg"]) <= 2);
+    for (f, h) in &ours {
+        if !f.contains("000000") {
+            assert!(hamming(a, *h) > 12, "{f}: {}", hamming(a, *h));
+        }
+    }
 }
