@@ -641,3 +641,58 @@ fn reset_reinitialises_only_the_named_tower() {
     );
     assert!(e.contains("reset: unknown part `vision`"), "{e}");
 }
+
+/// PaliGemma 2 detection targets: noise boxes need `<noise>` (added with `pali tokenizer add`),
+/// then train and evaluate (the evaluation forbids `<noise>`, as PaliGemma 2 decodes).
+#[test]
+fn noise_boxes_train_with_a_noise_token() {
+    let d = tempfile::tempdir().unwrap();
+    let cfg = config(d.path(), "");
+    let text = std::fs::read_to_string(&cfg).unwrap();
+    let det = r#"{ kind = "synth", task = "detect", size = 100, noise_boxes = 4 }"#;
+    std::fs::write(
+        &cfg,
+        text.replace(r#"{ kind = "synth", task = "count", size = 100 }"#, det),
+    )
+    .unwrap();
+    let e = run_err(pali().arg("train").arg(&cfg));
+    assert!(
+        e.contains("noise_boxes needs a `<noise>` token") && e.contains("pali tokenizer add"),
+        "{e}"
+    );
+    let tok = d.path().join("tok.json");
+    let s = run_ok(
+        pali()
+            .args(["tokenizer", "add", "--tokens", "<noise>", "--out"])
+            .arg(&tok)
+            .arg(tokenizer()),
+    );
+    assert!(s.contains("<noise> = 1753"), "{s}");
+    run_ok(
+        pali()
+            .args(["train", "--quiet"])
+            .arg(&cfg)
+            .args(["--set", &format!("tokenizer.path=\"{}\"", tok.display())])
+            .args([
+                "--set",
+                "stage.s2.steps=2",
+                "--set",
+                "stage.s2.eval_examples=4",
+            ])
+            .args(["--set", "stage.s1.steps=1"]),
+    );
+    let m = metrics(d.path());
+    let ev = m.iter().rev().find(|v| v.get("eval").is_some()).unwrap();
+    assert!(ev["eval"]["map"].is_number(), "{ev}");
+
+    let e = run_err(
+        pali()
+            .arg("train")
+            .arg(&cfg)
+            .args(["--set", "stage.s1.source.0.noise_boxes=3"]),
+    );
+    assert!(
+        e.contains("noise_boxes applies to synthetic `detect`"),
+        "{e}"
+    );
+}

@@ -118,6 +118,8 @@ pub struct SynthDataset {
     pub task_prefix: bool,
     /// The VQ-VAE encoder the `segment` task writes its `<seg>` codes with.
     pub mask_encoder: Option<Arc<dyn MaskEncoder>>,
+    /// `detect`: pad the targets with noise boxes up to this many entries (PaliGemma 2); 0 = off.
+    pub noise_boxes: usize,
     name: String,
 }
 
@@ -131,8 +133,15 @@ impl SynthDataset {
             size,
             task_prefix,
             mask_encoder: None,
+            noise_boxes: 0,
             name,
         }
+    }
+
+    /// PaliGemma 2 detection targets: noise boxes up to `total` entries.
+    pub fn with_noise_boxes(mut self, total: usize) -> Self {
+        self.noise_boxes = total;
+        self
     }
 
     /// With the mask encoder the `segment` task needs.
@@ -223,7 +232,11 @@ impl SynthDataset {
                 classes.truncate(1 + rng.below(2));
                 let objs: Vec<(&str, [f32; 4])> =
                     shapes.iter().map(|s| (s.kind.name(), s.bbox)).collect();
-                tasks::detect(&classes, &objs, tp)
+                if self.noise_boxes > 0 {
+                    tasks::detect_with_noise(&classes, &objs, self.noise_boxes, tp, rng)
+                } else {
+                    tasks::detect(&classes, &objs, tp)
+                }
             }
             SynthTask::Ocr => tasks::ocr(&scene.text.text, tp),
             SynthTask::GroundedCaption => {

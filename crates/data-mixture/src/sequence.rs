@@ -87,6 +87,10 @@ impl SequenceBuilder {
         let mask_loss = (0..np + ns)
             .map(|i| u8::from(i >= np || self.loss_on_prefix))
             .collect();
+        let mut mask_loss: Vec<u8> = mask_loss;
+        if let Some(noise) = tok.noise {
+            no_loss_on_noise_boxes(&ids[np..], &mut mask_loss[np..], noise, &tok.loc);
+        }
         Ok(TextExample {
             ids,
             mask_ar,
@@ -215,4 +219,27 @@ pub fn hf_processor_form(
         debug_assert!(n <= t);
     }
     Ok((ids, tt, labels))
+}
+
+/// PaliGemma 2's detection targets end with noise boxes, `<loc×4> <noise>`: the loss covers the
+/// `<noise>` class but not the random coordinates before it (PG2 App. C). Zeroes `mask_loss` on
+/// the four location tokens before each `<noise>` (one token, e.g. a space, may sit between).
+pub fn no_loss_on_noise_boxes(ids: &[u32], mask_loss: &mut [u8], noise: u32, loc: &[u32]) {
+    let is_loc = |t: u32| {
+        let Some(&a) = loc.first() else { return false };
+        t >= a && loc.get((t - a) as usize) == Some(&t)
+    };
+    for j in 0..ids.len() {
+        if ids[j] != noise {
+            continue;
+        }
+        let end = if j >= 1 && is_loc(ids[j - 1]) {
+            j
+        } else {
+            j.saturating_sub(1)
+        };
+        if end >= 4 && ids[end - 4..end].iter().all(|&t| is_loc(t)) {
+            mask_loss[end - 4..end].iter_mut().for_each(|m| *m = 0);
+        }
+    }
 }

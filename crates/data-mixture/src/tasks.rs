@@ -86,6 +86,36 @@ pub fn detect(
     (p, s)
 }
 
+/// PaliGemma 2 detection: the objects of the `classes` asked for in random order, then noise
+/// boxes (random coordinates, class `<noise>`) up to `total` entries; the sequence builder
+/// keeps the loss off the noise coordinates.
+pub fn detect_with_noise(
+    classes: &[&str],
+    objects: &[(&str, [f32; 4])],
+    total: usize,
+    task_prefix: bool,
+    rng: &mut crate::rng::Rng,
+) -> (String, String) {
+    let mut objs: Vec<(&str, [f32; 4])> = objects
+        .iter()
+        .filter(|(l, _)| classes.contains(l))
+        .copied()
+        .collect();
+    rng.shuffle(&mut objs);
+    let mut parts: Vec<String> = objs
+        .iter()
+        .map(|(l, b)| format!("{} {l}", loc_box(*b)))
+        .collect();
+    while parts.len() < total {
+        let (a, b) = (rng.f32(), rng.f32());
+        let (c, d) = (rng.f32(), rng.f32());
+        let bx = [a.min(b), c.min(d), a.max(b), c.max(d)];
+        parts.push(format!("{} <noise>", loc_box(bx)));
+    }
+    let (p, _) = detect(classes, &[], task_prefix);
+    (p, parts.join(" ; "))
+}
+
 pub fn grounded_caption(b: [f32; 4], text: &str, task_prefix: bool) -> (String, String) {
     let p = if task_prefix {
         format!("caption {}", loc_box(b))

@@ -20,6 +20,8 @@ pub struct PaliTokenizer {
     pub loc: Vec<u32>,
     /// `seg[i]` = id of `<seg{i:03}>`.
     pub seg: Vec<u32>,
+    /// `<noise>`, the class of PaliGemma 2's noise boxes, when the tokenizer has it.
+    pub noise: Option<u32>,
 }
 
 impl std::fmt::Debug for PaliTokenizer {
@@ -58,6 +60,7 @@ impl PaliTokenizer {
             image: id("<image>")?,
             loc,
             seg,
+            noise: inner.token_to_id("<noise>"),
             inner,
             path: path.to_path_buf(),
         })

@@ -98,3 +98,20 @@ pub fn synth_corpus(n: usize, seed: u64) -> Result<Vec<String>> {
     }
     Ok(out)
 }
+
+/// Appends `tokens` (those it lacks) to the tokenizer at `input` as special tokens, after every
+/// existing id, and writes it to `out`.
+pub fn add_tokens(input: &Path, tokens: &[String], out: &Path) -> Result<()> {
+    let err = |p: &Path, e: String| Error::Tokenizer {
+        path: p.to_path_buf(),
+        msg: e,
+    };
+    let mut t = tokenizers::Tokenizer::from_file(input).map_err(|e| err(input, e.to_string()))?;
+    let new: Vec<AddedToken> = tokens
+        .iter()
+        .filter(|s| t.token_to_id(s).is_none())
+        .map(|s| AddedToken::from(s.clone(), true))
+        .collect();
+    t.add_special_tokens(&new);
+    t.save(out, true).map_err(|e| err(out, e.to_string()))
+}

@@ -124,6 +124,11 @@ pub struct Source {
     /// Train on only K examples of this source, drawn by `run.seed` (few-shot transfer).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub few_shot: Option<usize>,
+    /// Synthetic `detect`: pad each target with noise boxes (`<loc×4> <noise>`, no loss on
+    /// their coordinates) up to this many entries, PaliGemma 2's detection recipe. Needs a
+    /// tokenizer with `<noise>` (`pali tokenizer add`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub noise_boxes: Option<usize>,
 }
 
 #[derive(Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq)]
@@ -546,6 +551,21 @@ impl RunConfig {
                         }
                         _ => {}
                     }
+                }
+                if src.noise_boxes.is_some()
+                    && !matches!(
+                        src.kind(),
+                        Ok(SourceKind::Synth {
+                            task: SynthTask::Detect,
+                            ..
+                        })
+                    )
+                {
+                    return err(format!(
+                        "{at}: source {}: noise_boxes applies to synthetic `detect` sources \
+                         (JSONL data carries its own noise boxes)",
+                        k + 1
+                    ));
                 }
                 if !src.weight.is_finite() || src.weight < 0.0 {
                     return err(format!(

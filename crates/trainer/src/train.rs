@@ -148,6 +148,9 @@ pub fn stage_sources(
                     if let Some(e) = s.vqvae.as_ref().and_then(|p| encoders.get(p)) {
                         d = d.with_mask_encoder(e.clone());
                     }
+                    if let Some(n) = s.noise_boxes {
+                        d = d.with_noise_boxes(n);
+                    }
                     Arc::new(d)
                 }
                 SourceKind::Jsonl { path } => {
@@ -366,7 +369,12 @@ fn evaluate<B: Backend>(
             sampler,
             max_new: stage.text_len,
             eos: tok.eos,
-            forbid: Vec::new(),
+            // PaliGemma 2 decodes detections without its noise class.
+            forbid: tok
+                .noise
+                .filter(|_| stage.sources.iter().any(|x| x.noise_boxes.is_some()))
+                .into_iter()
+                .collect(),
             seed,
             use_cache: true,
         },
@@ -553,6 +561,20 @@ pub fn train<B: Backend>(
         .map_err(io(&resolved))?;
     let metrics_path = out_dir.join("metrics.jsonl");
     let tok = Arc::new(PaliTokenizer::from_file(&config.tokenizer.path)?);
+    if tok.noise.is_none() {
+        if let Some(st) = config
+            .stages
+            .iter()
+            .find(|st| st.sources.iter().any(|x| x.noise_boxes.is_some()))
+        {
+            return Err(Error::Config(format!(
+                "stage `{}`: noise_boxes needs a `<noise>` token, which {} lacks (add it with \
+                 `pali tokenizer add --tokens \"<noise>\"`)",
+                st.name,
+                config.tokenizer.path.display()
+            )));
+        }
+    }
 
     let encoders = mask_encoders::<B>(config, device)?;
     // Check every stage's groups against the model's parameters before any work.
