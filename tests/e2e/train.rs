@@ -696,3 +696,70 @@ fn noise_boxes_train_with_a_noise_token() {
         "{e}"
     );
 }
+
+/// `continues = true`: one rsqrt schedule over both stages (no second warm-up), the second
+/// stage ending in a cooldown to zero, as big_vision's pretraining recipe.
+#[test]
+fn a_schedule_continues_across_stages() {
+    let d = tempfile::tempdir().unwrap();
+    let g = |extra: &str| {
+        format!("[[stage.group]]\nparams = '.*'\ndecay = \"rsqrt\"\nwarmup_steps = 4\ntimescale = 4\ncontinues = true\n{extra}")
+    };
+    let cfg = config(d.path(), &g(""));
+    let mut text = std::fs::read_to_string(&cfg).unwrap();
+    text.push_str(&g("cooldown_steps = 6\n"));
+    std::fs::write(&cfg, text).unwrap();
+    run_ok(pali().arg("train").arg(&cfg).arg("--quiet"));
+    let mut seen = 0;
+    for m in metrics(d.path()).iter().filter(|m| m.get("lr").is_some()) {
+        let lr = m["lr"][".*"].as_f64().unwrap();
+        let s2 = m["stage"] == "s2";
+        // The update that made this step: step of the run = 12 (stage 1) + stage step − 1.
+        let step = m["stage_step"].as_f64().unwrap() - 1.0 + if s2 { 12.0 } else { 0.0 };
+        let base = if s2 { 1e-3 } else { 3e-3 };
+        let mut want = base * (step / 4.0).min(1.0);
+        if step > 4.0 {
+            want = base / ((step + 4.0 - 4.0) / 4.0).sqrt();
+        }
+        if s2 {
+            want *= ((18.0 - step) / 6.0).clamp(0.0, 1.0);
+            seen += 1;
+        }
+        assert!(
+            (lr - want).abs() < 1e-12,
+            "{} step {step}: lr {lr}, want {want}",
+            m["stage"]
+        );
+    }
+    assert_eq!(seen, 6);
+}
+
+/// A stage's length in epochs or examples becomes steps when the config is loaded.
+#[test]
+fn stage_length_in_epochs_or_examples() {
+    use pali_trainer::config::RunConfig;
+    let d = tempfile::tempdir().unwrap();
+    let cfg = config(d.path(), "");
+    let load = |sets: &[&str]| {
+        let sets: Vec<String> = sets.iter().map(|s| s.to_string()).collect();
+        RunConfig::load(&cfg, &sets)
+    };
+    // s2: one synthetic source of 100 examples, batch 4.
+    let c = load(&["stage.s2.steps=0", "stage.s2.epochs=0.5"]).unwrap();
+    assert_eq!(c.stages[1].steps, 13); // ceil(50 / 4)
+    let c = load(&["stage.s2.steps=0", "stage.s2.examples=9"]).unwrap();
+    assert_eq!(c.stages[1].steps, 3);
+    let c = load(&[
+        "stage.s2.steps=0",
+        "stage.s2.epochs=2",
+        "stage.s2.source.0.few_shot=10",
+    ])
+    .unwrap();
+    assert_eq!(c.stages[1].steps, 5);
+    let e = load(&["stage.s2.steps=0"]).unwrap_err().to_string();
+    assert!(e.contains("give `steps`, `epochs` or `examples`"), "{e}");
+    let e = load(&["stage.s2.epochs=1", "stage.s2.examples=3"])
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("not both"), "{e}");
+}

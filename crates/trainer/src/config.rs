@@ -233,6 +233,12 @@ pub struct Group {
     pub frozen: bool,
     #[serde(default = "default_timescale")]
     pub timescale: f64,
+    /// Continue the run's schedule instead of restarting it: steps (warm-up, rsqrt decay,
+    /// cooldown) count from the start of the run, so an rsqrt group with `continues = true`
+    /// in stages 1 and 2 is one "infinite" schedule, and a transfer stage with
+    /// `cooldown_steps` equal to its length is its cooldown (big_vision's pretraining recipe).
+    #[serde(default)]
+    pub continues: bool,
 }
 
 fn default_timescale() -> f64 {
@@ -245,7 +251,14 @@ pub struct Stage {
     pub name: String,
     pub resolution: usize,
     pub text_len: usize,
+    /// Optimizer steps; or leave out and give `epochs` or `examples`, from which the steps are
+    /// computed when the config is loaded: `ceil(epochs × mixture examples / batch_size)`.
+    #[serde(default)]
     pub steps: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub epochs: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub examples: Option<u64>,
     pub batch_size: usize,
     pub lr: f64,
     #[serde(default = "b1")]
@@ -408,9 +421,41 @@ impl RunConfig {
     /// Reads, overrides and validates a run config; relative paths are resolved against the
     /// config file's directory.
     pub fn load(path: &Path, overrides: &[String]) -> Result<Self> {
-        let c = Self::parse(path, overrides)?;
+        let mut c = Self::parse(path, overrides)?;
         c.validate(path)?;
+        c.resolve_lengths()?;
         Ok(c)
+    }
+
+    /// Fills `steps` of stages given in `epochs` or `examples`. An epoch is one pass over the
+    /// stage's sources (few-shot subsets counted as K; a JSONL file as its non-empty lines).
+    fn resolve_lengths(&mut self) -> Result<()> {
+        for s in &mut self.stages {
+            if s.steps > 0 {
+                continue;
+            }
+            let examples = match (s.epochs, s.examples) {
+                (_, Some(n)) => n as f64,
+                (Some(e), None) => {
+                    let mut n = 0usize;
+                    for src in &s.sources {
+                        let size = match src.kind().map_err(Error::Config)? {
+                            SourceKind::Synth { size, .. } => size,
+                            SourceKind::Jsonl { path: p } => std::fs::read_to_string(&p)
+                                .map_err(|e| Error::Config(format!("{}: {e}", p.display())))?
+                                .lines()
+                                .filter(|l| !l.trim().is_empty())
+                                .count(),
+                        };
+                        n += src.few_shot.map_or(size, |k| k.min(size));
+                    }
+                    e * n as f64
+                }
+                (None, None) => continue, // refused by validate
+            };
+            s.steps = (examples / s.batch_size as f64).ceil().max(1.0) as u64;
+        }
+        Ok(())
     }
 
     /// [`RunConfig::load`] without the checks of [`RunConfig::validate`] (files may not exist
@@ -632,8 +677,21 @@ impl RunConfig {
                     ));
                 }
             }
-            if s.steps == 0 || s.batch_size == 0 || s.text_len == 0 {
-                return err(format!("{at}: steps, batch_size and text_len must be > 0"));
+            if s.batch_size == 0 || s.text_len == 0 {
+                return err(format!("{at}: batch_size and text_len must be > 0"));
+            }
+            match (s.steps, s.epochs, s.examples) {
+                (0, None, None) => {
+                    return err(format!("{at}: give `steps`, `epochs` or `examples`"))
+                }
+                (_, Some(_), Some(_)) => {
+                    return err(format!("{at}: give `epochs` or `examples`, not both"))
+                }
+                (_, Some(e), _) if !(e > 0.0 && e.is_finite()) => {
+                    return err(format!("{at}: epochs {e} is not a positive number"))
+                }
+                (_, _, Some(0)) => return err(format!("{at}: examples must be > 0")),
+                _ => {}
             }
             for g in &s.groups {
                 regex::Regex::new(&format!("^(?:{})$", g.params)).map_err(|e| {

@@ -42,6 +42,7 @@ impl Groups {
                 mult: 1.0,
                 frozen: false,
                 timescale: 10_000.0,
+                continues: false,
             }]
         } else {
             stage.groups.clone()
@@ -84,6 +85,18 @@ impl Groups {
                     .collect::<Vec<_>>()
                     .join(", ")
             ))),
+        }
+    }
+
+    /// The schedule of `group` in a stage of `stage_steps` that starts after `offset` steps of
+    /// the run, and the step to evaluate it at for stage step `step`.
+    pub fn at(&self, group: usize, offset: u64, stage_steps: u64, step: u64) -> f64 {
+        if self.groups[group].1.continues {
+            let mut s = self.schedule(group, offset + stage_steps);
+            s.total_steps = offset + stage_steps;
+            s.at(offset + step)
+        } else {
+            self.schedule(group, stage_steps).at(step)
         }
     }
 

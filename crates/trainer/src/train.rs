@@ -641,6 +641,8 @@ pub fn train<B: Backend>(
         // ---- Stage setup: resolution, groups, data ----
         let resumed = state.as_ref().filter(|s| s.stage == si).cloned();
         let start_step = resumed.as_ref().map(|s| s.stage_step).unwrap_or(0);
+        // Steps of the run before this stage (schedules with `continues` count from there).
+        let stage_start = global_step - start_step;
         if start_step >= stage.steps {
             continue;
         }
@@ -763,7 +765,7 @@ pub fn train<B: Backend>(
             let done = step + 1;
             let log = done % stage.log_every == 0 || done == stage.steps || step == start_step;
             let sched: Vec<f64> = (0..groups.groups.len())
-                .map(|g| groups.schedule(g, stage.steps).at(step))
+                .map(|g| groups.at(g, stage_start, stage.steps, step))
                 .collect();
             let scfg = StepConfig {
                 lr: stage.lr,
