@@ -763,3 +763,42 @@ fn stage_length_in_epochs_or_examples() {
         .to_string();
     assert!(e.contains("not both"), "{e}");
 }
+
+/// The paper's recipes (configs/paligemma-3b, configs/transfer) parse, chain their steps, and
+/// fail only for want of the files a user supplies (tokenizer, checkpoints, data).
+#[test]
+fn paper_recipes_parse_and_chain() {
+    use pali_trainer::config::RunConfig;
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("configs");
+    let mut n = 0;
+    for dir in ["paligemma-3b", "transfer"] {
+        for e in std::fs::read_dir(root.join(dir)).unwrap() {
+            let p = e.unwrap().path();
+            let c = RunConfig::parse(&p, &[]).unwrap_or_else(|e| panic!("{}: {e}", p.display()));
+            let err = RunConfig::load(&p, &[]).unwrap_err().to_string();
+            assert!(
+                err.contains("not found") || err.contains("no config.json"),
+                "{}: {err}",
+                p.display()
+            );
+            assert!(c
+                .stages
+                .iter()
+                .all(|s| s.steps > 0 || s.epochs.is_some() || s.examples.is_some()));
+            n += 1;
+        }
+    }
+    assert_eq!(n, 8);
+    let steps = |examples: u64| examples.div_ceil(1024);
+    let s1 = steps(1_000_000_000);
+    let s448 = RunConfig::parse(&root.join("paligemma-3b/stage2-448.toml"), &[]).unwrap();
+    assert_eq!(s448.run.start_step, s1);
+    let init = s448.model.init_hf.unwrap().display().to_string();
+    assert!(
+        init.ends_with(&format!("stage1-224/checkpoints/step-{s1:08}")),
+        "{init}"
+    );
+    let s896 = RunConfig::parse(&root.join("paligemma-3b/stage2-896.toml"), &[]).unwrap();
+    assert_eq!(s896.run.start_step, s1 + steps(50_000_000));
+    assert_eq!(s896.stages[0].resolution, 896);
+}

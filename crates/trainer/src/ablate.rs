@@ -218,7 +218,8 @@ impl AblationConfig {
                 let target = match &p.export {
                     Some(e) => dir.join(format!("{}.safetensors", e.tower)),
                     None => {
-                        let steps: u64 = config.stages.iter().map(|s| s.steps).sum();
+                        let steps: u64 = config.run.start_step
+                            + config.stages.iter().map(|s| s.steps).sum::<u64>();
                         dir.join("checkpoints").join(format!("step-{steps:08}"))
                     }
                 };

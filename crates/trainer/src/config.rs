@@ -38,6 +38,11 @@ pub struct Run {
     /// `--set 'run.stages=["transfer"]'` skips stage 1 (the stage-1 length ablation).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub stages: Option<Vec<String>>,
+    /// Optimizer steps already taken by the checkpoint this run starts from (a stage-2 run
+    /// from the stage-1 checkpoint): the run's step count, and so `continues` schedules and
+    /// checkpoint names, start there.
+    #[serde(default)]
+    pub start_step: u64,
 }
 
 fn default_keep() -> usize {

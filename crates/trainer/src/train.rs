@@ -633,7 +633,10 @@ pub fn train<B: Backend>(
         .as_ref()
         .map(|s| s.resolution)
         .unwrap_or(config.stages[0].resolution);
-    let mut global_step = state.as_ref().map(|s| s.global_step).unwrap_or(0);
+    let mut global_step = state
+        .as_ref()
+        .map(|s| s.global_step)
+        .unwrap_or(config.run.start_step);
     let first_stage = state.as_ref().map(|s| s.stage).unwrap_or(0);
     let mut summaries = Vec::new();
 
