@@ -59,13 +59,16 @@ pub struct Removed {
     pub distance: u32,
 }
 
+/// Lines kept: (line number, text as written).
+pub type Kept = Vec<(usize, String)>;
+
 /// Splits the lines of `train` into those kept and those with an image within `threshold` bits
-/// of an image of `against`. Returns (kept lines as written, removed).
+/// of an image of `against`.
 pub fn filter_jsonl(
     train: &Path,
     against: &[PathBuf],
     threshold: u32,
-) -> Result<(Vec<(usize, String)>, Vec<Removed>)> {
+) -> Result<(Kept, Vec<Removed>)> {
     let mut eval_files = Vec::new();
     for a in against {
         eval_files.extend(jsonl_images(a)?.into_iter().flat_map(|(_, _, f)| f));

@@ -221,7 +221,9 @@ pub fn coco_detection(instances: &Path, image_dir: &str) -> Result<Imported> {
             text(instances, c, &at, "name")?.to_string(),
         );
     }
-    let mut objects: BTreeMap<i64, Vec<(String, [f32; 4], [f64; 4])>> = BTreeMap::new();
+    // Per image: (label, normalised box, pixel box).
+    type Object = (String, [f32; 4], [f64; 4]);
+    let mut objects: BTreeMap<i64, Vec<Object>> = BTreeMap::new();
     let mut crowd = 0;
     for (i, a) in list(instances, &v, "annotations")?.iter().enumerate() {
         let at = format!("annotations[{i}]");

@@ -196,7 +196,7 @@ pub fn from_coco_segmentation(
                 .iter()
                 .map(|v| v.as_f64().ok_or("a polygon coordinate is not a number"))
                 .collect::<std::result::Result<_, _>>()?;
-            if pts.len() < 6 || pts.len() % 2 != 0 {
+            if pts.len() < 6 || !pts.len().is_multiple_of(2) {
                 return Err(format!("a polygon has {} coordinates", pts.len()));
             }
             let n = pts.len() / 2;
