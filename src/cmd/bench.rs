@@ -48,6 +48,10 @@ pub struct Args {
     pub peak_tflops: Option<f64>,
     #[arg(long, default_value = "f32")]
     pub dtype: String,
+    /// Recompute cheap activations in the backward pass instead of keeping them (Burn's
+    /// balanced checkpointing), as `run.gradient_checkpointing`.
+    #[arg(long)]
+    pub grad_checkpointing: bool,
     #[command(flatten)]
     pub device: DeviceArg,
 }
@@ -80,6 +84,7 @@ pub fn run(args: Args) -> Result<()> {
         "model": args.preset.clone().unwrap_or_else(|| args.config.as_ref().unwrap().display().to_string()),
         "device": device_name,
         "dtype": args.dtype,
+        "grad_checkpointing": args.grad_checkpointing,
         "batch": args.batch,
         "seq_len": config.num_image_tokens() + args.text_len,
         "params": n,
@@ -132,82 +137,95 @@ struct BenchJob<'a> {
 impl Job for BenchJob<'_> {
     type Output = Vec<f64>;
     fn run<B: Backend>(self, device: B::Device) -> Result<Vec<f64>> {
-        type AD<B> = Autodiff<B>;
-        let (a, c) = (self.args, self.config);
-        let mut model = c.init::<AD<B>>(&device);
-        // A zero projector would leave its gradient path trivial; benchmark a trained-like one.
-        model.multi_modal_projector = c.projector_config().with_zero_init(false).init(&device);
-        let mut optim = AdamConfig::new()
-            .with_epsilon(1e-8)
-            .init::<AD<B>, pali_model::PaliGemma<AD<B>>>();
-        let (b, n, t) = (a.batch, c.num_image_tokens(), a.text_len);
-        let s = n + t;
-        let res = c.vision.image_size();
-        let vocab = c.predictable_vocab() as i64;
-        let prefix = t / 2;
-        let mut ids = Vec::with_capacity(b * s);
-        let mut ar = Vec::with_capacity(b * s);
-        for r in 0..b {
-            for i in 0..s {
-                ids.push(if i < n {
-                    c.image_token_id as i64
-                } else {
-                    ((i * 31 + r * 7) as i64) % vocab
-                });
-                ar.push(if i < n + prefix { 0i64 } else { 1 });
-            }
+        use burn::backend::autodiff::checkpoint::strategy::{
+            BalancedCheckpointing, NoCheckpointing,
+        };
+        if self.args.grad_checkpointing {
+            steps::<Autodiff<B, BalancedCheckpointing>>(self.args, self.config, device)
+        } else {
+            steps::<Autodiff<B, NoCheckpointing>>(self.args, self.config, device)
         }
-        let mut times = Vec::new();
-        for step in 0..a.warmup + a.steps {
-            let pixel_values = Tensor::<AD<B>, 5>::random(
-                [b, 1, 3, res, res],
-                Distribution::Uniform(-1.0, 1.0),
-                &device,
-            );
-            let input_ids =
-                Tensor::<AD<B>, 2, Int>::from_data(TensorData::new(ids.clone(), [b, s]), &device);
-            let mask_ar =
-                Tensor::<AD<B>, 2, Int>::from_data(TensorData::new(ar.clone(), [b, s]), &device);
-            let masks = make_attn_mask(
-                mask_ar.clone(),
-                mask_ar.clone().greater_equal_elem(0),
-                c.text.sliding_window,
-            );
-            let positions = Tensor::<AD<B>, 1, Int>::arange(0..s as i64, &device)
-                .reshape([1, s])
-                .expand([b, s]);
-            let start = Instant::now();
-            let input = ModelInput {
-                pixel_values,
-                input_ids: input_ids.clone(),
-                positions,
-                masks,
-            };
-            // Logits for text positions only; position j predicts token j+1.
-            let out = model.forward(input, n, false, None)?;
-            let logits = out.logits.slice([0..b, 0..t - 1]);
-            let targets = input_ids.slice([0..b, n + 1..s]);
-            let weights = mask_ar.slice([0..b, n + 1..s]).float();
-            let loss = reduce(
-                token_nll(logits, targets, 0.0),
-                weights,
-                Reduction::PerExample,
-            );
-            if a.forward_only {
-                let _ = loss.into_scalar();
-            } else {
-                let grads = GradientsParams::from_grads(loss.backward(), &model);
-                model = optim.step(1e-5, model, grads);
-                // Reading one weight back waits for the step to finish on asynchronous devices.
-                let _ = model.language_model.norm.weight.val().sum().into_scalar();
-            }
-            if step >= a.warmup {
-                times.push(start.elapsed().as_secs_f64());
-            }
-        }
-        let _ = model.num_params();
-        Ok(times)
     }
+}
+
+/// Warm-up then timed steps; the step times in seconds.
+fn steps<AD: burn::tensor::backend::AutodiffBackend>(
+    a: &Args,
+    c: &PaliGemmaConfig,
+    device: AD::Device,
+) -> Result<Vec<f64>> {
+    let mut model = c.init::<AD>(&device);
+    // A zero projector would leave its gradient path trivial; benchmark a trained-like one.
+    model.multi_modal_projector = c.projector_config().with_zero_init(false).init(&device);
+    let mut optim = AdamConfig::new()
+        .with_epsilon(1e-8)
+        .init::<AD, pali_model::PaliGemma<AD>>();
+    let (b, n, t) = (a.batch, c.num_image_tokens(), a.text_len);
+    let s = n + t;
+    let res = c.vision.image_size();
+    let vocab = c.predictable_vocab() as i64;
+    let prefix = t / 2;
+    let mut ids = Vec::with_capacity(b * s);
+    let mut ar = Vec::with_capacity(b * s);
+    for r in 0..b {
+        for i in 0..s {
+            ids.push(if i < n {
+                c.image_token_id as i64
+            } else {
+                ((i * 31 + r * 7) as i64) % vocab
+            });
+            ar.push(if i < n + prefix { 0i64 } else { 1 });
+        }
+    }
+    let mut times = Vec::new();
+    for step in 0..a.warmup + a.steps {
+        let pixel_values = Tensor::<AD, 5>::random(
+            [b, 1, 3, res, res],
+            Distribution::Uniform(-1.0, 1.0),
+            &device,
+        );
+        let input_ids =
+            Tensor::<AD, 2, Int>::from_data(TensorData::new(ids.clone(), [b, s]), &device);
+        let mask_ar = Tensor::<AD, 2, Int>::from_data(TensorData::new(ar.clone(), [b, s]), &device);
+        let masks = make_attn_mask(
+            mask_ar.clone(),
+            mask_ar.clone().greater_equal_elem(0),
+            c.text.sliding_window,
+        );
+        let positions = Tensor::<AD, 1, Int>::arange(0..s as i64, &device)
+            .reshape([1, s])
+            .expand([b, s]);
+        let start = Instant::now();
+        let input = ModelInput {
+            pixel_values,
+            input_ids: input_ids.clone(),
+            positions,
+            masks,
+        };
+        // Logits for text positions only; position j predicts token j+1.
+        let out = model.forward(input, n, false, None)?;
+        let logits = out.logits.slice([0..b, 0..t - 1]);
+        let targets = input_ids.slice([0..b, n + 1..s]);
+        let weights = mask_ar.slice([0..b, n + 1..s]).float();
+        let loss = reduce(
+            token_nll(logits, targets, 0.0),
+            weights,
+            Reduction::PerExample,
+        );
+        if a.forward_only {
+            let _ = loss.into_scalar();
+        } else {
+            let grads = GradientsParams::from_grads(loss.backward(), &model);
+            model = optim.step(1e-5, model, grads);
+            // Reading one weight back waits for the step to finish on asynchronous devices.
+            let _ = model.language_model.norm.weight.val().sum().into_scalar();
+        }
+        if step >= a.warmup {
+            times.push(start.elapsed().as_secs_f64());
+        }
+    }
+    let _ = model.num_params();
+    Ok(times)
 }
 
 /// `pali bench data`: image decode + resize throughput from JPEG files, one core and all cores,

@@ -802,3 +802,27 @@ fn paper_recipes_parse_and_chain() {
     assert_eq!(s896.run.start_step, s1 + steps(50_000_000));
     assert_eq!(s896.stages[0].resolution, 896);
 }
+
+/// `run.gradient_checkpointing` changes memory, not results.
+#[test]
+fn gradient_checkpointing_gives_the_same_weights() {
+    let d = tempfile::tempdir().unwrap();
+    let cfg = config(d.path(), "");
+    let run = |out: &str, gc: bool| {
+        run_ok(
+            pali()
+                .args(["train", "--quiet"])
+                .arg(&cfg)
+                .args(["--set", &format!("run.out_dir=\"{out}/out\"")])
+                .args(["--set", &format!("run.gradient_checkpointing={gc}")])
+                .args(["--set", r#"run.stages=["s1"]"#, "--set", "stage.s1.steps=4"]),
+        );
+        final_model(&d.path().join(out))
+    };
+    let plain = run("plain", false);
+    let gc = run("gc", true);
+    assert_eq!(plain.len(), gc.len());
+    for ((n, _, a), (_, _, b)) in plain.iter().zip(&gc) {
+        assert_eq!(a, b, "{n}");
+    }
+}

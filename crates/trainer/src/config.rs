@@ -43,6 +43,10 @@ pub struct Run {
     /// checkpoint names, start there.
     #[serde(default)]
     pub start_step: u64,
+    /// Recompute cheap activations during the backward pass instead of keeping them (Burn's
+    /// balanced checkpointing): less memory, some more compute. Results are unchanged.
+    #[serde(default)]
+    pub gradient_checkpointing: bool,
 }
 
 fn default_keep() -> usize {

@@ -547,13 +547,26 @@ fn evaluate_and_log<B: Backend>(
     Ok(ev)
 }
 
-/// Runs every stage of `config` on backend `B` (gradients through `Autodiff<B>`).
+/// Runs every stage of `config` on backend `B` (gradients through `Autodiff<B>`, with Burn's
+/// balanced checkpointing when `run.gradient_checkpointing`).
 pub fn train<B: Backend>(
     config: &RunConfig,
     device: &B::Device,
     opts: &TrainOptions,
 ) -> Result<Vec<StageSummary>> {
-    type AD<B> = Autodiff<B>;
+    use burn::backend::autodiff::checkpoint::strategy::{BalancedCheckpointing, NoCheckpointing};
+    if config.run.gradient_checkpointing {
+        train_with::<B, BalancedCheckpointing>(config, device, opts)
+    } else {
+        train_with::<B, NoCheckpointing>(config, device, opts)
+    }
+}
+
+fn train_with<B: Backend, C: burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy>(
+    config: &RunConfig,
+    device: &B::Device,
+    opts: &TrainOptions,
+) -> Result<Vec<StageSummary>> {
     let out_dir = &config.run.out_dir;
     std::fs::create_dir_all(out_dir).map_err(io(out_dir))?;
     let resolved = out_dir.join("config.resolved.toml");
@@ -595,40 +608,48 @@ pub fn train<B: Backend>(
         None
     };
     B::seed(device, config.run.seed);
-    let (mut model, mut adam, mut state): (PaliGemma<AD<B>>, AdamState<B>, Option<RunState>) =
-        match &latest {
-            Some(dir) => {
-                let st = ckpt::load_state(dir)?;
-                let cfg = model_config(config, &tok, st.resolution)?;
-                let m = load_into(
-                    cfg.init::<AD<B>>(device),
-                    &TensorFile::open(&dir.join("model.safetensors"))?,
-                    Tower::All,
-                )?;
-                let a = ckpt::load_adam::<B>(dir, st.adam_t.clone(), device)?;
-                eprintln!(
-                    "resuming from {} (stage {}, step {})",
-                    dir.display(),
-                    st.stage + 1,
-                    st.stage_step
-                );
-                (m, a, Some(st))
-            }
-            None => {
-                let res0 = config.stages[0].resolution;
-                let m = match &config.model.init_hf {
-                    Some(p) => {
-                        let (hf, m) = pali_model::load_hf::<AD<B>>(p, device)?;
-                        set_resolution(m, hf.vision.image_size(), res0)
-                    }
-                    None => {
-                        let c0 = model_config(config, &tok, res0)?;
-                        crate::init::unimodal(c0.init::<AD<B>>(device), &c0, &config.model, device)?
-                    }
-                };
-                (m, AdamState::default(), None)
-            }
-        };
+    let (mut model, mut adam, mut state): (
+        PaliGemma<Autodiff<B, C>>,
+        AdamState<B>,
+        Option<RunState>,
+    ) = match &latest {
+        Some(dir) => {
+            let st = ckpt::load_state(dir)?;
+            let cfg = model_config(config, &tok, st.resolution)?;
+            let m = load_into(
+                cfg.init::<Autodiff<B, C>>(device),
+                &TensorFile::open(&dir.join("model.safetensors"))?,
+                Tower::All,
+            )?;
+            let a = ckpt::load_adam::<B>(dir, st.adam_t.clone(), device)?;
+            eprintln!(
+                "resuming from {} (stage {}, step {})",
+                dir.display(),
+                st.stage + 1,
+                st.stage_step
+            );
+            (m, a, Some(st))
+        }
+        None => {
+            let res0 = config.stages[0].resolution;
+            let m = match &config.model.init_hf {
+                Some(p) => {
+                    let (hf, m) = pali_model::load_hf::<Autodiff<B, C>>(p, device)?;
+                    set_resolution(m, hf.vision.image_size(), res0)
+                }
+                None => {
+                    let c0 = model_config(config, &tok, res0)?;
+                    crate::init::unimodal(
+                        c0.init::<Autodiff<B, C>>(device),
+                        &c0,
+                        &config.model,
+                        device,
+                    )?
+                }
+            };
+            (m, AdamState::default(), None)
+        }
+    };
     let mut resolution = state
         .as_ref()
         .map(|s| s.resolution)
@@ -658,7 +679,7 @@ pub fn train<B: Backend>(
         if start_step == 0 && !stage.reset.is_empty() {
             // Seeded by the stage, so a run resumed at this boundary resets to the same weights.
             B::seed(device, config.run.seed.wrapping_add(1000 + si as u64));
-            let fresh = cfg.init::<AD<B>>(device);
+            let fresh = cfg.init::<Autodiff<B, C>>(device);
             for part in &stage.reset {
                 match part.as_str() {
                     "vision_tower" => model.vision_tower = fresh.vision_tower.clone(),
@@ -752,8 +773,13 @@ pub fn train<B: Backend>(
                 return Ok(summaries);
             }
             let mut batch = loader.recv()?;
-            let inputs =
-                step_inputs::<AD<B>>(&mut batch, &cfg, stage.attention, stage.loss.on, device);
+            let inputs = step_inputs::<Autodiff<B, C>>(
+                &mut batch,
+                &cfg,
+                stage.attention,
+                stage.loss.on,
+                device,
+            );
             truncated += batch.truncated;
             eos_cut += batch.eos_cut.len();
             skipped += batch.skipped.len();
