@@ -172,7 +172,13 @@ fn steps<AD: burn::tensor::backend::AutodiffBackend>(
             ids.push(if i < n {
                 c.image_token_id as i64
             } else {
-                ((i * 31 + r * 7) as i64) % vocab
+                // Any text token but the image placeholder.
+                let t = ((i * 31 + r * 7) as i64) % vocab;
+                if t == c.image_token_id as i64 {
+                    (t + 1) % vocab
+                } else {
+                    t
+                }
             });
             ar.push(if i < n + prefix { 0i64 } else { 1 });
         }
