@@ -164,3 +164,21 @@ fn bad_inputs_fail_with_named_errors() {
     ]));
     assert!(e.contains("unknown device `tpu`"), "{e}");
 }
+
+/// `pali bench train-step` reports what it measured, with and without gradient checkpointing
+/// (a long text once drew the `<image>` id among its random tokens and failed).
+#[test]
+fn bench_train_step_reports_json() {
+    for extra in [&[][..], &["--grad-checkpointing"][..]] {
+        let out = run_ok(
+            pali()
+                .args(["bench", "train-step", "--preset", "tiny", "--batch", "2"])
+                .args(["--text-len", "420", "--steps", "1", "--warmup", "0"])
+                .args(extra),
+        );
+        let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+        assert!(v["step_seconds_median"].as_f64().unwrap() > 0.0, "{v}");
+        assert_eq!(v["grad_checkpointing"], !extra.is_empty());
+        assert!(v["tokens_per_second"].as_f64().unwrap() > 0.0);
+    }
+}
