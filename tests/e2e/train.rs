@@ -826,3 +826,56 @@ fn gradient_checkpointing_gives_the_same_weights() {
         assert_eq!(a, b, "{n}");
     }
 }
+
+/// `grad_accum` splits each batch into micro-batches with the same update (up to float
+/// summation order), for both loss reductions; `llm_dropout` changes training and stays
+/// reproducible.
+#[test]
+fn gradient_accumulation_and_dropout() {
+    let d = tempfile::tempdir().unwrap();
+    let cfg = config(d.path(), "");
+    let run = |out: &str, extra: &[&str]| {
+        let mut c = pali();
+        c.args(["train", "--quiet"]).arg(&cfg);
+        c.args(["--set", &format!("run.out_dir=\"{out}/out\"")]);
+        c.args(["--set", r#"run.stages=["s1"]"#, "--set", "stage.s1.steps=3"]);
+        for e in extra {
+            c.args(["--set", e]);
+        }
+        run_ok(&mut c);
+        final_model(&d.path().join(out))
+    };
+    let max_diff = |a: &[(String, Vec<usize>, Vec<f32>)], b: &[(String, Vec<usize>, Vec<f32>)]| {
+        a.iter()
+            .zip(b)
+            .flat_map(|(x, y)| x.2.iter().zip(&y.2).map(|(p, q)| (p - q).abs()))
+            .fold(0f32, f32::max)
+    };
+    for red in ["per_example", "per_token"] {
+        let r = format!("stage.s1.loss.reduction=\"{red}\"");
+        let one = run(&format!("{red}-1"), &[&r]);
+        let two = run(&format!("{red}-2"), &[&r, "stage.s1.grad_accum=2"]);
+        let four = run(&format!("{red}-4"), &[&r, "stage.s1.grad_accum=4"]);
+        let (d2, d4) = (max_diff(&one, &two), max_diff(&one, &four));
+        eprintln!("{red}: max weight difference {d2} (2 micro-batches), {d4} (4)");
+        assert!(
+            d2 < 1e-4 && d4 < 1e-4,
+            "{red}: max weight difference {d2}, {d4}"
+        );
+    }
+    let plain = run("nodrop", &[]);
+    let a = run("drop-a", &["stage.s1.llm_dropout=0.3"]);
+    let b = run("drop-b", &["stage.s1.llm_dropout=0.3"]);
+    assert!(max_diff(&plain, &a) > 1e-5, "dropout had no effect");
+    assert_eq!(max_diff(&a, &b), 0.0, "dropout is seeded");
+    let e = run_err(
+        pali()
+            .arg("train")
+            .arg(&cfg)
+            .args(["--set", "stage.s1.grad_accum=3"]),
+    );
+    assert!(
+        e.contains("grad_accum 3 must be > 0 and divide batch_size 4"),
+        "{e}"
+    );
+}

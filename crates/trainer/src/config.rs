@@ -269,6 +269,14 @@ pub struct Stage {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub examples: Option<u64>,
     pub batch_size: usize,
+    /// Split each batch into this many micro-batches, summing their gradients before the one
+    /// optimizer step (same update, less memory); must divide `batch_size`.
+    #[serde(default = "one_usize")]
+    pub grad_accum: usize,
+    /// Residual dropout in the decoder (attention and MLP outputs) during training: the
+    /// paper's "LLM dropout" transfer hyper-parameter.
+    #[serde(default)]
+    pub llm_dropout: f64,
     pub lr: f64,
     #[serde(default = "b1")]
     pub b1: f64,
@@ -688,6 +696,18 @@ impl RunConfig {
             }
             if s.batch_size == 0 || s.text_len == 0 {
                 return err(format!("{at}: batch_size and text_len must be > 0"));
+            }
+            if s.grad_accum == 0 || !s.batch_size.is_multiple_of(s.grad_accum) {
+                return err(format!(
+                    "{at}: grad_accum {} must be > 0 and divide batch_size {}",
+                    s.grad_accum, s.batch_size
+                ));
+            }
+            if !(0.0..1.0).contains(&s.llm_dropout) {
+                return err(format!(
+                    "{at}: llm_dropout {} is not in [0, 1)",
+                    s.llm_dropout
+                ));
             }
             match (s.steps, s.epochs, s.examples) {
                 (0, None, None) => {

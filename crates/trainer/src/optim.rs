@@ -226,23 +226,19 @@ fn accumulate<B: Backend>(acc: &mut Option<Tensor<B, 1>>, x: Tensor<B, 1>) {
     });
 }
 
-/// One optimizer step on `model` with gradients `grads`. Parameter and update norms are zero
-/// unless `cfg.norms`.
-pub fn step<AD: AutodiffBackend, M: AutodiffModule<AD>>(
-    model: M,
+/// Gradients of the parameters that have one, flattened, in module visit order (the order
+/// the global norm is summed in, so results do not depend on hashing).
+pub type Grads<B> = Vec<(String, Tensor<B, 1>)>;
+
+/// The gradients of `model`'s parameters in `grads` (a backward pass).
+pub fn gradients<AD: AutodiffBackend, M: AutodiffModule<AD>>(
+    model: &M,
     grads: &AD::Gradients,
-    state: &mut AdamState<AD::InnerBackend>,
-    cfg: &StepConfig,
-) -> (M, StepStats<AD::InnerBackend>) {
-    type Inner<AD> = <AD as AutodiffBackend>::InnerBackend;
-    // Pass 1: gradients of trainable parameters and their global norm.
+) -> Grads<AD::InnerBackend> {
     struct Collect<'a, AD: AutodiffBackend> {
         stack: PathStack,
         grads: &'a AD::Gradients,
-        out: HashMap<String, Tensor<Inner<AD>, 1>>,
-        sq: Option<Tensor<Inner<AD>, 1>>,
-        psq: Option<Tensor<Inner<AD>, 1>>,
-        norms: bool,
+        out: Grads<AD::InnerBackend>,
     }
     impl<AD: AutodiffBackend> ModuleVisitor<AD> for Collect<'_, AD> {
         fn enter_module(&mut self, n: &str, c: &str) {
@@ -253,37 +249,64 @@ pub fn step<AD: AutodiffBackend, M: AutodiffModule<AD>>(
         }
         fn visit_float<const D: usize>(&mut self, p: &Param<Tensor<AD, D>>) {
             let t = p.val();
-            let n = t.shape().num_elements();
-            if self.norms {
-                accumulate(
-                    &mut self.psq,
-                    t.clone().inner().reshape([n]).powi_scalar(2).sum(),
-                );
-            }
             if let Some(g) = t.grad(self.grads) {
-                let g = g.reshape([n]);
-                accumulate(&mut self.sq, g.clone().powi_scalar(2).sum());
-                self.out.insert(self.stack.current().0, g);
+                let n = g.shape().num_elements();
+                self.out.push((self.stack.current().0, g.reshape([n])));
             }
         }
     }
     let mut c = Collect::<AD> {
         stack: PathStack::default(),
         grads,
-        out: HashMap::new(),
-        sq: None,
-        psq: None,
-        norms: cfg.norms,
+        out: Vec::new(),
     };
     model.visit(&mut c);
+    c.out
+}
+
+/// Adds the gradients of another micro-batch (same model, so the same order and paths).
+pub fn add_gradients<B: Backend>(acc: &mut Grads<B>, more: Grads<B>) {
+    for ((p, a), (q, b)) in acc.iter_mut().zip(more) {
+        debug_assert_eq!(p, &q);
+        *a = a.clone() + b;
+    }
+}
+
+/// One optimizer step on `model` with gradients `grads` ([`gradients`]). Parameter and update
+/// norms are zero unless `cfg.norms`.
+pub fn step<AD: AutodiffBackend, M: AutodiffModule<AD>>(
+    model: M,
+    grads: Grads<AD::InnerBackend>,
+    state: &mut AdamState<AD::InnerBackend>,
+    cfg: &StepConfig,
+) -> (M, StepStats<AD::InnerBackend>) {
+    type Inner<AD> = <AD as AutodiffBackend>::InnerBackend;
+    struct ParamNorm<AD: AutodiffBackend> {
+        psq: Option<Tensor<Inner<AD>, 1>>,
+    }
+    impl<AD: AutodiffBackend> ModuleVisitor<AD> for ParamNorm<AD> {
+        fn visit_float<const D: usize>(&mut self, p: &Param<Tensor<AD, D>>) {
+            let t = p.val().inner();
+            let n = t.shape().num_elements();
+            accumulate(&mut self.psq, t.reshape([n]).powi_scalar(2).sum());
+        }
+    }
+    let mut sq = None;
+    for (_, g) in &grads {
+        accumulate(&mut sq, g.clone().powi_scalar(2).sum());
+    }
+    let mut pn = ParamNorm::<AD> { psq: None };
+    if cfg.norms {
+        model.visit(&mut pn);
+    }
     let device = model
         .devices()
         .first()
         .cloned()
         .expect("model has a device");
     let zero = || Tensor::<Inner<AD>, 1>::zeros([1], &device);
-    let grad_norm = c.sq.take().unwrap_or_else(zero).sqrt();
-    let param_norm = c.psq.take().unwrap_or_else(zero).sqrt();
+    let grad_norm = sq.unwrap_or_else(zero).sqrt();
+    let param_norm = pn.psq.take().unwrap_or_else(zero).sqrt();
     // min(1, clip / ‖g‖), computed on the device (no sync).
     let coef = if cfg.grad_clip > 0.0 {
         grad_norm
@@ -364,7 +387,7 @@ pub fn step<AD: AutodiffBackend, M: AutodiffModule<AD>>(
     }
     let mut a = Apply::<AD> {
         stack: PathStack::default(),
-        grads: c.out,
+        grads: grads.into_iter().collect(),
         state,
         cfg,
         coef,

@@ -231,6 +231,39 @@ pub struct StepInputs<B: Backend> {
     pub tokens: usize,
 }
 
+impl<B: Backend> StepInputs<B> {
+    /// The rows `r` of the batch (a micro-batch for gradient accumulation).
+    pub fn rows(&self, r: std::ops::Range<usize>) -> Self {
+        let i = &self.input;
+        let [_, f, c, h, w] = i.pixel_values.dims();
+        let [_, s] = i.input_ids.dims();
+        let [_, t] = self.targets.dims();
+        let n = r.len();
+        StepInputs {
+            input: ModelInput {
+                pixel_values: i
+                    .pixel_values
+                    .clone()
+                    .slice([r.clone(), 0..f, 0..c, 0..h, 0..w]),
+                input_ids: i.input_ids.clone().slice([r.clone(), 0..s]),
+                positions: i.positions.clone().slice([r.clone(), 0..s]),
+                masks: pali_model::gemma::AttentionMasks {
+                    full: i.masks.full.clone().slice([r.clone(), 0..s, 0..s]),
+                    sliding: i
+                        .masks
+                        .sliding
+                        .clone()
+                        .map(|m| m.slice([r.clone(), 0..s, 0..s])),
+                },
+            },
+            targets: self.targets.clone().slice([r.clone(), 0..t]),
+            weights: self.weights.clone().slice([r, 0..t]),
+            n_img: self.n_img,
+            tokens: self.tokens / self.targets.dims()[0].max(1) * n,
+        }
+    }
+}
+
 /// Turns a host batch into the tensors of a training step (also what validation perplexity
 /// uses, so both see the same masks).
 pub fn step_inputs<B: Backend>(
@@ -697,6 +730,9 @@ fn train_with<B: Backend, C: burn::backend::autodiff::checkpoint::strategy::Chec
             );
         }
         model = optim::apply_freeze(model, &groups)?;
+        for layer in model.language_model.layers.iter_mut() {
+            layer.dropout = burn::nn::DropoutConfig::new(stage.llm_dropout).init();
+        }
         // At a stage start (fresh or resumed at the boundary) the optimizer state may be reset.
         if start_step == 0 && si > 0 && !stage.carry_optimizer {
             adam = AdamState::default();
@@ -783,14 +819,58 @@ fn train_with<B: Backend, C: burn::backend::autodiff::checkpoint::strategy::Chec
             truncated += batch.truncated;
             eos_cut += batch.eos_cut.len();
             skipped += batch.skipped.len();
-            let out = model.forward(inputs.input, inputs.n_img, false, None)?;
-            let tok_loss = token_nll(out.logits, inputs.targets, stage.loss.label_smoothing);
-            let loss = reduce(tok_loss, inputs.weights, stage.loss.reduction);
-            let loss_value = loss.clone().into_scalar().elem::<f64>();
+            if stage.llm_dropout > 0.0 {
+                // Dropout masks from (seed, step): a resumed run draws the same ones.
+                <Autodiff<B, C> as Backend>::seed(
+                    device,
+                    config
+                        .run
+                        .seed
+                        .wrapping_mul(1_000_003)
+                        .wrapping_add(global_step),
+                );
+            }
+            let tokens = inputs.tokens;
+            // Micro-batches of batch_size / grad_accum rows; each loss is scaled so that the
+            // summed gradients are those of the whole batch's loss.
+            let k = stage.grad_accum.max(1);
+            let rows = inputs.targets.dims()[0];
+            let total_w = inputs.weights.clone().sum();
+            let parts = if k == 1 {
+                vec![inputs]
+            } else {
+                (0..k)
+                    .map(|p| inputs.rows(p * rows / k..(p + 1) * rows / k))
+                    .collect()
+            };
+            let (mut loss_value, mut grads) = (0.0, None);
+            for sub in parts {
+                let n = sub.targets.dims()[0];
+                let out = model.forward(sub.input, sub.n_img, false, None)?;
+                let tok_loss = token_nll(out.logits, sub.targets, stage.loss.label_smoothing);
+                let w = sub.weights;
+                let mut loss = reduce(tok_loss, w.clone(), stage.loss.reduction);
+                if k > 1 {
+                    loss = match stage.loss.reduction {
+                        pali_model::loss::Reduction::PerExample => {
+                            loss.mul_scalar(n as f64 / rows as f64)
+                        }
+                        pali_model::loss::Reduction::PerToken => {
+                            loss * (w.sum() / total_w.clone().clamp_min(1.0))
+                        }
+                    };
+                }
+                loss_value += loss.clone().into_scalar().elem::<f64>();
+                let g = optim::gradients(&model, &loss.backward());
+                match &mut grads {
+                    None => grads = Some(g),
+                    Some(acc) => optim::add_gradients(acc, g),
+                }
+            }
             if !loss_value.is_finite() {
                 return Err(Error::Train(format!("stage `{}` step {step}: loss became {loss_value}; the last good checkpoint is kept", stage.name)));
             }
-            let grads = loss.backward();
+            let grads = grads.expect("at least one micro-batch");
             let done = step + 1;
             let log = done % stage.log_every == 0 || done == stage.steps || step == start_step;
             let sched: Vec<f64> = (0..groups.groups.len())
@@ -807,10 +887,10 @@ fn train_with<B: Backend, C: burn::backend::autodiff::checkpoint::strategy::Chec
                 sched: sched.clone(),
                 norms: log,
             };
-            let (m, stats) = optim::step(model, &grads, &mut adam, &scfg);
+            let (m, stats) = optim::step(model, grads, &mut adam, &scfg);
             model = m;
             global_step += 1;
-            tokens_since += inputs.tokens;
+            tokens_since += tokens;
             if first_loss.is_nan() {
                 first_loss = loss_value;
             }
