@@ -284,6 +284,26 @@ pub fn run_data(a: DataArgs) -> Result<()> {
     let all: usize = files.par_iter().map(work).sum();
     let parallel = a.n as f64 / t.elapsed().as_secs_f64();
     assert_eq!(one, all);
+    // The augmented path: Inception crop + JPEG re-encode + random resize method.
+    let aug = pali_data::transform::Transforms {
+        augment: pali_data::transform::Augment {
+            crop_min_area: Some(0.9),
+            jpeg_quality: Some([70, 100]),
+            random_resize: true,
+        },
+        ..Default::default()
+    };
+    let t = Instant::now();
+    files.par_iter().enumerate().for_each(|(i, p)| {
+        let im = pali_data::dataset::ImageSource::File(p.clone());
+        aug.pixels(&im, a.resolution, ResizeMethod::Bicubic, Some(i as u64))
+            .expect("decodable");
+    });
+    let augmented = a.n as f64 / t.elapsed().as_secs_f64();
+    // Near-duplicate search: decode + pHash.
+    let t = Instant::now();
+    pali_data::dedup::hash_files(&files)?;
+    let phash = a.n as f64 / t.elapsed().as_secs_f64();
     let _ = std::fs::remove_dir_all(&dir);
     let mut json = serde_json::json!({
         "what": "decode JPEG + bicubic resize + normalise",
@@ -292,6 +312,8 @@ pub fn run_data(a: DataArgs) -> Result<()> {
         "images": a.n,
         "images_per_s_one_core": single,
         "images_per_s_all_cores": parallel,
+        "augmented_images_per_s_all_cores": augmented,
+        "phash_images_per_s_all_cores": phash,
         "cores": rayon::current_num_threads(),
     });
     if let Some(cfg) = &a.config {

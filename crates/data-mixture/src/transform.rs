@@ -10,7 +10,8 @@
 //! stream, seeded by the run and the draw (not the thread), so batches stay reproducible:
 //! - `crop_min_area`: an Inception-style crop covering at least this fraction of the image
 //!   (aspect ratio in [3/4, 4/3]); it moves objects, so stages with box or mask targets refuse it;
-//! - `jpeg_quality = [lo, hi]`: a JPEG re-encode at a quality drawn in that range;
+//! - `jpeg_quality = [lo, hi]`: a JPEG re-encode, at the model's resolution, at a quality drawn
+//!   in that range;
 //! - `random_resize`: the resize method drawn among bicubic, bilinear and bilinear without
 //!   antialias.
 
@@ -101,15 +102,15 @@ impl Transforms {
         let native = self.downscale.unwrap_or(res * w);
         let mut rgb = im.rgb(native)?;
         let mut method = method;
-        if let Some(d) = augment {
-            let mut rng = Rng::derive(self.seed, &[d]);
+        let mut rng = augment.map(|d| Rng::derive(self.seed, &[d]));
+        let mut quality = None;
+        if let Some(rng) = rng.as_mut() {
             let a = &self.augment;
             if let Some(min) = a.crop_min_area {
-                rgb = inception_crop(&rgb, min, &mut rng);
+                rgb = inception_crop(&rgb, min, rng);
             }
             if let Some([lo, hi]) = a.jpeg_quality {
-                let q = lo + rng.below((hi - lo) as usize + 1) as u8;
-                rgb = jpeg_roundtrip(&rgb, q)?;
+                quality = Some(lo + rng.below((hi - lo) as usize + 1) as u8);
             }
             if a.random_resize {
                 method = *rng.pick(&[
@@ -122,7 +123,11 @@ impl Transforms {
         if let Some(d) = self.downscale {
             rgb = img::resize(&rgb, d, d, method);
         }
-        let big = img::resize(&rgb, res * w, res * w, method);
+        let mut big = img::resize(&rgb, res * w, res * w, method);
+        if let Some(q) = quality {
+            // At the model's resolution: the artefacts it sees, and a small image to encode.
+            big = jpeg_roundtrip(&big, q)?;
+        }
         let mut out = Vec::with_capacity(w * w * 3 * res * res);
         for ty in 0..w {
             for tx in 0..w {
