@@ -5,7 +5,7 @@ use std::path::PathBuf;
 
 use anyhow::{Context, Result};
 use burn::tensor::backend::Backend;
-use pali_trainer::ablate::{finished, run_grid, AblationConfig};
+use pali_trainer::ablate::{check_same_config, finished, run_grid, AblationConfig};
 
 use crate::backend::{dispatch, Job};
 use crate::DeviceArg;
@@ -68,10 +68,13 @@ pub fn run(a: Args) -> Result<()> {
                 r.variant,
                 r.seed,
                 r.dir.display(),
-                if finished(&r.dir) {
-                    "finished"
-                } else {
-                    "to run"
+                match (
+                    finished(&r.dir),
+                    check_same_config(&r.dir, &r.config).is_ok()
+                ) {
+                    (_, false) => "made with another config: delete it to redo",
+                    (true, true) => "finished",
+                    (false, true) => "to run",
                 }
             );
             println!("{}", toml::to_string(&r.config)?);

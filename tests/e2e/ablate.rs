@@ -138,6 +138,16 @@ fn grid_runs_reports_and_resumes_without_redoing_finished_runs() {
     assert!(String::from_utf8_lossy(&out.stdout).contains("| prefix_lm |"));
     let e = run_err(pali().args(["ablate", "--only", "nope"]).arg(&grid));
     assert!(e.contains("no variant named `nope`"), "{e}");
+
+    // An edited variant is not answered with its old results.
+    let text = std::fs::read_to_string(&grid).unwrap();
+    std::fs::write(&grid, text.replace("causal_all", "causal_text")).unwrap();
+    let e = run_err(pali().args(["ablate", "--quiet"]).arg(&grid));
+    assert!(
+        e.contains("causal/seed-0 holds a run made with another config")
+            && e.contains("causal_text"),
+        "{e}"
+    );
 }
 
 /// Every shipped ablation config runs end to end at smoke size (one seed, 2 steps per stage),

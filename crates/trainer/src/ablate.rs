@@ -64,7 +64,8 @@ pub struct AblationSection {
     pub seeds: Vec<u64>,
     /// Metrics of the table: `final_loss`, `wall_seconds`, `tokens_per_s`, `exact_match`,
     /// `val_perplexity/TASK`, `eval/KEY` (keys of the last evaluation, see docs/eval.md), and
-    /// `CURVE@start` for a tracked curve's first value.
+    /// `CURVE@start` for a tracked curve's first value, and `STAGE:KEY` for a stage's own final
+    /// evaluation (e.g. `pretrain:val_perplexity/caption`).
     pub metrics: Vec<String>,
     /// What the paper found (shown above the table).
     #[serde(default)]
@@ -318,6 +319,34 @@ pub fn finished(dir: &Path) -> bool {
     dir.join("summary.json").is_file()
 }
 
+/// A run directory that already holds a run must hold this config: results of an edited
+/// variant are not reused, nor is an interrupted run resumed under other settings.
+pub fn check_same_config(dir: &Path, config: &RunConfig) -> Result<()> {
+    let p = dir.join("config.resolved.toml");
+    let Ok(text) = std::fs::read_to_string(&p) else {
+        return Ok(());
+    };
+    let stored: RunConfig =
+        toml::from_str(&text).map_err(|e| Error::Config(format!("{}: {e}", p.display())))?;
+    if &stored == config {
+        return Ok(());
+    }
+    let (a, b) = (
+        toml::to_string_pretty(&stored).expect("toml"),
+        toml::to_string_pretty(config).expect("toml"),
+    );
+    let diff = a
+        .lines()
+        .zip(b.lines())
+        .find(|(x, y)| x != y)
+        .map(|(x, y)| format!("`{x}` there, `{y}` now"))
+        .unwrap_or_else(|| "a different number of keys".into());
+    Err(Error::Config(format!(
+        "{} holds a run made with another config ({diff}); delete that directory to redo it",
+        dir.display()
+    )))
+}
+
 /// Trains the preparatory runs that are not done yet (resuming interrupted ones) and exports
 /// their towers.
 pub fn run_prepares<B: Backend>(
@@ -326,6 +355,7 @@ pub fn run_prepares<B: Backend>(
     progress: bool,
 ) -> Result<()> {
     for p in a.prepare_plan()? {
+        check_same_config(&p.dir, &p.config)?;
         if p.done() {
             eprintln!("prepare `{}`: done, skipped", p.name);
             continue;
@@ -371,6 +401,9 @@ pub fn run_grid<B: Backend>(
 ) -> Result<Vec<RunResult>> {
     run_prepares::<B>(a, device, progress)?;
     let runs = a.plan(only)?;
+    for r in &runs {
+        check_same_config(&r.dir, &r.config)?;
+    }
     let started = Instant::now();
     let todo = runs.iter().filter(|r| !finished(&r.dir)).count();
     let mut done_now = 0usize;
@@ -450,6 +483,24 @@ pub fn collect(r: &RunSpec, curves: &[String]) -> Result<RunResult> {
         "wall_seconds".into(),
         stages.iter().filter_map(|s| s["seconds"].as_f64()).sum(),
     );
+    // Each stage's final evaluation as `STAGE:KEY` (stage-1 perplexity per task, …).
+    for s in &stages {
+        let name = s["name"].as_str().unwrap_or("?");
+        if let Some(o) = s["eval_metrics"].as_object() {
+            for (k, v) in o {
+                if let Some(x) = v.as_f64() {
+                    m.insert(format!("{name}:eval/{k}"), x);
+                }
+            }
+        }
+        if let Some(p) = s["val_perplexity"].as_array() {
+            for kv in p {
+                if let (Some(k), Some(v)) = (kv[0].as_str(), kv[1].as_f64()) {
+                    m.insert(format!("{name}:val_perplexity/{k}"), v);
+                }
+            }
+        }
+    }
     // The last evaluation of the run: task metrics, exact match, perplexity per task.
     if let Some(s) = stages.iter().rev().find(|s| !s["eval_metrics"].is_null()) {
         if let Some(o) = s["eval_metrics"].as_object() {
