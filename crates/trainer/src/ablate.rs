@@ -681,6 +681,21 @@ fn fmt(x: f64) -> String {
     }
 }
 
+/// A metric name as part of a file name (`pretrain:val_perplexity/ocr` →
+/// `pretrain_val_perplexity_ocr`), safe on every file system.
+fn file_safe(metric: &str) -> String {
+    metric
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' || c == '.' {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect()
+}
+
 fn write_results(a: &AblationConfig, results: &[RunResult]) -> Result<()> {
     let dir = &a.ablation.out_dir;
     std::fs::create_dir_all(dir).map_err(io(dir))?;
@@ -691,13 +706,13 @@ fn write_results(a: &AblationConfig, results: &[RunResult]) -> Result<()> {
     let mut md = markdown(a, &t);
     let mut plots = Vec::new();
     for m in &a.ablation.metrics {
-        let file = format!("bar-{}.svg", m.replace('/', "_"));
+        let file = format!("bar-{}.svg", file_safe(m));
         crate::plot::bars(m, &t, &dir.join(&file))?;
         plots.push(file);
     }
     crate::plot::loss_curves(&a.ablation.name, results, &dir.join("loss.svg"))?;
     for c in &a.ablation.curves {
-        let file = format!("curve-{}.svg", c.replace('/', "_"));
+        let file = format!("curve-{}.svg", file_safe(c));
         crate::plot::metric_curves(&a.ablation.name, c, results, &dir.join(&file))?;
         plots.push(file);
     }
