@@ -205,14 +205,17 @@ source = [{{ kind = "synth", task = "detect", size = 50 }}, {{ kind = "synth", t
     )
     .unwrap();
     run_ok(pali().args(["train", "--quiet"]).arg(&cfg));
-    // The trainer's evaluations (every 2 steps and at the end) used the eval crate.
+    // The trainer's evaluations (before the first step, every 2 steps, and at the end) used the
+    // eval crate.
     let evals: Vec<Value> = std::fs::read_to_string(d.path().join("out/metrics.jsonl"))
         .unwrap()
         .lines()
         .map(|l| serde_json::from_str::<Value>(l).unwrap())
         .filter(|v| v.get("eval").is_some())
         .collect();
-    assert_eq!(evals.len(), 2, "{evals:?}");
+    assert_eq!(evals.len(), 3, "{evals:?}");
+    let steps: Vec<u64> = evals.iter().map(|e| e["step"].as_u64().unwrap()).collect();
+    assert_eq!(steps[0], 0, "{steps:?}");
     for e in &evals {
         assert!(e["eval"]["map"].is_number(), "{e}");
         let ppl = &e["val_perplexity"];
