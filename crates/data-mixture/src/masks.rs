@@ -228,9 +228,23 @@ pub fn from_coco_segmentation(
     }
     let counts: RleCounts = serde_json::from_value(seg["counts"].clone())
         .map_err(|_| "segmentation is neither polygons nor RLE with `counts`".to_string())?;
+    Ok(BinaryMask {
+        width,
+        height,
+        data: rle_decode(height, width, &counts)?,
+    })
+}
+
+/// Decodes COCO RLE (run lengths over the column-major pixels, starting with a run of 0s, as a
+/// list or pycocotools' compressed string) into row-major pixels.
+pub fn rle_decode(
+    height: usize,
+    width: usize,
+    counts: &RleCounts,
+) -> std::result::Result<Vec<bool>, String> {
     let runs = match counts {
-        RleCounts::List(v) => v,
-        RleCounts::Compressed(s) => rle_from_string(&s)?,
+        RleCounts::List(v) => v.clone(),
+        RleCounts::Compressed(s) => rle_from_string(s)?,
     };
     let n = height * width;
     let mut col_major = vec![false; n];
@@ -239,7 +253,7 @@ pub fn from_coco_segmentation(
         let r = usize::try_from(*r).map_err(|_| format!("negative run length {r}"))?;
         if pos + r > n {
             return Err(format!(
-                "RLE runs cover more than the {height}x{width} pixels"
+                "runs cover more than the {height}x{width} = {n} pixels of the mask"
             ));
         }
         if i % 2 == 1 {
@@ -247,36 +261,42 @@ pub fn from_coco_segmentation(
         }
         pos += r;
     }
+    if pos != n {
+        return Err(format!(
+            "runs cover {pos} of the {height}x{width} = {n} pixels of the mask"
+        ));
+    }
     let mut data = vec![false; n];
     for x in 0..width {
         for y in 0..height {
             data[y * width + x] = col_major[x * height + y];
         }
     }
-    Ok(BinaryMask {
-        width,
-        height,
-        data,
-    })
+    Ok(data)
+}
+
+/// Compressed COCO RLE of row-major pixels (column-major runs, starting with 0s).
+pub fn rle_encode(height: usize, width: usize, data: &[bool]) -> String {
+    let mut runs = Vec::new();
+    let (mut cur, mut len) = (false, 0i64);
+    for x in 0..width {
+        for y in 0..height {
+            if data[y * width + x] != cur {
+                runs.push(len);
+                cur = !cur;
+                len = 0;
+            }
+            len += 1;
+        }
+    }
+    runs.push(len);
+    rle_to_string(&runs)
 }
 
 impl BinaryMask {
-    /// Compressed COCO RLE counts of this mask (column-major runs, starting with 0s).
+    /// Compressed COCO RLE counts of this mask.
     pub fn to_rle_string(&self) -> String {
-        let mut runs = Vec::new();
-        let (mut cur, mut len) = (false, 0i64);
-        for x in 0..self.width {
-            for y in 0..self.height {
-                if self.data[y * self.width + x] != cur {
-                    runs.push(len);
-                    cur = !cur;
-                    len = 0;
-                }
-                len += 1;
-            }
-        }
-        runs.push(len);
-        rle_to_string(&runs)
+        rle_encode(self.height, self.width, &self.data)
     }
 }
 

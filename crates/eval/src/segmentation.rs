@@ -28,60 +28,16 @@ impl Mask {
     /// Decodes COCO RLE: run lengths over the column-major pixels, starting with a run of 0s,
     /// either as a list of numbers or as pycocotools' compressed string.
     pub fn from_rle(height: usize, width: usize, counts: &RleCounts) -> Result<Mask, String> {
-        let runs = match counts {
-            RleCounts::List(v) => v.clone(),
-            RleCounts::Compressed(s) => rle_from_string(s)?,
-        };
-        let n = height * width;
-        let mut col_major = vec![false; n];
-        let mut pos = 0usize;
-        for (i, r) in runs.iter().enumerate() {
-            let r = usize::try_from(*r).map_err(|_| format!("negative run length {r}"))?;
-            if pos + r > n {
-                return Err(format!(
-                    "runs cover more than the {height}x{width} = {n} pixels of the mask"
-                ));
-            }
-            if i % 2 == 1 {
-                col_major[pos..pos + r].iter_mut().for_each(|x| *x = true);
-            }
-            pos += r;
-        }
-        if pos != n {
-            return Err(format!(
-                "runs cover {pos} of the {height}x{width} = {n} pixels of the mask"
-            ));
-        }
-        let mut data = vec![false; n];
-        for x in 0..width {
-            for y in 0..height {
-                data[y * width + x] = col_major[x * height + y];
-            }
-        }
         Ok(Mask {
             height,
             width,
-            data,
+            data: pali_data::masks::rle_decode(height, width, counts)?,
         })
     }
 
     /// Compressed COCO RLE string of this mask.
     pub fn to_rle_string(&self) -> String {
-        let mut runs = Vec::new();
-        let (mut cur, mut len) = (false, 0i64);
-        for x in 0..self.width {
-            for y in 0..self.height {
-                let v = self.data[y * self.width + x];
-                if v != cur {
-                    runs.push(len);
-                    cur = v;
-                    len = 0;
-                }
-                len += 1;
-            }
-        }
-        runs.push(len);
-        rle_to_string(&runs)
+        pali_data::masks::rle_encode(self.height, self.width, &self.data)
     }
 }
 

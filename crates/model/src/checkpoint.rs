@@ -466,14 +466,20 @@ pub fn save_safetensors<B: Backend, M: Module<B>>(module: &M, path: &Path) -> Re
     }
     let mut v = V(PathStack::default(), Vec::new());
     module.visit(&mut v);
-    let views: Vec<(String, safetensors::tensor::TensorView)> =
-        v.1.iter()
-            .map(|(n, s, b)| {
-                let view = safetensors::tensor::TensorView::new(Dtype::F32, s.clone(), b)
-                    .expect("consistent view");
-                (n.clone(), view)
-            })
-            .collect();
+    write_f32(&v.1, path)
+}
+
+/// Writes (name, shape, little-endian f32 bytes) tensors to a safetensors file atomically
+/// (temp file + rename), with PyTorch's `format` metadata.
+fn write_f32(tensors: &[(String, Vec<usize>, Vec<u8>)], path: &Path) -> Result<()> {
+    let views: Vec<(String, safetensors::tensor::TensorView)> = tensors
+        .iter()
+        .map(|(n, s, b)| {
+            let view = safetensors::tensor::TensorView::new(Dtype::F32, s.clone(), b)
+                .expect("consistent view");
+            (n.clone(), view)
+        })
+        .collect();
     let meta = HashMap::from([("format".to_string(), "pt".to_string())]);
     let tmp = path.with_extension("safetensors.tmp");
     safetensors::tensor::serialize_to_file(views, Some(meta), &tmp).map_err(|e| {
@@ -534,23 +540,7 @@ pub fn export_tower(src: &Path, tower: Tower, vocab: Option<usize>, out: &Path) 
             src.display()
         )));
     }
-    let views: Vec<(String, safetensors::tensor::TensorView)> = tensors
-        .iter()
-        .map(|(n, s, b)| {
-            let view = safetensors::tensor::TensorView::new(Dtype::F32, s.clone(), b)
-                .expect("consistent view");
-            (n.clone(), view)
-        })
-        .collect();
-    let meta = HashMap::from([("format".to_string(), "pt".to_string())]);
-    let tmp = out.with_extension("safetensors.tmp");
-    safetensors::tensor::serialize_to_file(views, Some(meta), &tmp).map_err(|e| {
-        Error::Safetensors {
-            path: tmp.clone(),
-            msg: e.to_string(),
-        }
-    })?;
-    std::fs::rename(&tmp, out).map_err(io_err(out))?;
+    write_f32(&tensors, out)?;
     Ok(tensors.len())
 }
 

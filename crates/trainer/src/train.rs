@@ -784,27 +784,26 @@ fn train_with<B: Backend, C: burn::backend::autodiff::checkpoint::strategy::Chec
         // Data problems since the last log line (truncated rows, rows that lost EOS, skipped).
         let (mut truncated, mut eos_cut, mut skipped) = (0usize, 0usize, 0usize);
 
-        // With mid-stage evaluations, also one before the first step: where a curve starts
-        // matters to some ablations (new-token init: the step-0 perplexity).
-        if stage.eval_every > 0 && start_step == 0 && evaluates(stage) {
-            bar.suspend(|| {
-                evaluate_and_log(
-                    &model.valid(),
-                    &cfg,
-                    stage,
-                    &tok,
-                    config.run.seed,
-                    global_step,
-                    &metrics_path,
-                    &encoders,
-                    device,
-                    false,
-                )
-            })?;
-        }
-
         // ---- The loop ----
         for step in start_step..stage.steps {
+            // Mid-stage evaluations every `eval_every` steps, the first before step 0: where a
+            // curve starts matters to some ablations (new-token init: the step-0 perplexity).
+            if stage.eval_every > 0 && step % stage.eval_every == 0 && evaluates(stage) {
+                bar.suspend(|| {
+                    evaluate_and_log(
+                        &model.valid(),
+                        &cfg,
+                        stage,
+                        &tok,
+                        config.run.seed,
+                        global_step,
+                        &metrics_path,
+                        &encoders,
+                        device,
+                        false,
+                    )
+                })?;
+            }
             if opts.max_steps.is_some_and(|m| global_step >= m) {
                 return Ok(summaries);
             }
@@ -961,26 +960,6 @@ fn train_with<B: Backend, C: burn::backend::autodiff::checkpoint::strategy::Chec
                     config.run.keep_checkpoints,
                     Some(extras),
                 )?;
-            }
-            if stage.eval_every > 0
-                && done % stage.eval_every == 0
-                && done < stage.steps
-                && evaluates(stage)
-            {
-                bar.suspend(|| {
-                    evaluate_and_log(
-                        &model.valid(),
-                        &cfg,
-                        stage,
-                        &tok,
-                        config.run.seed,
-                        global_step,
-                        &metrics_path,
-                        &encoders,
-                        device,
-                        false,
-                    )
-                })?;
             }
         }
         bar.finish();
