@@ -51,7 +51,9 @@ pub fn run(a: Args) -> Result<()> {
         ab.smoke = true;
         ab.ablation.out_dir = std::path::absolute(dir)?;
     }
-    let runs = ab.plan(a.only.as_deref())?;
+    let runs = ab
+        .plan(a.only.as_deref())
+        .with_context(|| format!("planning {}", a.config.display()))?;
     if a.dry_run {
         for p in ab.prepare_plan()? {
             println!(

@@ -301,3 +301,33 @@ fn model_export_writes_one_tower_and_checks_the_vocabulary() {
     );
     assert!(e.contains("unknown tower `clip`"), "{e}");
 }
+
+#[test]
+fn bad_ablation_files_name_the_problem() {
+    let d = tempfile::tempdir().unwrap();
+    let grid = write_grid(d.path());
+    let text = std::fs::read_to_string(&grid).unwrap();
+    let cases = [
+        (
+            text.replace("name = \"causal\"", "name = \"prefix_lm\""),
+            "variant name `prefix_lm` is empty, repeated",
+        ),
+        (
+            format!("{text}\n[[prepare]]\nname = \"p\"\nexport = {{ tower = \"clip\" }}\n"),
+            "prepare `p`: export: unknown tower `clip`",
+        ),
+        (
+            text.replace(
+                "set = ['stage.s.attention=\"causal_all\"']",
+                "set = ['model.init_hf=\"{prepare.nope}\"']",
+            ),
+            "variant `causal`: `model.init_hf=\"{prepare.nope}\"`: no [[prepare]] named `nope`",
+        ),
+    ];
+    for (body, want) in cases {
+        assert_ne!(body, text);
+        std::fs::write(&grid, body).unwrap();
+        let e = run_err(pali().args(["ablate", "--dry-run"]).arg(&grid));
+        assert!(e.contains("grid.toml") && e.contains(want), "{e}");
+    }
+}

@@ -247,6 +247,29 @@ fn bad_configs_fail_before_training_with_the_reason() {
     );
     assert!(e.contains("steps"), "{e}");
 
+    // A checkpoint made for another tokenizer is refused: the fixture checkpoint with its
+    // `<image>` moved to 401, against its own tokenizer (400).
+    let fx = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tiny-gemma1");
+    let hf = d.path().join("hf");
+    std::fs::create_dir_all(&hf).unwrap();
+    for f in ["model.safetensors", "tokenizer.json"] {
+        std::fs::copy(fx.join(f), hf.join(f)).unwrap();
+    }
+    let conf = std::fs::read_to_string(fx.join("config.json")).unwrap();
+    let moved = conf.replace("\"image_token_index\": 400", "\"image_token_index\": 401");
+    assert_ne!(conf, moved);
+    std::fs::write(hf.join("config.json"), moved).unwrap();
+    let e = run_err(pali().arg("train").arg(&cfg).args([
+        "--set",
+        &format!("model.init_hf=\"{}\"", hf.display()),
+        "--set",
+        &format!("tokenizer.path=\"{}\"", hf.join("tokenizer.json").display()),
+    ]));
+    assert!(
+        e.contains("has `<image>` = 400 but") && e.contains("hf/config.json expects 401"),
+        "{e}"
+    );
+
     // A stage subset names existing stages; transforms are checked.
     for (set, want) in [
         (

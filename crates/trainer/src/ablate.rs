@@ -164,15 +164,23 @@ impl AblationConfig {
                 *p = base.join(&*p);
             }
         }
-        let mut names = std::collections::HashSet::new();
-        for p in &a.prepares {
-            if !names.insert(&p.name) || p.name.is_empty() || p.name.contains(['/', '\\', '}']) {
-                return Err(Error::Config(format!(
-                    "{}: prepare name `{}` is empty, repeated or has a slash or brace",
-                    path.display(),
-                    p.name
-                )));
+        // Names become directory names and `{prepare.NAME}` keys: unique, no slash or brace.
+        let unique = |kind: &str, names: Vec<&String>| -> Result<()> {
+            let mut seen = std::collections::HashSet::new();
+            match names
+                .into_iter()
+                .find(|n| !seen.insert(*n) || n.is_empty() || n.contains(['/', '\\', '}']))
+            {
+                Some(n) => Err(Error::Config(format!(
+                    "{}: {kind} name `{n}` is empty, repeated or has a slash or brace",
+                    path.display()
+                ))),
+                None => Ok(()),
             }
+        };
+        unique("prepare", a.prepares.iter().map(|p| &p.name).collect())?;
+        unique("variant", a.variants.iter().map(|v| &v.name).collect())?;
+        for p in &a.prepares {
             if let Some(e) = &p.export {
                 pali_model::checkpoint::tower_by_name(&e.tower).map_err(|m| {
                     Error::Config(format!(
@@ -181,16 +189,6 @@ impl AblationConfig {
                         p.name
                     ))
                 })?;
-            }
-        }
-        let mut names = std::collections::HashSet::new();
-        for v in &a.variants {
-            if !names.insert(&v.name) || v.name.is_empty() || v.name.contains(['/', '\\']) {
-                return Err(Error::Config(format!(
-                    "{}: variant name `{}` is empty, repeated or contains a slash",
-                    path.display(),
-                    v.name
-                )));
             }
         }
         if a.variants.is_empty() || a.ablation.seeds.is_empty() {
@@ -347,6 +345,26 @@ pub fn check_same_config(dir: &Path, config: &RunConfig) -> Result<()> {
     )))
 }
 
+/// Whether a run directory holds a checkpoint to resume from.
+fn resumable(dir: &Path) -> bool {
+    !crate::ckpt::checkpoints(dir).is_empty()
+}
+
+/// Trains one run of the grid to its end.
+fn train_run<B: Backend>(
+    config: &RunConfig,
+    resume: bool,
+    device: &B::Device,
+    progress: bool,
+) -> Result<()> {
+    let opts = TrainOptions {
+        resume,
+        progress,
+        max_steps: None,
+    };
+    train::<B>(config, device, &opts).map(|_| ())
+}
+
 /// Trains the preparatory runs that are not done yet (resuming interrupted ones) and exports
 /// their towers.
 pub fn run_prepares<B: Backend>(
@@ -361,18 +379,13 @@ pub fn run_prepares<B: Backend>(
             continue;
         }
         if !finished(&p.dir) {
-            let resume = !crate::ckpt::checkpoints(&p.dir).is_empty();
+            let resume = resumable(&p.dir);
             eprintln!(
                 "prepare `{}`{}",
                 p.name,
                 if resume { " (resuming)" } else { "" }
             );
-            let opts = TrainOptions {
-                resume,
-                progress,
-                max_steps: None,
-            };
-            train::<B>(&p.config, device, &opts)?;
+            train_run::<B>(&p.config, resume, device, progress)?;
         }
         if let Some(e) = &p.export {
             let last = crate::ckpt::checkpoints(&p.dir).pop().ok_or_else(|| {
@@ -418,7 +431,7 @@ pub fn run_grid<B: Backend>(
             );
             continue;
         }
-        let resume = !crate::ckpt::checkpoints(&r.dir).is_empty();
+        let resume = resumable(&r.dir);
         let eta = if done_now > 0 {
             let per = started.elapsed().as_secs_f64() / done_now as f64;
             format!(
@@ -436,12 +449,7 @@ pub fn run_grid<B: Backend>(
             r.seed,
             if resume { " (resuming)" } else { "" }
         );
-        let opts = TrainOptions {
-            resume,
-            progress,
-            max_steps: None,
-        };
-        train::<B>(&r.config, device, &opts)?;
+        train_run::<B>(&r.config, resume, device, progress)?;
         done_now += 1;
     }
     let results = a

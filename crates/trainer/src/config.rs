@@ -350,6 +350,18 @@ pub struct Stage {
     pub groups: Vec<Group>,
 }
 
+/// Non-empty lines of a JSONL file, read in a stream (a dataset may be large).
+fn count_lines(path: &Path) -> Result<usize> {
+    use std::io::BufRead;
+    let err = |e: std::io::Error| Error::Config(format!("{}: {e}", path.display()));
+    let f = std::fs::File::open(path).map_err(err)?;
+    let mut n = 0;
+    for line in std::io::BufReader::new(f).lines() {
+        n += usize::from(!line.map_err(err)?.trim().is_empty());
+    }
+    Ok(n)
+}
+
 fn one_usize() -> usize {
     1
 }
@@ -458,11 +470,7 @@ impl RunConfig {
                     for src in &s.sources {
                         let size = match src.kind().map_err(Error::Config)? {
                             SourceKind::Synth { size, .. } => size,
-                            SourceKind::Jsonl { path: p } => std::fs::read_to_string(&p)
-                                .map_err(|e| Error::Config(format!("{}: {e}", p.display())))?
-                                .lines()
-                                .filter(|l| !l.trim().is_empty())
-                                .count(),
+                            SourceKind::Jsonl { path: p } => count_lines(&p)?,
                         };
                         n += src.few_shot.map_or(size, |k| k.min(size));
                     }

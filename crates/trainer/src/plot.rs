@@ -129,15 +129,57 @@ pub fn bars(metric: &str, t: &crate::ablate::Table, out: &Path) -> Result<()> {
     draw().map_err(|e| Error::Train(format!("plotting {}: {e}", out.display())))
 }
 
+/// Runs' (step, value) curves: one line per run, one colour and legend entry per variant.
+type Series<'a> = Vec<(&'a String, &'a [(f64, f64)])>;
+
+/// Draws `series` into a chart whose y axis is `Y` (linear or log), with point markers if
+/// `markers`, and the legend.
+fn draw_runs<'a, Y>(
+    c: &mut ChartContext<
+        'a,
+        SVGBackend<'a>,
+        Cartesian2d<plotters::coord::types::RangedCoordf64, Y>,
+    >,
+    series: &Series,
+    markers: bool,
+) -> std::result::Result<(), Box<dyn std::error::Error>>
+where
+    Y: Ranged<ValueType = f64>,
+{
+    let mut variants: Vec<&String> = series.iter().map(|(v, _)| *v).collect();
+    variants.dedup();
+    for (i, v) in variants.iter().enumerate() {
+        let color = Palette99::pick(i).to_rgba();
+        for (k, (_, pts)) in series.iter().filter(|(w, _)| w == v).enumerate() {
+            if markers {
+                c.draw_series(pts.iter().map(|&p| Circle::new(p, 3, color.filled())))?;
+            }
+            let s = c.draw_series(LineSeries::new(pts.iter().copied(), color))?;
+            if k == 0 {
+                s.label(v.to_string())
+                    .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], color));
+            }
+        }
+    }
+    c.configure_series_labels()
+        .background_style(WHITE.mix(0.8))
+        .border_style(BLACK)
+        .draw()?;
+    Ok(())
+}
+
 /// Training loss over global steps, one line per run, coloured by variant.
 pub fn loss_curves(name: &str, runs: &[crate::ablate::RunResult], out: &Path) -> Result<()> {
-    let pts = runs.iter().flat_map(|r| r.loss_curve.iter());
-    let (xmax, ymax) = pts.fold((1.0f64, 0.0f64), |a, p| (a.0.max(p.0), a.1.max(p.1)));
-    if runs.iter().all(|r| r.loss_curve.is_empty()) {
+    let series: Series = runs
+        .iter()
+        .map(|r| (&r.variant, r.loss_curve.as_slice()))
+        .filter(|(_, c)| !c.is_empty())
+        .collect();
+    if series.is_empty() {
         return Ok(());
     }
-    let mut variants: Vec<&String> = runs.iter().map(|r| &r.variant).collect();
-    variants.dedup();
+    let pts = series.iter().flat_map(|(_, c)| c.iter());
+    let (xmax, ymax) = pts.fold((1.0f64, 0.0f64), |a, p| (a.0.max(p.0), a.1.max(p.1)));
     let draw = || -> std::result::Result<(), Box<dyn std::error::Error>> {
         let root = SVGBackend::new(out, (900, 500)).into_drawing_area();
         root.fill(&WHITE)?;
@@ -148,20 +190,7 @@ pub fn loss_curves(name: &str, runs: &[crate::ablate::RunResult], out: &Path) ->
             .y_label_area_size(50)
             .build_cartesian_2d(0.0..xmax, 0.0..ymax * 1.05 + 1e-9)?;
         c.configure_mesh().x_desc("step").y_desc("loss").draw()?;
-        for (i, v) in variants.iter().enumerate() {
-            let color = Palette99::pick(i).to_rgba();
-            for (k, r) in runs.iter().filter(|r| &&r.variant == v).enumerate() {
-                let s = c.draw_series(LineSeries::new(r.loss_curve.iter().copied(), color))?;
-                if k == 0 {
-                    s.label(v.to_string())
-                        .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], color));
-                }
-            }
-        }
-        c.configure_series_labels()
-            .background_style(WHITE.mix(0.8))
-            .border_style(BLACK)
-            .draw()?;
+        draw_runs(&mut c, &series, false)?;
         root.present()?;
         Ok(())
     };
@@ -176,9 +205,9 @@ pub fn metric_curves(
     runs: &[crate::ablate::RunResult],
     out: &Path,
 ) -> Result<()> {
-    let series: Vec<(&String, &Vec<(f64, f64)>)> = runs
+    let series: Series = runs
         .iter()
-        .filter_map(|r| r.curves.get(metric).map(|c| (&r.variant, c)))
+        .filter_map(|r| r.curves.get(metric).map(|c| (&r.variant, c.as_slice())))
         .filter(|(_, c)| !c.is_empty())
         .collect();
     if series.is_empty() {
@@ -189,8 +218,6 @@ pub fn metric_curves(
         (a.0.max(p.0), a.1.min(p.1), a.2.max(p.1))
     });
     let ymin = (ymin * 0.9).max(1e-6);
-    let mut variants: Vec<&String> = series.iter().map(|(v, _)| *v).collect();
-    variants.dedup();
     let draw = || -> std::result::Result<(), Box<dyn std::error::Error>> {
         let root = SVGBackend::new(out, (900, 500)).into_drawing_area();
         root.fill(&WHITE)?;
@@ -204,21 +231,7 @@ pub fn metric_curves(
             .x_desc("step")
             .y_desc(format!("{metric} (log)"))
             .draw()?;
-        for (i, v) in variants.iter().enumerate() {
-            let color = Palette99::pick(i).to_rgba();
-            for (k, (_, pts)) in series.iter().filter(|(w, _)| w == v).enumerate() {
-                c.draw_series(pts.iter().map(|&p| Circle::new(p, 3, color.filled())))?;
-                let s = c.draw_series(LineSeries::new(pts.iter().copied(), color))?;
-                if k == 0 {
-                    s.label(v.to_string())
-                        .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], color));
-                }
-            }
-        }
-        c.configure_series_labels()
-            .background_style(WHITE.mix(0.8))
-            .border_style(BLACK)
-            .draw()?;
+        draw_runs(&mut c, &series, true)?;
         root.present()?;
         Ok(())
     };

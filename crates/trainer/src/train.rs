@@ -106,18 +106,20 @@ pub fn model_config(
             c.text.vocab_size
         )));
     }
-    if config.model.init_hf.is_none() && name != "tiny" {
+    if tok.image as usize != c.image_token_id {
+        if let Some(dir) = &config.model.init_hf {
+            return Err(Error::Config(format!(
+                "tokenizer {} has `<image>` = {} but {} expects {}",
+                tok.path.display(),
+                tok.image,
+                dir.join("config.json").display(),
+                c.image_token_id
+            )));
+        }
         // A preset with another tokenizer (e.g. a full-size model on the synthetic data): the
         // tokenizer's `<image>` id is used, and rows past its vocabulary are never predicted.
         c.image_token_id = tok.image as usize;
         c.output_vocab_size = Some(c.predictable_vocab().min(tok.vocab_size()));
-    } else if tok.image as usize != c.image_token_id {
-        return Err(Error::Config(format!(
-            "tokenizer {} has `<image>` = {} but model `{name}` expects {}",
-            tok.path.display(),
-            tok.image,
-            c.image_token_id
-        )));
     }
     if config.model.encoder == EncoderChoice::None {
         c.vision = ImageEncoder::RawPatches {
@@ -709,6 +711,22 @@ fn train_with<B: Backend, C: burn::backend::autodiff::checkpoint::strategy::Chec
         }
         let cfg = model_config(config, &tok, resolution)?;
         let groups = Groups::new(stage)?;
+        // This stage's evaluation (task metrics + validation perplexity) of the current model.
+        let evaluate_now = |m: &PaliGemma<Autodiff<B, C>>, step: u64, verbose: bool| {
+            let seed = config.run.seed;
+            evaluate_and_log(
+                &m.valid(),
+                &cfg,
+                stage,
+                &tok,
+                seed,
+                step,
+                &metrics_path,
+                &encoders,
+                device,
+                verbose,
+            )
+        };
         if start_step == 0 && !stage.reset.is_empty() {
             // Seeded by the stage, so a run resumed at this boundary resets to the same weights.
             B::seed(device, config.run.seed.wrapping_add(1000 + si as u64));
@@ -789,20 +807,7 @@ fn train_with<B: Backend, C: burn::backend::autodiff::checkpoint::strategy::Chec
             // Mid-stage evaluations every `eval_every` steps, the first before step 0: where a
             // curve starts matters to some ablations (new-token init: the step-0 perplexity).
             if stage.eval_every > 0 && step % stage.eval_every == 0 && evaluates(stage) {
-                bar.suspend(|| {
-                    evaluate_and_log(
-                        &model.valid(),
-                        &cfg,
-                        stage,
-                        &tok,
-                        config.run.seed,
-                        global_step,
-                        &metrics_path,
-                        &encoders,
-                        device,
-                        false,
-                    )
-                })?;
+                bar.suspend(|| evaluate_now(&model, global_step, false))?;
             }
             if opts.max_steps.is_some_and(|m| global_step >= m) {
                 return Ok(summaries);
@@ -966,18 +971,7 @@ fn train_with<B: Backend, C: burn::backend::autodiff::checkpoint::strategy::Chec
         let svg = out_dir.join(format!("curves-{}.svg", stage.name));
         crate::plot::stage_curves(&metrics_path, &stage.name, &svg)?;
         let eval = if evaluates(stage) {
-            Some(evaluate_and_log(
-                &model.valid(),
-                &cfg,
-                stage,
-                &tok,
-                config.run.seed,
-                global_step,
-                &metrics_path,
-                &encoders,
-                device,
-                true,
-            )?)
+            Some(evaluate_now(&model, global_step, true)?)
         } else {
             None
         };
