@@ -239,24 +239,24 @@ fn every_shipped_ablation_runs_as_a_smoke_test() {
 fn model_export_writes_one_tower_and_checks_the_vocabulary() {
     let d = tempfile::tempdir().unwrap();
     let ck = fixture("tiny-gemma1");
-    let out = d.path().join("gemma.safetensors");
-    let msg = run_ok(
-        pali()
-            .args([
-                "model",
-                "export",
-                "--tower",
-                "gemma",
-                "--vocab",
-                "1000",
-                "--checkpoint",
-            ])
+    // `pali model export --tower T [extra] --checkpoint CK --out d/FILE`
+    let export = |tower: &str, extra: &[&str], file: &str| {
+        let mut c = pali();
+        c.args(["model", "export", "--tower", tower])
+            .args(extra)
+            .arg("--checkpoint")
             .arg(&ck)
             .arg("--out")
-            .arg(&out),
-    );
+            .arg(d.path().join(file));
+        c
+    };
+    let msg = run_ok(&mut export(
+        "gemma",
+        &["--vocab", "1000"],
+        "gemma.safetensors",
+    ));
     assert!(msg.contains("tensors →"), "{msg}");
-    let g = open(&out);
+    let g = open(&d.path().join("gemma.safetensors"));
     let (emb, shape) = f32s(&g, "model.embed_tokens.weight");
     let full = open(&ck.join("model.safetensors"));
     let key = full
@@ -267,38 +267,16 @@ fn model_export_writes_one_tower_and_checks_the_vocabulary() {
     let (want, wshape) = f32s(&full, &key);
     assert_eq!(shape, vec![1000, wshape[1]]);
     assert_eq!(emb[..], want[..1000 * wshape[1]]);
-    let out = d.path().join("siglip.safetensors");
-    run_ok(
-        pali()
-            .args(["model", "export", "--tower", "siglip", "--checkpoint"])
-            .arg(&ck)
-            .arg("--out")
-            .arg(&out),
-    );
-    assert!(open(&out).names().all(|n| n.starts_with("vision_model.")));
-    let e = run_err(
-        pali()
-            .args([
-                "model",
-                "export",
-                "--tower",
-                "gemma",
-                "--vocab",
-                "999999",
-                "--checkpoint",
-            ])
-            .arg(&ck)
-            .arg("--out")
-            .arg(d.path().join("x.safetensors")),
-    );
+    run_ok(&mut export("siglip", &[], "siglip.safetensors"));
+    let s = open(&d.path().join("siglip.safetensors"));
+    assert!(s.names().all(|n| n.starts_with("vision_model.")));
+    let e = run_err(&mut export(
+        "gemma",
+        &["--vocab", "999999"],
+        "x.safetensors",
+    ));
     assert!(e.contains("larger than the") && e.contains("rows"), "{e}");
-    let e = run_err(
-        pali()
-            .args(["model", "export", "--tower", "clip", "--checkpoint"])
-            .arg(&ck)
-            .arg("--out")
-            .arg(d.path().join("x.safetensors")),
-    );
+    let e = run_err(&mut export("clip", &[], "x.safetensors"));
     assert!(e.contains("unknown tower `clip`"), "{e}");
 }
 
