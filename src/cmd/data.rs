@@ -214,33 +214,31 @@ fn dedup(
     use pali_data::dedup::{absolute_images, filter_jsonl};
     let t0 = std::time::Instant::now();
     let (kept, removed) = filter_jsonl(train, against, threshold)?;
-    let dir = |p: &std::path::Path| {
-        std::path::absolute(p)
-            .ok()
-            .and_then(|a| a.parent().map(|d| d.to_path_buf()))
+    // Image paths are relative to the JSONL file: absolute when the output lives elsewhere.
+    let dir_of = |p: &std::path::Path| -> Result<PathBuf> {
+        let a = std::path::absolute(p)?;
+        Ok(a.parent()
+            .unwrap_or(std::path::Path::new("/"))
+            .to_path_buf())
     };
-    let same_dir = dir(train) == dir(out);
-    let train_dir = train.parent().unwrap_or(std::path::Path::new("."));
-    let mut text = String::new();
-    for (line, l) in &kept {
-        let l = if same_dir {
-            l.clone()
-        } else {
-            absolute_images(l, &std::path::absolute(train_dir)?)
-                .with_context(|| format!("{}:{line}", train.display()))?
-        };
-        text.push_str(&l);
-        text.push('\n');
-    }
-    let tmp = out.with_extension("jsonl.tmp");
-    std::fs::write(&tmp, text)?;
-    std::fs::rename(&tmp, out)?;
-    let report = report.unwrap_or_else(|| out.with_extension("removed.jsonl"));
-    let lines: Vec<serde_json::Value> = removed
+    let train_dir = dir_of(train)?;
+    let moved = train_dir != dir_of(out)?;
+    let lines = kept
         .iter()
-        .map(|r| serde_json::to_value(r).expect("json"))
-        .collect();
-    pali_data::import::write_jsonl(&report, &lines)?;
+        .map(|(line, l)| -> Result<String> {
+            if !moved {
+                return Ok(l.clone());
+            }
+            Ok(absolute_images(l, &train_dir)
+                .with_context(|| format!("{}:{line}", train.display()))?)
+        })
+        .collect::<Result<Vec<_>>>()?;
+    pali_data::import::write_jsonl(out, &lines)?;
+    let report = report.unwrap_or_else(|| out.with_extension("removed.jsonl"));
+    let rows = removed
+        .iter()
+        .map(|r| serde_json::to_value(r).expect("json"));
+    pali_data::import::write_jsonl(&report, rows)?;
     eprintln!(
         "{} kept, {} removed (within {threshold} bits of an evaluation image) in {:.1} s → {}; report {}",
         kept.len(),

@@ -361,8 +361,11 @@ pub fn refcoco(
     Ok(out)
 }
 
-/// Writes JSON lines atomically (temp file + rename).
-pub fn write_jsonl(path: &Path, lines: &[Value]) -> Result<()> {
+/// Writes lines (JSON values, or JSONL text as it was read) atomically (temp file + rename).
+pub fn write_jsonl<T: std::fmt::Display>(
+    path: &Path,
+    lines: impl IntoIterator<Item = T>,
+) -> Result<()> {
     let mut s = String::new();
     for l in lines {
         s.push_str(&l.to_string());
