@@ -66,12 +66,15 @@ pub enum Resize {
 }
 
 impl DecodeArgs {
-    fn transforms(&self) -> pali_data::transform::Transforms {
-        pali_data::transform::Transforms {
-            downscale: self.downscale,
-            window: self.window.max(1),
-            ..Default::default()
+    fn transforms(&self) -> Result<pali_data::transform::Transforms> {
+        if self.window == 0 || self.downscale == Some(0) {
+            anyhow::bail!("--window and --downscale must be > 0");
         }
+        Ok(pali_data::transform::Transforms {
+            downscale: self.downscale,
+            window: self.window,
+            ..Default::default()
+        })
     }
 }
 
@@ -280,7 +283,7 @@ impl Job for EvalJob {
             resolution: res,
             resize: a.decoding.resize.into(),
             batch_size: a.batch_size,
-            transforms: a.decoding.transforms(),
+            transforms: a.decoding.transforms()?,
         };
         let pb = bar(n, "decoding");
         let (preds, thr) = predict(&model, &cfg, &tok, &examples, &opts, &device, |k| {
@@ -371,7 +374,7 @@ fn perplexity<B: Backend>(
         resolution: res,
         resize: a.decoding.resize.into(),
         frames,
-        transforms: a.decoding.transforms(),
+        transforms: a.decoding.transforms()?,
     };
     let mut ppl = Perplexity::default();
     let mut truncated = 0;
@@ -426,7 +429,7 @@ impl Job for PredictJob {
             resolution: image_resolution(&cfg),
             resize: a.decoding.resize.into(),
             batch_size: 1,
-            transforms: a.decoding.transforms(),
+            transforms: a.decoding.transforms()?,
         };
         let (preds, thr) = predict(&model, &cfg, &tok, &[ex], &opts, &device, |_| {})?;
         let p = &preds[0];

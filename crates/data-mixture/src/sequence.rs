@@ -84,10 +84,9 @@ impl SequenceBuilder {
         let (np, ns) = (p.len(), s.len());
         let ids: Vec<u32> = p.into_iter().chain(s).collect();
         let mask_ar = (0..np + ns).map(|i| u8::from(i >= np)).collect();
-        let mask_loss = (0..np + ns)
+        let mut mask_loss: Vec<u8> = (0..np + ns)
             .map(|i| u8::from(i >= np || self.loss_on_prefix))
             .collect();
-        let mut mask_loss: Vec<u8> = mask_loss;
         if let Some(noise) = tok.noise {
             no_loss_on_noise_boxes(&ids[np..], &mut mask_loss[np..], noise, &tok.loc);
         }
