@@ -229,8 +229,7 @@ fn dedup(
             if !moved {
                 return Ok(l.clone());
             }
-            Ok(absolute_images(l, &train_dir)
-                .with_context(|| format!("{}:{line}", train.display()))?)
+            absolute_images(l, &train_dir).with_context(|| format!("{}:{line}", train.display()))
         })
         .collect::<Result<Vec<_>>>()?;
     pali_data::import::write_jsonl(out, &lines)?;
