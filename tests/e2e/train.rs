@@ -74,6 +74,22 @@ fn final_model(dir: &Path) -> Vec<(String, Vec<usize>, Vec<f32>)> {
     all_f32(&open(&v.last().unwrap().join("model.safetensors")))
 }
 
+/// Trains only stage `s1` of `cfg` (see [`config`]) into `DIR/OUT/out` with `--set` overrides.
+fn train_s1(cfg: &Path, out: &str, sets: &[&str]) {
+    let mut c = pali();
+    c.args(["train", "--quiet"]).arg(cfg);
+    c.args([
+        "--set",
+        &format!("run.out_dir=\"{out}/out\""),
+        "--set",
+        r#"run.stages=["s1"]"#,
+    ]);
+    for e in sets {
+        c.args(["--set", e]);
+    }
+    run_ok(&mut c);
+}
+
 fn metrics(dir: &Path) -> Vec<serde_json::Value> {
     std::fs::read_to_string(dir.join("out/metrics.jsonl"))
         .unwrap()
@@ -314,24 +330,8 @@ fn image_transforms_train_and_stay_deterministic() {
     let d = tempfile::tempdir().unwrap();
     let cfg = config(d.path(), "");
     let run = |out: &str, extra: &[&str]| {
-        let mut c = pali();
-        c.arg("train").arg("--quiet").arg(&cfg);
-        c.args([
-            "--set",
-            &format!("run.out_dir=\"{out}/out\""),
-            "--set",
-            r#"run.stages=["s1"]"#,
-        ]);
-        c.args([
-            "--set",
-            "stage.s1.steps=3",
-            "--set",
-            "stage.s1.eval_examples=4",
-        ]);
-        for e in extra {
-            c.args(["--set", e]);
-        }
-        run_ok(&mut c);
+        let sets = [&["stage.s1.steps=3", "stage.s1.eval_examples=4"][..], extra].concat();
+        train_s1(&cfg, out, &sets);
         metrics(&d.path().join(out))
     };
     let loss = |m: &[serde_json::Value]| -> Vec<f64> {
@@ -832,14 +832,8 @@ fn gradient_checkpointing_gives_the_same_weights() {
     let d = tempfile::tempdir().unwrap();
     let cfg = config(d.path(), "");
     let run = |out: &str, gc: bool| {
-        run_ok(
-            pali()
-                .args(["train", "--quiet"])
-                .arg(&cfg)
-                .args(["--set", &format!("run.out_dir=\"{out}/out\"")])
-                .args(["--set", &format!("run.gradient_checkpointing={gc}")])
-                .args(["--set", r#"run.stages=["s1"]"#, "--set", "stage.s1.steps=4"]),
-        );
+        let gc = format!("run.gradient_checkpointing={gc}");
+        train_s1(&cfg, out, &["stage.s1.steps=4", &gc]);
         final_model(&d.path().join(out))
     };
     let plain = run("plain", false);
@@ -858,14 +852,7 @@ fn gradient_accumulation_and_dropout() {
     let d = tempfile::tempdir().unwrap();
     let cfg = config(d.path(), "");
     let run = |out: &str, extra: &[&str]| {
-        let mut c = pali();
-        c.args(["train", "--quiet"]).arg(&cfg);
-        c.args(["--set", &format!("run.out_dir=\"{out}/out\"")]);
-        c.args(["--set", r#"run.stages=["s1"]"#, "--set", "stage.s1.steps=3"]);
-        for e in extra {
-            c.args(["--set", e]);
-        }
-        run_ok(&mut c);
+        train_s1(&cfg, out, &[&["stage.s1.steps=3"][..], extra].concat());
         final_model(&d.path().join(out))
     };
     let max_diff = |a: &[(String, Vec<usize>, Vec<f32>)], b: &[(String, Vec<usize>, Vec<f32>)]| {
