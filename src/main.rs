@@ -149,7 +149,25 @@ fn main() -> ExitCode {
 /// Shared argument: where to compute.
 #[derive(clap::Args, Debug, Clone)]
 pub struct DeviceArg {
-    /// cpu, wgpu[:N] or cuda[:N].
-    #[arg(long, default_value = "cpu")]
-    pub device: DeviceSpec,
+    /// cpu, wgpu[:N] or cuda[:N] [default: cpu, or for runs the config's `run.device`].
+    #[arg(long)]
+    pub device: Option<DeviceSpec>,
+}
+
+impl DeviceArg {
+    /// The device given, else cpu.
+    pub fn spec(&self) -> DeviceSpec {
+        self.device.unwrap_or(DeviceSpec::Cpu)
+    }
+
+    /// The device given, else the run config's `run.device`, else cpu.
+    pub fn for_run(&self, config: &pali_trainer::config::RunConfig) -> anyhow::Result<DeviceSpec> {
+        match (self.device, &config.run.device) {
+            (Some(d), _) => Ok(d),
+            (None, Some(s)) => s
+                .parse()
+                .map_err(|e| anyhow::anyhow!("run.device = \"{s}\": {e}")),
+            (None, None) => Ok(DeviceSpec::Cpu),
+        }
+    }
 }

@@ -84,8 +84,13 @@ pub fn run(a: Args) -> Result<()> {
         println!("{} runs", runs.len());
         return Ok(());
     }
+    // The base config's `run.device` unless `--device` says otherwise.
+    let device = match runs.first() {
+        Some(r) => a.device.for_run(&r.config)?,
+        None => a.device.spec(),
+    };
     dispatch(
-        a.device.device,
+        device,
         GridJob {
             ab,
             only: a.only,

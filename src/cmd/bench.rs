@@ -46,8 +46,9 @@ pub struct Args {
     /// Device peak in TFLOP/s, to report MFU.
     #[arg(long)]
     pub peak_tflops: Option<f64>,
+    /// Matmul dtype: `f32`, or `bf16` (mixed precision: f32 weights, bf16 matmuls).
     #[arg(long, default_value = "f32")]
-    pub dtype: String,
+    pub dtype: pali_model::Compute,
     /// Recompute cheap activations in the backward pass instead of keeping them (Burn's
     /// balanced checkpointing), as `run.gradient_checkpointing`.
     #[arg(long)]
@@ -57,17 +58,14 @@ pub struct Args {
 }
 
 pub fn run(args: Args) -> Result<()> {
-    if args.dtype != "f32" {
-        bail!("--dtype {}: only f32 is implemented so far", args.dtype);
-    }
     let config = match (&args.preset, &args.config) {
         (Some(p), None) => preset(p)?,
         (None, Some(c)) => hf::parse_config(c)?,
         _ => bail!("give --preset NAME or --config HF_CONFIG.json"),
     };
-    let device_name = format!("{:?}", args.device.device);
+    let device_name = format!("{:?}", args.device.spec());
     let stats = dispatch(
-        args.device.device,
+        args.device.spec(),
         BenchJob {
             args: &args,
             config: &config,
@@ -83,7 +81,7 @@ pub fn run(args: Args) -> Result<()> {
         "what": if args.forward_only { "forward" } else { "forward+backward+adam" },
         "model": args.preset.clone().unwrap_or_else(|| args.config.as_ref().unwrap().display().to_string()),
         "device": device_name,
-        "dtype": args.dtype,
+        "dtype": args.dtype.to_string(),
         "grad_checkpointing": args.grad_checkpointing,
         "batch": args.batch,
         "seq_len": config.num_image_tokens() + args.text_len,
@@ -154,9 +152,13 @@ fn steps<AD: burn::tensor::backend::AutodiffBackend>(
     c: &PaliGemmaConfig,
     device: AD::Device,
 ) -> Result<Vec<f64>> {
-    let mut model = c.init::<AD>(&device);
+    if !a.dtype.supported::<AD>(&device) {
+        bail!("--dtype {}: device {device:?} does not support it", a.dtype);
+    }
+    let mut model = c.init::<AD>(&device).with_compute(a.dtype);
     // A zero projector would leave its gradient path trivial; benchmark a trained-like one.
     model.multi_modal_projector = c.projector_config().with_zero_init(false).init(&device);
+    model.multi_modal_projector.compute = a.dtype;
     let mut optim = AdamConfig::new()
         .with_epsilon(1e-8)
         .init::<AD, pali_model::PaliGemma<AD>>();
@@ -369,9 +371,9 @@ pub struct DecodeArgs {
 /// `pali bench decode`: decoding throughput with and without the KV cache.
 pub fn run_decode(a: DecodeArgs) -> Result<()> {
     let config = preset(&a.preset)?;
-    let device_name = format!("{:?}", a.device.device);
+    let device_name = format!("{:?}", a.device.spec());
     let (cached, uncached) = dispatch(
-        a.device.device,
+        a.device.spec(),
         DecodeJob {
             a: &a,
             config: &config,

@@ -52,6 +52,9 @@ pub struct Args {
     pub resume: bool,
     #[arg(long)]
     pub quiet: bool,
+    /// Matmul dtype, `f32` or `bf16` (mixed precision; see `run.dtype` in docs/config.md).
+    #[arg(long, default_value = "f32")]
+    pub dtype: pali_model::Compute,
     #[command(flatten)]
     pub device: DeviceArg,
 }
@@ -99,6 +102,7 @@ pub fn run(a: Args) -> Result<()> {
             ("name", "finetune".into()),
             ("out_dir", out.display().to_string().into()),
             ("seed", (a.seed as i64).into()),
+            ("dtype", a.dtype.to_string().into()),
         ]),
     );
     doc.insert(
@@ -145,7 +149,7 @@ pub fn run(a: Args) -> Result<()> {
     eprintln!("wrote {}", path.display());
     let config = RunConfig::load(&path, &[])?;
     dispatch(
-        a.device.device,
+        a.device.spec(),
         TrainJob {
             config,
             opts: TrainOptions {

@@ -34,7 +34,7 @@ pub fn run(args: Args) -> Result<()> {
     let config = RunConfig::load(&args.config, &args.overrides)
         .with_context(|| format!("loading {}", args.config.display()))?;
     dispatch(
-        args.device.device,
+        args.device.for_run(&config)?,
         TrainJob {
             config,
             opts: TrainOptions {

@@ -2,7 +2,7 @@
 //! (tests/fixtures/README.md): every intermediate the fixtures store, at the tolerances they
 //! recommend. The checks live in common/parity.rs so that parity_wgpu.rs runs them on wgpu too.
 
-use crate::common::parity::{full_forward_parity, greedy_parity};
+use crate::common::parity::{bf16_forward_close_to_hf, full_forward_parity, greedy_parity};
 
 type B = burn::backend::Flex;
 
@@ -21,4 +21,9 @@ fn gemma1_greedy_matches_hf() {
 #[test]
 fn gemma2_greedy_matches_hf() {
     greedy_parity::<B>("tiny-gemma2", &Default::default());
+}
+#[test]
+fn bf16_compute_stays_close_to_hf() {
+    bf16_forward_close_to_hf::<B>("tiny-gemma1", &Default::default());
+    bf16_forward_close_to_hf::<B>("tiny-gemma2", &Default::default());
 }

@@ -14,11 +14,11 @@ use burn::nn::{
 };
 use burn::tensor::activation::gelu_approximate;
 use burn::tensor::backend::Backend;
-use burn::tensor::module::attention;
 use burn::tensor::ops::AttentionModuleOptions;
 use burn::tensor::{Bool, Int, Tensor, TensorData};
 
 use crate::config::{GemmaConfig, LayerType};
+use crate::precision::Compute;
 
 /// Gemma's RMSNorm with a zero-initialised scale used as `(1 + w)`.
 #[derive(Module, Debug)]
@@ -111,6 +111,7 @@ pub struct GemmaAttention<B: Backend> {
     pub head_dim: usize,
     pub scale: f64,
     pub softcap: Option<f64>,
+    pub compute: Compute,
 }
 
 impl<B: Backend> GemmaAttention<B> {
@@ -125,19 +126,17 @@ impl<B: Backend> GemmaAttention<B> {
     ) -> Tensor<B, 3> {
         let [b, s, _] = x.dims();
         let (h, hkv, dh) = (self.num_heads, self.num_kv_heads, self.head_dim);
-        let q = self
-            .q_proj
-            .forward(x.clone())
+        let c = self.compute;
+        let q = c
+            .linear(&self.q_proj, x.clone())
             .reshape([b, s, h, dh])
             .swap_dims(1, 2); // [B, H, Sq, Dh]
-        let k = self
-            .k_proj
-            .forward(x.clone())
+        let k = c
+            .linear(&self.k_proj, x.clone())
             .reshape([b, s, hkv, dh])
             .swap_dims(1, 2); // [B, Hkv, Sq, Dh]
-        let v = self
-            .v_proj
-            .forward(x)
+        let v = c
+            .linear(&self.v_proj, x)
             .reshape([b, s, hkv, dh])
             .swap_dims(1, 2); // [B, Hkv, Sq, Dh]
         let q = rope.apply(q);
@@ -177,9 +176,8 @@ impl<B: Backend> GemmaAttention<B> {
             softcap: self.softcap,
             is_causal: false,
         };
-        let o = attention(q, expand(k), expand(v), Some(masked), None, opts); // [B, H, Sq, Dh]
-        self.o_proj
-            .forward(o.swap_dims(1, 2).reshape([b, s, h * dh]))
+        let o = c.attention(q, expand(k), expand(v), Some(masked), opts); // [B, H, Sq, Dh]
+        c.linear(&self.o_proj, o.swap_dims(1, 2).reshape([b, s, h * dh]))
     }
 }
 
@@ -188,13 +186,15 @@ pub struct GemmaMlp<B: Backend> {
     pub gate_proj: Linear<B>,
     pub up_proj: Linear<B>,
     pub down_proj: Linear<B>,
+    pub compute: Compute,
 }
 
 impl<B: Backend> GemmaMlp<B> {
     /// GeGLU: `down(gelu_tanh(gate(x)) · up(x))`.
     pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
-        let g = gelu_approximate(self.gate_proj.forward(x.clone()));
-        self.down_proj.forward(g * self.up_proj.forward(x))
+        let c = self.compute;
+        let g = gelu_approximate(c.linear(&self.gate_proj, x.clone()));
+        c.linear(&self.down_proj, g * c.linear(&self.up_proj, x))
     }
 }
 
@@ -261,6 +261,8 @@ pub struct Gemma<B: Backend> {
     pub head_dim: usize,
     pub rope_theta: f64,
     pub final_logit_softcapping: Option<f64>,
+    /// Dtype of the LM-head matmul.
+    pub compute: Compute,
 }
 
 impl GemmaConfig {
@@ -286,6 +288,7 @@ impl GemmaConfig {
                     head_dim: dh,
                     scale: self.attn_scale(),
                     softcap: self.attn_logit_softcapping,
+                    compute: Compute::F32,
                 },
                 post_attention_layernorm: norm(),
                 pre_feedforward_layernorm: self.post_norms.then(norm),
@@ -294,6 +297,7 @@ impl GemmaConfig {
                     gate_proj: lin(d, self.intermediate_size),
                     up_proj: lin(d, self.intermediate_size),
                     down_proj: lin(self.intermediate_size, d),
+                    compute: Compute::F32,
                 },
                 dropout: DropoutConfig::new(self.dropout).init(),
                 sliding: self.layer_type(i) == LayerType::SlidingAttention
@@ -314,6 +318,7 @@ impl GemmaConfig {
             head_dim: dh,
             rope_theta: self.rope_theta,
             final_logit_softcapping: self.final_logit_softcapping,
+            compute: Compute::F32,
         }
     }
 }
@@ -375,9 +380,9 @@ impl<B: Backend> Gemma<B> {
         } else {
             w
         };
-        let logits = h
-            .reshape([b * s, d])
-            .matmul(w.transpose())
+        let logits = self
+            .compute
+            .matmul(h.reshape([b * s, d]), w.transpose())
             .reshape([b, s, vocab]);
         match self.final_logit_softcapping {
             Some(cap) => logits.div_scalar(cap).tanh().mul_scalar(cap),

@@ -11,6 +11,7 @@ pub mod loss;
 pub mod mask;
 pub mod npz;
 pub mod paligemma;
+pub mod precision;
 pub mod presets;
 pub mod projector;
 pub mod siglip;
@@ -22,6 +23,7 @@ pub use config::{
 pub use error::{Error, Result};
 pub use gemma::AttentionMasks;
 pub use paligemma::{ModelInput, ModelOutput, PaliGemma, Trace};
+pub use precision::Compute;
 
 use std::path::Path;
 

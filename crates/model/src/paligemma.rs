@@ -12,6 +12,7 @@ use burn::tensor::{Bool, Int, Tensor};
 use crate::config::{ImageEncoder, PaliGemmaConfig};
 use crate::error::{Error, Result};
 use crate::gemma::{AttentionMasks, Gemma, LayerCache};
+use crate::precision::Compute;
 use crate::projector::Projector;
 use crate::siglip::{patchify, SiglipVision};
 
@@ -79,6 +80,24 @@ impl PaliGemmaConfig {
 }
 
 impl<B: Backend> PaliGemma<B> {
+    /// Sets the dtype every matmul computes in (see [`crate::precision`]); parameters stay f32.
+    pub fn with_compute(mut self, c: Compute) -> Self {
+        if let Some(v) = &mut self.vision_tower {
+            for l in &mut v.encoder.layers {
+                l.self_attn.compute = c;
+                l.mlp.compute = c;
+            }
+        }
+        self.multi_modal_projector.compute = c;
+        let lm = &mut self.language_model;
+        lm.compute = c;
+        for l in &mut lm.layers {
+            l.self_attn.compute = c;
+            l.mlp.compute = c;
+        }
+        self
+    }
+
     /// Encodes and projects every image; frames are folded into the batch and their tokens
     /// concatenated per example (big_vision `embed_image`).
     ///

@@ -10,6 +10,7 @@ use burn::tensor::backend::Backend;
 use burn::tensor::Tensor;
 
 use crate::config::{ProjectorConfig, ProjectorKind};
+use crate::precision::Compute;
 
 #[derive(Module, Debug)]
 pub struct Projector<B: Backend> {
@@ -17,6 +18,7 @@ pub struct Projector<B: Backend> {
     pub hidden: Option<Linear<B>>,
     /// Into the decoder width.
     pub linear: Linear<B>,
+    pub compute: Compute,
 }
 
 impl ProjectorConfig {
@@ -36,7 +38,11 @@ impl ProjectorConfig {
                 Some(LinearConfig::new(self.input_dim, self.input_dim).init(device))
             }
         };
-        Projector { hidden, linear }
+        Projector {
+            hidden,
+            linear,
+            compute: Compute::F32,
+        }
     }
 }
 
@@ -45,9 +51,9 @@ impl<B: Backend> Projector<B> {
     /// - x: [B, N, Din] → [B, N, D]
     pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
         let x = match &self.hidden {
-            Some(h) => gelu_approximate(h.forward(x)),
+            Some(h) => gelu_approximate(self.compute.linear(h, x)),
             None => x,
         };
-        self.linear.forward(x)
+        self.compute.linear(&self.linear, x)
     }
 }

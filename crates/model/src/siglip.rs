@@ -10,11 +10,11 @@ use burn::nn::conv::{Conv2d, Conv2dConfig};
 use burn::nn::{Embedding, EmbeddingConfig, LayerNorm, LayerNormConfig, Linear, LinearConfig};
 use burn::tensor::activation::gelu_approximate;
 use burn::tensor::backend::Backend;
-use burn::tensor::module::attention;
 use burn::tensor::ops::AttentionModuleOptions;
 use burn::tensor::Tensor;
 
 use crate::config::SiglipConfig;
+use crate::precision::Compute;
 
 #[derive(Module, Debug)]
 pub struct SiglipEmbeddings<B: Backend> {
@@ -29,12 +29,14 @@ pub struct SiglipAttention<B: Backend> {
     pub v_proj: Linear<B>,
     pub out_proj: Linear<B>,
     pub num_heads: usize,
+    pub compute: Compute,
 }
 
 #[derive(Module, Debug)]
 pub struct SiglipMlp<B: Backend> {
     pub fc1: Linear<B>,
     pub fc2: Linear<B>,
+    pub compute: Compute,
 }
 
 #[derive(Module, Debug)]
@@ -75,11 +77,13 @@ impl SiglipConfig {
                     v_proj: lin(d, d),
                     out_proj: lin(d, d),
                     num_heads: self.num_heads,
+                    compute: Compute::F32,
                 },
                 layer_norm2: ln(),
                 mlp: SiglipMlp {
                     fc1: lin(d, self.intermediate_size),
                     fc2: lin(self.intermediate_size, d),
+                    compute: Compute::F32,
                 },
             })
             .collect();
@@ -110,24 +114,26 @@ impl<B: Backend> SiglipAttention<B> {
         let [b, n, d] = x.dims();
         let h = self.num_heads;
         let heads = |t: Tensor<B, 3>| t.reshape([b, n, h, d / h]).swap_dims(1, 2); // [B, H, N, Dh]
-        let q = heads(self.q_proj.forward(x.clone()));
-        let k = heads(self.k_proj.forward(x.clone()));
-        let v = heads(self.v_proj.forward(x));
+        let c = self.compute;
+        let q = heads(c.linear(&self.q_proj, x.clone()));
+        let k = heads(c.linear(&self.k_proj, x.clone()));
+        let v = heads(c.linear(&self.v_proj, x));
         let opts = AttentionModuleOptions {
             scale: Some(((d / h) as f64).powf(-0.5)),
             softcap: None,
             is_causal: false,
         };
-        let o = attention(q, k, v, None, None, opts); // [B, H, N, Dh]
-        self.out_proj.forward(o.swap_dims(1, 2).reshape([b, n, d]))
+        let o = c.attention(q, k, v, None, opts); // [B, H, N, Dh]
+        c.linear(&self.out_proj, o.swap_dims(1, 2).reshape([b, n, d]))
     }
 }
 
 impl<B: Backend> SiglipLayer<B> {
     pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
         let x = x.clone() + self.self_attn.forward(self.layer_norm1.forward(x));
-        let h = self.mlp.fc1.forward(self.layer_norm2.forward(x.clone()));
-        x + self.mlp.fc2.forward(gelu_approximate(h))
+        let c = self.mlp.compute;
+        let h = c.linear(&self.mlp.fc1, self.layer_norm2.forward(x.clone()));
+        x + c.linear(&self.mlp.fc2, gelu_approximate(h))
     }
 }
 

@@ -324,8 +324,10 @@ pub fn check_same_config(dir: &Path, config: &RunConfig) -> Result<()> {
     let Ok(text) = std::fs::read_to_string(&p) else {
         return Ok(());
     };
-    let stored: RunConfig =
+    let mut stored: RunConfig =
         toml::from_str(&text).map_err(|e| Error::Config(format!("{}: {e}", p.display())))?;
+    // A run may resume on another device.
+    stored.run.device = config.run.device.clone();
     if &stored == config {
         return Ok(());
     }

@@ -8,6 +8,7 @@ use pali_data::dataset::{OnError, SynthTask};
 use pali_data::image::ResizeMethod;
 use pali_data::Truncation;
 use pali_model::loss::Reduction;
+use pali_model::Compute;
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
@@ -47,6 +48,19 @@ pub struct Run {
     /// balanced checkpointing): less memory, some more compute. Results are unchanged.
     #[serde(default)]
     pub gradient_checkpointing: bool,
+    /// Where to train: `cpu`, `wgpu[:N]` or `cuda[:N]`; the command line's `--device` wins.
+    /// Default: cpu.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub device: Option<String>,
+    /// The dtype matmuls compute in: `f32`, or `bf16` for mixed precision (weights, optimizer
+    /// state, norms, softmax and the loss stay f32). bf16 needs a device that supports it (CUDA
+    /// on Ampere or newer, or the CPU, where it is emulated and only useful for checking).
+    #[serde(default, skip_serializing_if = "is_f32")]
+    pub dtype: Compute,
+}
+
+fn is_f32(c: &Compute) -> bool {
+    *c == Compute::F32
 }
 
 fn default_keep() -> usize {

@@ -602,6 +602,12 @@ fn train_with<B: Backend, C: burn::backend::autodiff::checkpoint::strategy::Chec
     device: &B::Device,
     opts: &TrainOptions,
 ) -> Result<Vec<StageSummary>> {
+    let dtype = config.run.dtype;
+    if !dtype.supported::<B>(device) {
+        return Err(Error::Config(format!(
+            "run.dtype = \"{dtype}\": device {device:?} does not support {dtype}; use \"f32\""
+        )));
+    }
     let out_dir = &config.run.out_dir;
     std::fs::create_dir_all(out_dir).map_err(io(out_dir))?;
     let resolved = out_dir.join("config.resolved.toml");
@@ -747,7 +753,7 @@ fn train_with<B: Backend, C: burn::backend::autodiff::checkpoint::strategy::Chec
                 stage.reset.join(", ")
             );
         }
-        model = optim::apply_freeze(model, &groups)?;
+        model = optim::apply_freeze(model, &groups)?.with_compute(dtype);
         for layer in model.language_model.layers.iter_mut() {
             layer.dropout = burn::nn::DropoutConfig::new(stage.llm_dropout).init();
         }

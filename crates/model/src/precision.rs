@@ -1,0 +1,192 @@
+//! Mixed precision: f32 master weights and activations, bf16 matmuls.
+//!
+//! With [`Compute::Bf16`] every matmul (linear layers, attention scores and values, the tied LM
+//! head) casts its operands to bf16 and its result back to f32: that is where tensor cores pay
+//! off. The residual stream, norms, soft-caps, softmax and the loss stay f32, as big_vision
+//! computes attention logits and softmax in f32. Casts are tracked by autodiff, so gradients
+//! reach the f32 parameters as f32 and the optimizer never sees bf16.
+//!
+//! The patch-embedding convolution stays f32: it is a fraction of a percent of the FLOPs.
+
+use burn::nn::Linear;
+use burn::tensor::backend::Backend;
+use burn::tensor::module::{attention, linear};
+use burn::tensor::ops::AttentionModuleOptions;
+use burn::tensor::{Bool, DType, FloatDType, Tensor};
+use serde::{Deserialize, Serialize};
+
+/// The dtype matmuls compute in.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Compute {
+    #[default]
+    F32,
+    Bf16,
+}
+
+impl std::str::FromStr for Compute {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "f32" => Ok(Compute::F32),
+            "bf16" => Ok(Compute::Bf16),
+            _ => Err(format!("unknown dtype `{s}`: expected f32 or bf16")),
+        }
+    }
+}
+
+impl std::fmt::Display for Compute {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Compute::F32 => "f32",
+            Compute::Bf16 => "bf16",
+        })
+    }
+}
+
+impl Compute {
+    /// Whether `device` computes in this dtype. wgpu (WGSL) has no bf16 and may give garbage
+    /// instead of failing, so check before training.
+    pub fn supported<B: Backend>(self, device: &B::Device) -> bool {
+        match self {
+            Compute::F32 => true,
+            Compute::Bf16 => B::supports_dtype(device, DType::BF16),
+        }
+    }
+
+    fn low<B: Backend, const D: usize>(self, x: Tensor<B, D>) -> Tensor<B, D> {
+        match self {
+            Compute::F32 => x,
+            Compute::Bf16 => x.cast(FloatDType::BF16),
+        }
+    }
+
+    fn high<B: Backend, const D: usize>(self, x: Tensor<B, D>) -> Tensor<B, D> {
+        match self {
+            Compute::F32 => x,
+            Compute::Bf16 => x.cast(FloatDType::F32),
+        }
+    }
+
+    /// `l.forward(x)`, with the matmul in this dtype and the bias added in f32.
+    pub fn linear<B: Backend, const D: usize>(
+        self,
+        l: &Linear<B>,
+        x: Tensor<B, D>,
+    ) -> Tensor<B, D> {
+        match self {
+            Compute::F32 => l.forward(x),
+            Compute::Bf16 => {
+                let y = self.high(linear(self.low(x), self.low(l.weight.val()), None));
+                match &l.bias {
+                    Some(b) => y + b.val().unsqueeze(),
+                    None => y,
+                }
+            }
+        }
+    }
+
+    /// `a.matmul(b)` in this dtype, result in f32.
+    pub fn matmul<B: Backend, const D: usize>(
+        self,
+        a: Tensor<B, D>,
+        b: Tensor<B, D>,
+    ) -> Tensor<B, D> {
+        self.high(self.low(a).matmul(self.low(b)))
+    }
+
+    /// Scaled dot-product attention, `mask` true = blocked. In f32 this is Burn's `attention`;
+    /// in bf16 the two matmuls are bf16 and the scores, soft-cap and softmax f32, with Burn's
+    /// NaN-safe softmax (a fully masked row gives zeros).
+    ///
+    /// # Shapes
+    /// - q: [B, H, Sq, Dh], k, v: [B, H, Sk, Dh], mask: [B, H, Sq, Sk] → [B, H, Sq, Dh]
+    pub fn attention<B: Backend>(
+        self,
+        q: Tensor<B, 4>,
+        k: Tensor<B, 4>,
+        v: Tensor<B, 4>,
+        mask: Option<Tensor<B, 4, Bool>>,
+        opts: AttentionModuleOptions,
+    ) -> Tensor<B, 4> {
+        if self == Compute::F32 {
+            return attention(q, k, v, mask, None, opts);
+        }
+        let scale = opts
+            .scale
+            .unwrap_or_else(|| (q.dims()[3] as f64).powf(-0.5));
+        let mut s = self.matmul(q, k.swap_dims(2, 3)).mul_scalar(scale); // [B, H, Sq, Sk]
+        if let Some(cap) = opts.softcap {
+            s = s.div_scalar(cap).tanh().mul_scalar(cap);
+        }
+        if let Some(m) = mask {
+            s = s.mask_fill(m, f32::NEG_INFINITY);
+        }
+        let max = s.clone().max_dim(3).clamp_min(f32::MIN);
+        let e = (s - max).exp();
+        let sum = e.clone().sum_dim(3).clamp_min(f32::MIN_POSITIVE);
+        self.matmul(e / sum, v)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::TestBackend as B;
+    use burn::backend::Autodiff;
+    use burn::nn::LinearConfig;
+    use burn::tensor::Distribution;
+
+    fn close(a: Tensor<B, 4>, b: Tensor<B, 4>) -> f32 {
+        (a - b).abs().max().into_scalar()
+    }
+
+    #[test]
+    fn bf16_attention_matches_f32_and_zeroes_fully_masked_rows() {
+        let dev = Default::default();
+        let rand = || Tensor::<B, 4>::random([2, 3, 5, 8], Distribution::Normal(0.0, 1.0), &dev);
+        let (q, k, v) = (rand(), rand(), rand());
+        // Row 4 of batch 1 sees nothing; everything else sees a causal prefix.
+        let mut blocked = vec![false; 2 * 3 * 5 * 5];
+        for (i, x) in blocked.iter_mut().enumerate() {
+            let (b, qi, ki) = (i / 75, (i / 5) % 5, i % 5);
+            *x = ki > qi || (b == 1 && qi == 4);
+        }
+        let mask = Tensor::<B, 4, Bool>::from_data(
+            burn::tensor::TensorData::new(blocked, [2, 3, 5, 5]),
+            &dev,
+        );
+        let opts = AttentionModuleOptions {
+            scale: Some(0.3),
+            softcap: Some(5.0),
+            is_causal: false,
+        };
+        let f = Compute::F32.attention(q.clone(), k.clone(), v.clone(), Some(mask.clone()), opts);
+        let h = Compute::Bf16.attention(q, k, v, Some(mask), opts);
+        assert_eq!(h.dtype(), DType::F32);
+        let d = close(f.clone(), h.clone());
+        assert!(d > 0.0 && d < 0.05, "bf16 vs f32 attention differ by {d}");
+        let dead = h.slice([1..2, 0..3, 4..5, 0..8]);
+        assert_eq!(dead.abs().max().into_scalar(), 0.0);
+    }
+
+    #[test]
+    fn bf16_linear_keeps_f32_weights_and_gives_f32_gradients() {
+        type A = Autodiff<B>;
+        let dev = Default::default();
+        let l = LinearConfig::new(16, 8).init::<A>(&dev);
+        let x = Tensor::<A, 3>::random([2, 4, 16], Distribution::Normal(0.0, 1.0), &dev);
+        let grad = |c: Compute| {
+            let y = c.linear(&l, x.clone());
+            assert_eq!(y.dtype(), DType::F32);
+            let g = y.powi_scalar(2).sum().backward();
+            l.weight.grad(&g).unwrap()
+        };
+        let (g32, g16) = (grad(Compute::F32), grad(Compute::Bf16));
+        assert_eq!(g16.dtype(), DType::F32);
+        assert_eq!(l.weight.val().dtype(), DType::F32);
+        let rel =
+            (g32.clone() - g16.clone()).abs().max().into_scalar() / g32.abs().max().into_scalar();
+        assert!(rel > 0.0 && rel < 0.02, "relative gradient error {rel}");
+    }
+}
