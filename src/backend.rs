@@ -1,4 +1,5 @@
 //! `--device cpu|wgpu|cuda[:N]` → a Burn backend, chosen at run time among those compiled in.
+//! Training takes a list of devices of one kind (`cuda:0,cuda:1`) for data parallelism.
 
 use std::str::FromStr;
 
@@ -42,27 +43,67 @@ impl FromStr for DeviceSpec {
     }
 }
 
+/// One or more devices of one kind, written `cuda:0,cuda:1`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Devices(pub Vec<DeviceSpec>);
+
+impl FromStr for Devices {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        let d = s
+            .split(',')
+            .map(|x| x.trim().parse())
+            .collect::<std::result::Result<Vec<DeviceSpec>, _>>()?;
+        let kind = std::mem::discriminant(&d[0]);
+        if d.iter().any(|x| std::mem::discriminant(x) != kind) {
+            return Err(format!(
+                "`{s}` mixes kinds of device; list devices of one kind"
+            ));
+        }
+        Ok(Devices(d))
+    }
+}
+
 /// Work that runs on any backend.
-pub trait Job {
+pub trait Job: Sized {
     type Output;
     fn run<B: Backend>(self, device: B::Device) -> Result<Self::Output>;
+    /// Runs on several devices of one backend; only data-parallel jobs override this.
+    fn run_on<B: Backend>(self, devices: Vec<B::Device>) -> Result<Self::Output> {
+        if devices.len() > 1 {
+            bail!("this command runs on one device, not {}", devices.len());
+        }
+        self.run::<B>(devices.into_iter().next().expect("a device"))
+    }
 }
 
 /// Runs `job` on the backend named by `spec`.
 pub fn dispatch<J: Job>(spec: DeviceSpec, job: J) -> Result<J::Output> {
-    match spec {
-        DeviceSpec::Cpu => job.run::<Cpu>(Default::default()),
+    dispatch_many(&Devices(vec![spec]), job)
+}
+
+/// Runs `job` on the backend of `devices` (all of one kind), with all of them.
+pub fn dispatch_many<J: Job>(devices: &Devices, job: J) -> Result<J::Output> {
+    let d = &devices.0;
+    match d[0] {
+        DeviceSpec::Cpu => job.run_on::<Cpu>(vec![Default::default(); d.len()]),
         #[cfg(feature = "wgpu")]
-        DeviceSpec::Wgpu(i) => {
-            let device = if i == 0 {
-                burn::backend::wgpu::WgpuDevice::DefaultDevice
-            } else {
-                burn::backend::wgpu::WgpuDevice::DiscreteGpu(i)
+        DeviceSpec::Wgpu(_) => {
+            let wgpu = |s: &DeviceSpec| match s {
+                DeviceSpec::Wgpu(0) => burn::backend::wgpu::WgpuDevice::DefaultDevice,
+                DeviceSpec::Wgpu(i) => burn::backend::wgpu::WgpuDevice::DiscreteGpu(*i),
+                _ => unreachable!("one kind"),
             };
-            job.run::<burn::backend::Wgpu>(device)
+            job.run_on::<burn::backend::Wgpu>(d.iter().map(wgpu).collect())
         }
         #[cfg(feature = "cuda")]
-        DeviceSpec::Cuda(i) => job.run::<burn::backend::Cuda>(burn::backend::cuda::CudaDevice::new(i)),
+        DeviceSpec::Cuda(_) => {
+            let cuda = |s: &DeviceSpec| match s {
+                DeviceSpec::Cuda(i) => burn::backend::cuda::CudaDevice::new(*i),
+                _ => unreachable!("one kind"),
+            };
+            job.run_on::<burn::backend::Cuda>(d.iter().map(cuda).collect())
+        }
         #[allow(unreachable_patterns)]
         other => bail!("device {other:?} is not compiled in: rebuild with `--features wgpu` or `--features cuda`"),
     }

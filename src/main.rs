@@ -8,7 +8,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
-use backend::DeviceSpec;
+use backend::{DeviceSpec, Devices};
 
 #[derive(Parser)]
 #[command(
@@ -149,25 +149,30 @@ fn main() -> ExitCode {
 /// Shared argument: where to compute.
 #[derive(clap::Args, Debug, Clone)]
 pub struct DeviceArg {
-    /// cpu, wgpu[:N] or cuda[:N] [default: cpu, or for runs the config's `run.device`].
+    /// cpu, wgpu[:N] or cuda[:N]; training also takes a list, `cuda:0,cuda:1`, for data
+    /// parallelism [default: cpu, or for runs the config's `run.device`].
     #[arg(long)]
-    pub device: Option<DeviceSpec>,
+    pub device: Option<Devices>,
 }
 
 impl DeviceArg {
-    /// The device given, else cpu.
-    pub fn spec(&self) -> DeviceSpec {
-        self.device.unwrap_or(DeviceSpec::Cpu)
+    /// The one device given, else cpu.
+    pub fn spec(&self) -> anyhow::Result<DeviceSpec> {
+        match &self.device {
+            None => Ok(DeviceSpec::Cpu),
+            Some(Devices(d)) if d.len() == 1 => Ok(d[0]),
+            Some(_) => anyhow::bail!("--device: this command runs on one device"),
+        }
     }
 
-    /// The device given, else the run config's `run.device`, else cpu.
-    pub fn for_run(&self, config: &pali_trainer::config::RunConfig) -> anyhow::Result<DeviceSpec> {
-        match (self.device, &config.run.device) {
-            (Some(d), _) => Ok(d),
+    /// The devices given, else the run config's `run.device`, else cpu.
+    pub fn for_run(&self, config: &pali_trainer::config::RunConfig) -> anyhow::Result<Devices> {
+        match (&self.device, &config.run.device) {
+            (Some(d), _) => Ok(d.clone()),
             (None, Some(s)) => s
                 .parse()
                 .map_err(|e| anyhow::anyhow!("run.device = \"{s}\": {e}")),
-            (None, None) => Ok(DeviceSpec::Cpu),
+            (None, None) => Ok(Devices(vec![DeviceSpec::Cpu])),
         }
     }
 }

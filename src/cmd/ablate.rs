@@ -7,7 +7,7 @@ use anyhow::{Context, Result};
 use burn::tensor::backend::Backend;
 use pali_trainer::ablate::{check_same_config, finished, run_grid, AblationConfig};
 
-use crate::backend::{dispatch, Job};
+use crate::backend::{dispatch_many, Job};
 use crate::DeviceArg;
 
 #[derive(clap::Args, Debug)]
@@ -85,12 +85,12 @@ pub fn run(a: Args) -> Result<()> {
         return Ok(());
     }
     // The base config's `run.device` unless `--device` says otherwise.
-    let device = match runs.first() {
+    let devices = match runs.first() {
         Some(r) => a.device.for_run(&r.config)?,
-        None => a.device.spec(),
+        None => crate::backend::Devices(vec![a.device.spec()?]),
     };
-    dispatch(
-        device,
+    dispatch_many(
+        &devices,
         GridJob {
             ab,
             only: a.only,
@@ -108,7 +108,11 @@ struct GridJob {
 impl Job for GridJob {
     type Output = ();
     fn run<B: Backend>(self, device: B::Device) -> Result<()> {
-        run_grid::<B>(&self.ab, self.only.as_deref(), &device, self.progress)?;
+        self.run_on::<B>(vec![device])
+    }
+
+    fn run_on<B: Backend>(self, devices: Vec<B::Device>) -> Result<()> {
+        run_grid::<B>(&self.ab, self.only.as_deref(), &devices, self.progress)?;
         let md = self.ab.ablation.out_dir.join("results.md");
         println!("{}", std::fs::read_to_string(&md)?);
         println!("results in {}", self.ab.ablation.out_dir.display());

@@ -63,9 +63,9 @@ pub fn run(args: Args) -> Result<()> {
         (None, Some(c)) => hf::parse_config(c)?,
         _ => bail!("give --preset NAME or --config HF_CONFIG.json"),
     };
-    let device_name = format!("{:?}", args.device.spec());
+    let device_name = format!("{:?}", args.device.spec()?);
     let stats = dispatch(
-        args.device.spec(),
+        args.device.spec()?,
         BenchJob {
             args: &args,
             config: &config,
@@ -371,9 +371,9 @@ pub struct DecodeArgs {
 /// `pali bench decode`: decoding throughput with and without the KV cache.
 pub fn run_decode(a: DecodeArgs) -> Result<()> {
     let config = preset(&a.preset)?;
-    let device_name = format!("{:?}", a.device.spec());
+    let device_name = format!("{:?}", a.device.spec()?);
     let (cached, uncached) = dispatch(
-        a.device.spec(),
+        a.device.spec()?,
         DecodeJob {
             a: &a,
             config: &config,

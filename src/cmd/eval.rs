@@ -175,11 +175,11 @@ pub fn run_score(a: ScoreArgs) -> Result<()> {
 }
 
 pub fn run_eval(a: EvalArgs) -> Result<()> {
-    dispatch(a.device.spec(), EvalJob(a))
+    dispatch(a.device.spec()?, EvalJob(a))
 }
 
 pub fn run_predict(a: PredictArgs) -> Result<()> {
-    dispatch(a.device.spec(), PredictJob(a))
+    dispatch(a.device.spec()?, PredictJob(a))
 }
 
 /// A VQ-VAE checkpoint as the RefCOCO mask decoder.

@@ -11,7 +11,7 @@ use pali_trainer::config::{RunConfig, SourceType};
 use pali_trainer::train::TrainOptions;
 
 use super::train::TrainJob;
-use crate::backend::dispatch;
+use crate::backend::dispatch_many;
 use crate::DeviceArg;
 
 #[derive(clap::Args, Debug)]
@@ -148,8 +148,8 @@ pub fn run(a: Args) -> Result<()> {
     std::fs::write(&path, header + &toml::to_string_pretty(&doc)?)?;
     eprintln!("wrote {}", path.display());
     let config = RunConfig::load(&path, &[])?;
-    dispatch(
-        a.device.spec(),
+    dispatch_many(
+        &a.device.for_run(&config)?,
         TrainJob {
             config,
             opts: TrainOptions {

@@ -37,7 +37,7 @@ pub struct Args {
 }
 
 pub fn run(args: Args) -> Result<()> {
-    dispatch(args.device.spec(), ForwardJob(args))
+    dispatch(args.device.spec()?, ForwardJob(args))
 }
 
 struct ForwardJob(Args);

@@ -35,7 +35,7 @@ pub struct Args {
 }
 
 pub fn run(args: Args) -> Result<()> {
-    dispatch(args.device.spec(), GenerateJob(args))
+    dispatch(args.device.spec()?, GenerateJob(args))
 }
 
 struct GenerateJob(Args);

@@ -7,7 +7,7 @@ use burn::tensor::backend::Backend;
 use pali_trainer::config::RunConfig;
 use pali_trainer::train::{train, TrainOptions};
 
-use crate::backend::{dispatch, Job};
+use crate::backend::{dispatch_many, Job};
 use crate::DeviceArg;
 
 #[derive(clap::Args, Debug)]
@@ -33,8 +33,8 @@ pub struct Args {
 pub fn run(args: Args) -> Result<()> {
     let config = RunConfig::load(&args.config, &args.overrides)
         .with_context(|| format!("loading {}", args.config.display()))?;
-    dispatch(
-        args.device.for_run(&config)?,
+    dispatch_many(
+        &args.device.for_run(&config)?,
         TrainJob {
             config,
             opts: TrainOptions {
@@ -55,7 +55,11 @@ pub struct TrainJob {
 impl Job for TrainJob {
     type Output = ();
     fn run<B: Backend>(self, device: B::Device) -> Result<()> {
-        let summaries = train::<B>(&self.config, &device, &self.opts)?;
+        self.run_on::<B>(vec![device])
+    }
+
+    fn run_on<B: Backend>(self, devices: Vec<B::Device>) -> Result<()> {
+        let summaries = train::<B>(&self.config, &devices, &self.opts)?;
         println!(
             "{:<12} {:>6} {:>10} {:>10} {:>9} {:>8} {:>9}",
             "stage", "steps", "loss[0]", "loss[-1]", "seconds", "eval", "majority"

@@ -90,15 +90,15 @@ pub struct DecodeArgs {
 pub fn run(cmd: VqvaeCommand) -> Result<()> {
     match cmd {
         VqvaeCommand::Train(a) => {
-            let spec = a.device.spec();
+            let spec = a.device.spec()?;
             dispatch(spec, TrainJob(a))
         }
         VqvaeCommand::Encode(a) => {
-            let spec = a.device.spec();
+            let spec = a.device.spec()?;
             dispatch(spec, EncodeJob(a))
         }
         VqvaeCommand::Decode(a) => {
-            let spec = a.device.spec();
+            let spec = a.device.spec()?;
             dispatch(spec, DecodeJob(a))
         }
     }

@@ -959,3 +959,43 @@ fn bf16_is_refused_on_wgpu() {
         );
     }
 }
+
+/// Data parallelism: on two devices (`run.device = "cpu,cpu"`: two replicas in two threads) a
+/// step equals the one-device step with the batch in two micro-batches, bit for bit; with
+/// `grad_accum = 2` on top, the one with four, up to summation order. A batch that does not
+/// split is refused.
+#[test]
+fn data_parallel_matches_gradient_accumulation() {
+    let d = tempfile::tempdir().unwrap();
+    let cfg = config(d.path(), "");
+    let run = |out: &str, extra: &[&str]| {
+        train_s1(&cfg, out, &[&["stage.s1.steps=3"][..], extra].concat());
+        final_model(&d.path().join(out))
+    };
+    let max_diff = |a: &[(String, Vec<usize>, Vec<f32>)], b: &[(String, Vec<usize>, Vec<f32>)]| {
+        a.iter()
+            .zip(b)
+            .flat_map(|(x, y)| x.2.iter().zip(&y.2).map(|(p, q)| (p - q).abs()))
+            .fold(0f32, f32::max)
+    };
+    let two = r#"run.device="cpu,cpu""#;
+    let accum2 = run("accum2", &["stage.s1.grad_accum=2"]);
+    let dp2 = run("dp2", &[two]);
+    let accum4 = run("accum4", &["stage.s1.grad_accum=4"]);
+    let dp2x2 = run("dp2x2", &[two, "stage.s1.grad_accum=2"]);
+    let (a, b) = (max_diff(&accum2, &dp2), max_diff(&accum4, &dp2x2));
+    eprintln!("max weight difference: 2 devices vs 2 micro-batches {a}, 2×2 vs 4 {b}");
+    assert!(a == 0.0 && b < 1e-5, "{a}, {b}");
+    let plain = run("plain", &[]);
+    assert!(max_diff(&plain, &dp2) > 0.0, "two devices changed nothing?");
+    let e = run_err(
+        pali()
+            .arg("train")
+            .arg(&cfg)
+            .args(["--device", "cpu,cpu,cpu"]),
+    );
+    assert!(
+        e.contains("batch_size 4 does not split into grad_accum 1 × 3 devices"),
+        "{e}"
+    );
+}

@@ -356,7 +356,7 @@ fn resumable(dir: &Path) -> bool {
 fn train_run<B: Backend>(
     config: &RunConfig,
     resume: bool,
-    device: &B::Device,
+    devices: &[B::Device],
     progress: bool,
 ) -> Result<()> {
     let opts = TrainOptions {
@@ -364,14 +364,14 @@ fn train_run<B: Backend>(
         progress,
         max_steps: None,
     };
-    train::<B>(config, device, &opts).map(|_| ())
+    train::<B>(config, devices, &opts).map(|_| ())
 }
 
 /// Trains the preparatory runs that are not done yet (resuming interrupted ones) and exports
 /// their towers.
 pub fn run_prepares<B: Backend>(
     a: &AblationConfig,
-    device: &B::Device,
+    devices: &[B::Device],
     progress: bool,
 ) -> Result<()> {
     for p in a.prepare_plan()? {
@@ -387,7 +387,7 @@ pub fn run_prepares<B: Backend>(
                 p.name,
                 if resume { " (resuming)" } else { "" }
             );
-            train_run::<B>(&p.config, resume, device, progress)?;
+            train_run::<B>(&p.config, resume, devices, progress)?;
         }
         if let Some(e) = &p.export {
             let last = crate::ckpt::checkpoints(&p.dir).pop().ok_or_else(|| {
@@ -411,10 +411,10 @@ pub fn run_prepares<B: Backend>(
 pub fn run_grid<B: Backend>(
     a: &AblationConfig,
     only: Option<&str>,
-    device: &B::Device,
+    devices: &[B::Device],
     progress: bool,
 ) -> Result<Vec<RunResult>> {
-    run_prepares::<B>(a, device, progress)?;
+    run_prepares::<B>(a, devices, progress)?;
     let runs = a.plan(only)?;
     for r in &runs {
         check_same_config(&r.dir, &r.config)?;
@@ -451,7 +451,7 @@ pub fn run_grid<B: Backend>(
             r.seed,
             if resume { " (resuming)" } else { "" }
         );
-        train_run::<B>(&r.config, resume, device, progress)?;
+        train_run::<B>(&r.config, resume, devices, progress)?;
         done_now += 1;
     }
     let results = a

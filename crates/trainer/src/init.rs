@@ -103,3 +103,19 @@ fn gemma<B: Backend>(
     }
     Ok((lm, v - v0))
 }
+
+/// Draws every still-lazy parameter now, in module order.
+///
+/// Burn initialises a parameter on first use, and a clone of a parameter not yet drawn draws its
+/// own values: a data-parallel replica forked before the first forward would hold other weights
+/// than the main model. Module order is the order a first forward pass touches the parameters in,
+/// so the values are the ones that pass would have drawn.
+pub fn materialize<B: Backend, M: burn::module::Module<B>>(m: &M) {
+    struct V;
+    impl<B: Backend> burn::module::ModuleVisitor<B> for V {
+        fn visit_float<const D: usize>(&mut self, p: &Param<Tensor<B, D>>) {
+            let _ = p.val();
+        }
+    }
+    m.visit(&mut V);
+}

@@ -8,6 +8,7 @@ pub mod config;
 pub mod error;
 pub mod init;
 pub mod optim;
+pub mod parallel;
 pub mod plot;
 pub mod posemb;
 pub mod schedule;

@@ -31,7 +31,6 @@ use pali_eval::run::{predict, references_from_suffix, PredictOptions};
 use pali_eval::segmentation::VqVaeEncoder;
 use pali_eval::{score, DecodeOptions, Prediction, Sampler, Task};
 use pali_model::checkpoint::{load_into, TensorFile, Tower};
-use pali_model::loss::{reduce, token_nll};
 use pali_model::mask::make_attn_mask;
 use pali_model::paligemma::bool_tensor;
 use pali_model::{ImageEncoder, ModelInput, PaliGemma, PaliGemmaConfig, ProjectorKind};
@@ -43,6 +42,7 @@ use crate::config::{
 };
 use crate::error::{io, Error, Result};
 use crate::optim::{self, AdamState, Groups, StepConfig};
+use crate::parallel;
 use crate::posemb;
 
 /// What a finished stage reports.
@@ -234,6 +234,26 @@ pub struct StepInputs<B: Backend> {
 }
 
 impl<B: Backend> StepInputs<B> {
+    /// The same inputs on `device` (for a data-parallel replica).
+    pub fn to_device(self, device: &B::Device) -> Self {
+        let i = self.input;
+        StepInputs {
+            input: ModelInput {
+                pixel_values: i.pixel_values.to_device(device),
+                input_ids: i.input_ids.to_device(device),
+                positions: i.positions.to_device(device),
+                masks: pali_model::gemma::AttentionMasks {
+                    full: i.masks.full.to_device(device),
+                    sliding: i.masks.sliding.map(|m| m.to_device(device)),
+                },
+            },
+            targets: self.targets.to_device(device),
+            weights: self.weights.to_device(device),
+            n_img: self.n_img,
+            tokens: self.tokens,
+        }
+    }
+
     /// The rows `r` of the batch (a micro-batch for gradient accumulation).
     pub fn rows(&self, r: std::ops::Range<usize>) -> Self {
         let i = &self.input;
@@ -583,25 +603,39 @@ fn evaluate_and_log<B: Backend>(
 }
 
 /// Runs every stage of `config` on backend `B` (gradients through `Autodiff<B>`, with Burn's
-/// balanced checkpointing when `run.gradient_checkpointing`).
+/// balanced checkpointing when `run.gradient_checkpointing`), data-parallel over `devices`
+/// (the first holds the model and the optimizer; see [`parallel`]).
 pub fn train<B: Backend>(
     config: &RunConfig,
-    device: &B::Device,
+    devices: &[B::Device],
     opts: &TrainOptions,
 ) -> Result<Vec<StageSummary>> {
     use burn::backend::autodiff::checkpoint::strategy::{BalancedCheckpointing, NoCheckpointing};
     if config.run.gradient_checkpointing {
-        train_with::<B, BalancedCheckpointing>(config, device, opts)
+        train_with::<B, BalancedCheckpointing>(config, devices, opts)
     } else {
-        train_with::<B, NoCheckpointing>(config, device, opts)
+        train_with::<B, NoCheckpointing>(config, devices, opts)
     }
 }
 
 fn train_with<B: Backend, C: burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy>(
     config: &RunConfig,
-    device: &B::Device,
+    devices: &[B::Device],
     opts: &TrainOptions,
 ) -> Result<Vec<StageSummary>> {
+    let device = devices.first().expect("at least one device");
+    for s in &config.stages {
+        let parts = s.grad_accum * devices.len();
+        if !s.batch_size.is_multiple_of(parts) {
+            return Err(Error::Config(format!(
+                "stage `{}`: batch_size {} does not split into grad_accum {} × {} devices",
+                s.name,
+                s.batch_size,
+                s.grad_accum,
+                devices.len()
+            )));
+        }
+    }
     let dtype = config.run.dtype;
     if !dtype.supported::<B>(device) {
         return Err(Error::Config(format!(
@@ -691,6 +725,7 @@ fn train_with<B: Backend, C: burn::backend::autodiff::checkpoint::strategy::Chec
             (m, AdamState::default(), None)
         }
     };
+    crate::init::materialize(&model);
     let mut resolution = state
         .as_ref()
         .map(|s| s.resolution)
@@ -829,58 +864,24 @@ fn train_with<B: Backend, C: burn::backend::autodiff::checkpoint::strategy::Chec
             truncated += batch.truncated;
             eos_cut += batch.eos_cut.len();
             skipped += batch.skipped.len();
-            if stage.llm_dropout > 0.0 {
+            let split = parallel::Split {
+                grad_accum: stage.grad_accum,
+                devices,
                 // Dropout masks from (seed, step): a resumed run draws the same ones.
-                <Autodiff<B, C> as Backend>::seed(
-                    device,
+                dropout_seed: (stage.llm_dropout > 0.0).then(|| {
                     config
                         .run
                         .seed
                         .wrapping_mul(1_000_003)
-                        .wrapping_add(global_step),
-                );
-            }
-            let tokens = inputs.tokens;
-            // Micro-batches of batch_size / grad_accum rows; each loss is scaled so that the
-            // summed gradients are those of the whole batch's loss.
-            let k = stage.grad_accum.max(1);
-            let rows = inputs.targets.dims()[0];
-            let total_w = inputs.weights.clone().sum();
-            let parts = if k == 1 {
-                vec![inputs]
-            } else {
-                (0..k)
-                    .map(|p| inputs.rows(p * rows / k..(p + 1) * rows / k))
-                    .collect()
+                        .wrapping_add(global_step)
+                }),
             };
-            let (mut loss_value, mut grads) = (0.0, None);
-            for sub in parts {
-                let n = sub.targets.dims()[0];
-                let out = model.forward(sub.input, sub.n_img, false, None)?;
-                let tok_loss = token_nll(out.logits, sub.targets, stage.loss.label_smoothing);
-                let w = sub.weights;
-                let mut loss = reduce(tok_loss, w.clone(), stage.loss.reduction);
-                if k > 1 {
-                    loss = match stage.loss.reduction {
-                        pali_model::loss::Reduction::PerExample => {
-                            loss.mul_scalar(n as f64 / rows as f64)
-                        }
-                        pali_model::loss::Reduction::PerToken => {
-                            loss * (w.sum() / total_w.clone().clamp_min(1.0))
-                        }
-                    };
-                }
-                loss_value += loss.clone().into_scalar().elem::<f64>();
-                let g = optim::gradients(&model, &loss.backward());
-                match &mut grads {
-                    None => grads = Some(g),
-                    Some(acc) => optim::add_gradients(acc, g),
-                }
-            }
+            let tokens = inputs.tokens;
+            let (loss_value, grads) =
+                parallel::batch_gradients(&model, inputs, &stage.loss, &split)?;
             if !loss_value.is_finite() {
                 return Err(Error::Train(format!("stage `{}` step {step}: loss became {loss_value}; the last good checkpoint is kept", stage.name)));
             }
-            let grads = grads.expect("at least one micro-batch");
             let done = step + 1;
             let log = done % stage.log_every == 0 || done == stage.steps || step == start_step;
             let sched: Vec<f64> = (0..groups.groups.len())
