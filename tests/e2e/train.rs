@@ -90,6 +90,14 @@ fn train_s1(cfg: &Path, out: &str, sets: &[&str]) {
     run_ok(&mut c);
 }
 
+/// Largest |a − b| over all weights of two [`final_model`]s.
+fn max_diff(a: &[(String, Vec<usize>, Vec<f32>)], b: &[(String, Vec<usize>, Vec<f32>)]) -> f32 {
+    a.iter()
+        .zip(b)
+        .flat_map(|(x, y)| x.2.iter().zip(&y.2).map(|(p, q)| (p - q).abs()))
+        .fold(0f32, f32::max)
+}
+
 fn metrics(dir: &Path) -> Vec<serde_json::Value> {
     std::fs::read_to_string(dir.join("out/metrics.jsonl"))
         .unwrap()
@@ -860,12 +868,6 @@ fn gradient_accumulation_and_dropout() {
         train_s1(&cfg, out, &[&["stage.s1.steps=3"][..], extra].concat());
         final_model(&d.path().join(out))
     };
-    let max_diff = |a: &[(String, Vec<usize>, Vec<f32>)], b: &[(String, Vec<usize>, Vec<f32>)]| {
-        a.iter()
-            .zip(b)
-            .flat_map(|(x, y)| x.2.iter().zip(&y.2).map(|(p, q)| (p - q).abs()))
-            .fold(0f32, f32::max)
-    };
     for red in ["per_example", "per_token"] {
         let r = format!("stage.s1.loss.reduction=\"{red}\"");
         let one = run(&format!("{red}-1"), &[&r]);
@@ -971,12 +973,6 @@ fn data_parallel_matches_gradient_accumulation() {
     let run = |out: &str, extra: &[&str]| {
         train_s1(&cfg, out, &[&["stage.s1.steps=3"][..], extra].concat());
         final_model(&d.path().join(out))
-    };
-    let max_diff = |a: &[(String, Vec<usize>, Vec<f32>)], b: &[(String, Vec<usize>, Vec<f32>)]| {
-        a.iter()
-            .zip(b)
-            .flat_map(|(x, y)| x.2.iter().zip(&y.2).map(|(p, q)| (p - q).abs()))
-            .fold(0f32, f32::max)
     };
     let two = r#"run.device="cpu,cpu""#;
     let accum2 = run("accum2", &["stage.s1.grad_accum=2"]);
