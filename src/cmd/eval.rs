@@ -56,6 +56,9 @@ pub struct DecodeArgs {
     /// Tokenizer (default: `tokenizer.json` in the checkpoint directory).
     #[arg(long)]
     pub tokenizer: Option<PathBuf>,
+    /// Matmul dtype, `f32` or `bf16` (weights stay f32; see `run.dtype` in docs/config.md).
+    #[arg(long, default_value = "f32")]
+    pub dtype: pali_model::Compute,
 }
 
 #[derive(clap::ValueEnum, Debug, Clone, Copy)]
@@ -192,14 +195,19 @@ fn mask_decoder<B: Backend>(path: &Path, device: &B::Device) -> Result<VqVaeDeco
     })
 }
 
-/// Model, config, tokenizer and resolution of a checkpoint directory.
+/// Model (computing in `d.dtype`), config and tokenizer of a checkpoint directory.
 fn load<B: Backend>(
     dir: &Path,
-    tokenizer: Option<&PathBuf>,
+    d: &DecodeArgs,
     device: &B::Device,
 ) -> Result<(PaliGemma<B>, PaliGemmaConfig, PaliTokenizer)> {
+    if !d.dtype.supported::<B>(device) {
+        bail!("--dtype {}: device {device:?} does not support it", d.dtype);
+    }
     let (cfg, model) = pali_model::load_hf::<B>(dir, device)
         .with_context(|| format!("loading checkpoint {}", dir.display()))?;
+    let model = model.with_compute(d.dtype);
+    let tokenizer = d.tokenizer.as_ref();
     let tok_path = tokenizer
         .cloned()
         .unwrap_or_else(|| dir.join("tokenizer.json"));
@@ -244,7 +252,7 @@ impl Job for EvalJob {
     type Output = ();
     fn run<B: Backend>(self, device: B::Device) -> Result<()> {
         let a = self.0;
-        let (model, cfg, tok) = load::<B>(&a.checkpoint, a.decoding.tokenizer.as_ref(), &device)?;
+        let (model, cfg, tok) = load::<B>(&a.checkpoint, &a.decoding, &device)?;
         let data = JsonlDataset::open(&a.data, OnError::Fail, false)?;
         let n = a.limit.unwrap_or(usize::MAX).min(data.len());
         let examples: Vec<Example> = (0..n).map(|i| data.get(i)).collect::<Result<_, _>>()?;
@@ -333,6 +341,7 @@ impl Job for EvalJob {
             m.insert("decode_tokens_per_s".into(), json!(thr.tokens_per_second()));
             m.insert("decode".into(), json!(format!("{:?}", opts.decode.sampler)));
             m.insert("kv_cache".into(), json!(opts.decode.use_cache));
+            m.insert("dtype".into(), json!(a.decoding.dtype.to_string()));
         }
         if let Some(out) = &a.out {
             let mut f = std::fs::File::create(out).with_context(|| format!("{}", out.display()))?;
@@ -402,7 +411,7 @@ fn perplexity<B: Backend>(
     let (_, p, tokens) = ppl.per_task().remove(0);
     Ok(
         json!({"perplexity": p, "tokens": tokens, "n": examples.len(), "invalid": 0,
-              "truncated": truncated}),
+              "truncated": truncated, "dtype": a.decoding.dtype.to_string()}),
     )
 }
 
@@ -412,7 +421,7 @@ impl Job for PredictJob {
     type Output = ();
     fn run<B: Backend>(self, device: B::Device) -> Result<()> {
         let a = self.0;
-        let (model, cfg, tok) = load::<B>(&a.checkpoint, a.decoding.tokenizer.as_ref(), &device)?;
+        let (model, cfg, tok) = load::<B>(&a.checkpoint, &a.decoding, &device)?;
         // Fail early, with the path, on a missing or undecodable image.
         let original = image::open(&a.image)
             .with_context(|| format!("reading image {}", a.image.display()))?

@@ -282,6 +282,17 @@ source = [{{ kind = "synth", task = "detect", size = 50 }}, {{ kind = "synth", t
     assert!(det["map"].is_number() && det["map50"].is_number(), "{det}");
     let ppl = eval("perplexity", &[]);
     assert!(ppl["perplexity"].as_f64().unwrap() > 1.0, "{ppl}");
+    // Mixed precision: bf16 matmuls move the perplexity, a little.
+    let ppl16 = eval("perplexity", &["--dtype", "bf16"]);
+    assert_eq!(ppl16["dtype"], "bf16", "{ppl16}");
+    let (p32, p16) = (
+        ppl["perplexity"].as_f64().unwrap(),
+        ppl16["perplexity"].as_f64().unwrap(),
+    );
+    assert!(
+        p16 != p32 && (p16 / p32 - 1.0).abs() < 0.02,
+        "f32 {p32}, bf16 {p16}"
+    );
 
     let png = d.path().join("drawn.png");
     let out = run_ok(
