@@ -23,9 +23,17 @@ pub struct Args {
     /// Training data: big_vision JSONL (`{"image", "prefix", "suffix"}`).
     #[arg(long)]
     pub train: PathBuf,
-    /// Validation JSONL, greedy-decoded at the end (exact match).
+    /// Validation JSONL, decoded and scored at the end (up to 256 examples).
     #[arg(long)]
     pub val: Option<PathBuf>,
+    /// Metric of that evaluation: caption, vqa (default), vqav2, docvqa, chartqa, detect or
+    /// refcoco (`eval_task` of the stage).
+    #[arg(long)]
+    pub task: Option<String>,
+    /// Override a key of the written config, e.g. `--set stage.transfer.grad_clip=0.5` or
+    /// `--set run.dtype="bf16"` (docs/config.md).
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    pub overrides: Vec<String>,
     #[arg(long, default_value_t = 10)]
     pub epochs: u64,
     #[arg(long, default_value_t = 32)]
@@ -133,21 +141,29 @@ pub fn run(a: Args) -> Result<()> {
         stage.insert("eval_jsonl".into(), v.display().to_string().into());
         stage.insert("eval_examples".into(), (*k as i64).into());
     }
+    if let Some(t) = &a.task {
+        stage.insert("eval_task".into(), t.clone().into());
+    }
     let mut source = toml::Table::new();
     source.insert("kind".into(), toml::Value::try_from(SourceType::Jsonl)?);
     source.insert("path".into(), train_path.display().to_string().into());
     stage.insert("source".into(), toml::Value::Array(vec![source.into()]));
     doc.insert("stage".into(), toml::Value::Array(vec![stage.into()]));
     let path = out.join("finetune.toml");
+    let sets: String = a
+        .overrides
+        .iter()
+        .map(|o| format!(" --set '{o}'"))
+        .collect();
     let header = format!(
-        "# Written by `pali finetune`: {n} examples × {} epochs / batch {} = {steps} steps.\n# Re-run with `pali train {}`.\n",
+        "# Written by `pali finetune`: {n} examples × {} epochs / batch {} = {steps} steps.\n# Re-run with `pali train {}{sets}`.\n",
         a.epochs,
         a.batch_size,
         path.display()
     );
     std::fs::write(&path, header + &toml::to_string_pretty(&doc)?)?;
     eprintln!("wrote {}", path.display());
-    let config = RunConfig::load(&path, &[])?;
+    let config = RunConfig::load(&path, &a.overrides)?;
     dispatch_many(
         &a.device.for_run(&config)?,
         TrainJob {

@@ -420,8 +420,8 @@ fn quickstart_config_runs_every_stage() {
 }
 
 /// Transfer a `pali train` checkpoint (self-contained: config.json + tokenizer.json) to a JSONL
-/// dataset with `pali finetune`; the written config is a valid run config, and the result is
-/// again a loadable checkpoint.
+/// dataset with `pali finetune` (with `--task` and `--set`); the written config is a valid run
+/// config, and the result is again a loadable checkpoint.
 #[test]
 fn finetune_a_checkpoint_on_jsonl() {
     let d = tempfile::tempdir().unwrap();
@@ -459,7 +459,8 @@ fn finetune_a_checkpoint_on_jsonl() {
             .arg("--val")
             .arg(data.join("vqa.jsonl"))
             .arg("--out")
-            .arg(&out),
+            .arg(&out)
+            .args(["--task", "vqav2", "--set", "stage.transfer.grad_clip=0.5"]),
     );
     assert!(
         s.lines().any(|l| l.starts_with("transfer")
@@ -469,9 +470,13 @@ fn finetune_a_checkpoint_on_jsonl() {
     );
     let written = std::fs::read_to_string(out.join("finetune.toml")).unwrap();
     assert!(
-        written.contains("8 examples × 2 epochs / batch 4 = 4 steps"),
+        written.contains("8 examples × 2 epochs / batch 4 = 4 steps")
+            && written.contains(r#"eval_task = "vqav2""#)
+            && written.contains("--set 'stage.transfer.grad_clip=0.5'"),
         "{written}"
     );
+    let resolved = std::fs::read_to_string(out.join("config.resolved.toml")).unwrap();
+    assert!(resolved.contains("grad_clip = 0.5"), "{resolved}");
     // the fine-tuned checkpoint loads as an HF checkpoint
     let ft = std::fs::read_dir(out.join("checkpoints"))
         .unwrap()
