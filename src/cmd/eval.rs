@@ -207,9 +207,9 @@ fn load<B: Backend>(
     let (cfg, model) = pali_model::load_hf::<B>(dir, device)
         .with_context(|| format!("loading checkpoint {}", dir.display()))?;
     let model = model.with_compute(d.dtype);
-    let tokenizer = d.tokenizer.as_ref();
-    let tok_path = tokenizer
-        .cloned()
+    let tok_path = d
+        .tokenizer
+        .clone()
         .unwrap_or_else(|| dir.join("tokenizer.json"));
     if !tok_path.is_file() {
         bail!(
