@@ -805,8 +805,8 @@ fn stage_length_in_epochs_or_examples() {
     assert!(e.contains("not both"), "{e}");
 }
 
-/// The paper's recipes (configs/paligemma-3b, configs/transfer) parse, chain their steps, and
-/// fail only for want of the files a user supplies (tokenizer, checkpoints, data).
+/// The paper's recipes (configs/paligemma-3b, configs/transfer) parse, chain their steps, run
+/// on a GPU, and fail only for want of the files a user supplies (tokenizer, checkpoints, data).
 #[test]
 fn paper_recipes_parse_and_chain() {
     use pali_trainer::config::RunConfig;
@@ -826,6 +826,7 @@ fn paper_recipes_parse_and_chain() {
                 .stages
                 .iter()
                 .all(|s| s.steps > 0 || s.epochs.is_some() || s.examples.is_some()));
+            assert_eq!(c.run.device.as_deref(), Some("cuda"), "{}", p.display());
             n += 1;
         }
     }
