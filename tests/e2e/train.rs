@@ -970,8 +970,8 @@ fn bf16_is_refused_on_wgpu() {
 
 /// Data parallelism: on two devices (`run.device = "cpu,cpu"`: two replicas in two threads) a
 /// step equals the one-device step with the batch in two micro-batches, bit for bit; with
-/// `grad_accum = 2` on top, the one with four, up to summation order. A batch that does not
-/// split is refused.
+/// `grad_accum = 2` on top, the one with four, up to summation order. It resumes bit-exactly.
+/// A batch that does not split is refused.
 #[test]
 fn data_parallel_matches_gradient_accumulation() {
     let d = tempfile::tempdir().unwrap();
@@ -990,6 +990,35 @@ fn data_parallel_matches_gradient_accumulation() {
     assert!(a == 0.0 && b < 1e-5, "{a}, {b}");
     let plain = run("plain", &[]);
     assert!(max_diff(&plain, &dp2) > 0.0, "two devices changed nothing?");
+    // Stopped after its first checkpoint and resumed, a data-parallel run ends bit-exactly where
+    // the uninterrupted one (dp2) does.
+    let resume = |extra: &[&str]| {
+        run_ok(
+            pali()
+                .arg("train")
+                .arg(&cfg)
+                .args(["--quiet", "--device", "cpu,cpu"])
+                .args(["--set", r#"run.out_dir="dp-resumed/out""#])
+                .args(["--set", r#"run.stages=["s1"]"#])
+                .args([
+                    "--set",
+                    "stage.s1.steps=3",
+                    "--set",
+                    "stage.s1.checkpoint_every=2",
+                ])
+                .args(extra),
+        )
+    };
+    resume(&["--max-steps", "2"]);
+    let ck = d.path().join("dp-resumed/out/checkpoints");
+    assert!(ck.join("step-00000002").is_dir() && !ck.join("step-00000003").exists());
+    resume(&["--resume"]);
+    let resumed = final_model(&d.path().join("dp-resumed"));
+    assert_eq!(
+        max_diff(&dp2, &resumed),
+        0.0,
+        "resumed data-parallel run differs"
+    );
     let e = run_err(
         pali()
             .arg("train")
