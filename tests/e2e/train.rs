@@ -98,6 +98,11 @@ fn max_diff(a: &[(String, Vec<usize>, Vec<f32>)], b: &[(String, Vec<usize>, Vec<
         .fold(0f32, f32::max)
 }
 
+/// `pali train CFG ARGS…`, expected to fail: its error output.
+fn train_err(cfg: &Path, args: &[&str]) -> String {
+    run_err(pali().arg("train").arg(cfg).args(args))
+}
+
 fn metrics(dir: &Path) -> Vec<serde_json::Value> {
     std::fs::read_to_string(dir.join("out/metrics.jsonl"))
         .unwrap()
@@ -225,12 +230,12 @@ fn bad_configs_fail_before_training_with_the_reason() {
         ),
     )
     .unwrap();
-    let e = run_err(pali().arg("train").arg(&cfg));
+    let e = train_err(&cfg, &[]);
     assert!(e.contains("unknown field `learning_rate`"), "{e}");
 
     let uncovered = "[[stage.group]]\nparams = 'language_model\\..*'\n";
     let cfg = config(d.path(), uncovered);
-    let e = run_err(pali().arg("train").arg(&cfg));
+    let e = train_err(&cfg, &[]);
     assert!(
         e.contains("vision_tower.") && e.contains("not covered"),
         "{e}"
@@ -238,7 +243,7 @@ fn bad_configs_fail_before_training_with_the_reason() {
 
     let twice = "[[stage.group]]\nparams = '.*'\n[[stage.group]]\nparams = 'vision_tower\\..*'\n";
     let cfg = config(d.path(), twice);
-    let e = run_err(pali().arg("train").arg(&cfg));
+    let e = train_err(&cfg, &[]);
     assert!(e.contains("covered by 2 groups"), "{e}");
 
     let cfg = config(d.path(), "");
@@ -251,7 +256,7 @@ fn bad_configs_fail_before_training_with_the_reason() {
         ),
     )
     .unwrap();
-    let e = run_err(pali().arg("train").arg(&cfg));
+    let e = train_err(&cfg, &[]);
     assert!(
         e.contains("missing.jsonl") && e.contains("not found"),
         "{e}"
@@ -263,12 +268,7 @@ fn bad_configs_fail_before_training_with_the_reason() {
 
     // --set overrides are typed like the file.
     let cfg = config(d.path(), "");
-    let e = run_err(
-        pali()
-            .arg("train")
-            .arg(&cfg)
-            .args(["--set", "stage.2.steps=many"]),
-    );
+    let e = train_err(&cfg, &["--set", "stage.2.steps=many"]);
     assert!(e.contains("steps"), "{e}");
 
     // A checkpoint made for another tokenizer is refused: the fixture checkpoint with its
@@ -283,12 +283,15 @@ fn bad_configs_fail_before_training_with_the_reason() {
     let moved = conf.replace("\"image_token_index\": 400", "\"image_token_index\": 401");
     assert_ne!(conf, moved);
     std::fs::write(hf.join("config.json"), moved).unwrap();
-    let e = run_err(pali().arg("train").arg(&cfg).args([
-        "--set",
-        &format!("model.init_hf=\"{}\"", hf.display()),
-        "--set",
-        &format!("tokenizer.path=\"{}\"", hf.join("tokenizer.json").display()),
-    ]));
+    let e = train_err(
+        &cfg,
+        &[
+            "--set",
+            &format!("model.init_hf=\"{}\"", hf.display()),
+            "--set",
+            &format!("tokenizer.path=\"{}\"", hf.join("tokenizer.json").display()),
+        ],
+    );
     assert!(
         e.contains("has `<image>` = 400 but") && e.contains("hf/config.json expects 401"),
         "{e}"
@@ -315,7 +318,7 @@ fn bad_configs_fail_before_training_with_the_reason() {
         ),
         (r#"run.dtype="f16""#, "unknown variant `f16`"),
     ] {
-        let e = run_err(pali().arg("train").arg(&cfg).args(["--set", set]));
+        let e = train_err(&cfg, &["--set", set]);
         assert!(e.contains(want), "{set}: {e}");
     }
     let detect = config(d.path(), "");
@@ -325,11 +328,9 @@ fn bad_configs_fail_before_training_with_the_reason() {
         text.replace(r#"task = "ocr""#, r#"task = "detect""#),
     )
     .unwrap();
-    let e = run_err(
-        pali()
-            .arg("train")
-            .arg(&detect)
-            .args(["--set", "stage.s1.augment={ crop_min_area = 0.8 }"]),
+    let e = train_err(
+        &detect,
+        &["--set", "stage.s1.augment={ crop_min_area = 0.8 }"],
     );
     assert!(
         e.contains("crop_min_area moves objects") && e.contains("`detect`"),
@@ -675,11 +676,7 @@ fn reset_reinitialises_only_the_named_tower() {
         "vision tensors re-initialised: {}",
         changed.0
     );
-    let e = run_err(
-        pali()
-            .args(["train", "--set", "stage.2.reset=[\"vision\"]"])
-            .arg(&cfg),
-    );
+    let e = train_err(&cfg, &["--set", "stage.2.reset=[\"vision\"]"]);
     assert!(e.contains("reset: unknown part `vision`"), "{e}");
 }
 
@@ -696,7 +693,7 @@ fn noise_boxes_train_with_a_noise_token() {
         text.replace(r#"{ kind = "synth", task = "count", size = 100 }"#, det),
     )
     .unwrap();
-    let e = run_err(pali().arg("train").arg(&cfg));
+    let e = train_err(&cfg, &[]);
     assert!(
         e.contains("noise_boxes needs a `<noise>` token") && e.contains("pali tokenizer add"),
         "{e}"
@@ -726,12 +723,7 @@ fn noise_boxes_train_with_a_noise_token() {
     let ev = m.iter().rev().find(|v| v.get("eval").is_some()).unwrap();
     assert!(ev["eval"]["map"].is_number(), "{ev}");
 
-    let e = run_err(
-        pali()
-            .arg("train")
-            .arg(&cfg)
-            .args(["--set", "stage.s1.source.0.noise_boxes=3"]),
-    );
+    let e = train_err(&cfg, &["--set", "stage.s1.source.0.noise_boxes=3"]);
     assert!(
         e.contains("noise_boxes applies to synthetic `detect`"),
         "{e}"
@@ -891,12 +883,7 @@ fn gradient_accumulation_and_dropout() {
     let b = run("drop-b", &["stage.s1.llm_dropout=0.3"]);
     assert!(max_diff(&plain, &a) > 1e-5, "dropout had no effect");
     assert_eq!(max_diff(&a, &b), 0.0, "dropout is seeded");
-    let e = run_err(
-        pali()
-            .arg("train")
-            .arg(&cfg)
-            .args(["--set", "stage.s1.grad_accum=3"]),
-    );
+    let e = train_err(&cfg, &["--set", "stage.s1.grad_accum=3"]);
     assert!(
         e.contains("grad_accum 3 must be > 0 and divide batch_size 4"),
         "{e}"
@@ -954,13 +941,7 @@ fn bf16_is_refused_on_wgpu() {
         &["--device", "wgpu"][..],
         &["--set", r#"run.device="wgpu""#],
     ] {
-        let e = run_err(
-            pali()
-                .arg("train")
-                .arg(&cfg)
-                .args(device)
-                .args(["--set", r#"run.dtype="bf16""#]),
-        );
+        let e = train_err(&cfg, &[device, &["--set", r#"run.dtype="bf16""#]].concat());
         assert!(
             e.contains("run.dtype = \"bf16\"") && e.contains("does not support bf16"),
             "{device:?}: {e}"
@@ -1019,12 +1000,7 @@ fn data_parallel_matches_gradient_accumulation() {
         0.0,
         "resumed data-parallel run differs"
     );
-    let e = run_err(
-        pali()
-            .arg("train")
-            .arg(&cfg)
-            .args(["--device", "cpu,cpu,cpu"]),
-    );
+    let e = train_err(&cfg, &["--device", "cpu,cpu,cpu"]);
     assert!(
         e.contains("batch_size 4 does not split into grad_accum 1 × 3 devices"),
         "{e}"

@@ -22,7 +22,7 @@ use serde_json::{json, Value};
 
 use crate::error::{Error, Result};
 use crate::masks::{from_coco_segmentation, MaskEncoder};
-use crate::tasks::loc_box;
+use crate::tasks::{self, loc_box, seg_tokens};
 
 /// What an importer produced.
 #[derive(Debug, Default)]
@@ -132,14 +132,18 @@ pub fn coco_captions(annotations: &Path, image_dir: &str, per_image: bool) -> Re
     for (id, cs) in &caps {
         let image = join(image_dir, &images[id].0);
         if per_image {
-            out.data.push(json!({"id": id.to_string(), "image": image, "prefix": "caption en", "suffix": cs[0]}));
+            let (prefix, suffix) = tasks::caption("en", &cs[0], true);
+            out.data.push(
+                json!({"id": id.to_string(), "image": image, "prefix": prefix, "suffix": suffix}),
+            );
             out.references
                 .push(json!({"id": id.to_string(), "references": cs}));
         } else {
             for (k, c) in cs.iter().enumerate() {
                 let key = format!("{id}-{k}");
+                let (prefix, suffix) = tasks::caption("en", c, true);
                 out.data
-                    .push(json!({"id": key, "image": image, "prefix": "caption en", "suffix": c}));
+                    .push(json!({"id": key, "image": image, "prefix": prefix, "suffix": suffix}));
                 out.references.push(json!({"id": key, "references": cs}));
             }
         }
@@ -197,9 +201,10 @@ pub fn vqav2(
                 continue;
             }
         };
+        let (prefix, suffix) = tasks::vqa("en", question, &suffix, true);
         out.data.push(
             json!({"id": qid.to_string(), "image": join(image_dir, &file),
-                             "prefix": format!("answer en {question}"), "suffix": suffix}),
+                             "prefix": prefix, "suffix": suffix}),
         );
         if annotations.is_some() {
             out.references
@@ -251,13 +256,12 @@ pub fn coco_detection(instances: &Path, image_dir: &str) -> Result<Imported> {
         let mut classes: Vec<&str> = objs.iter().map(|o| o.0.as_str()).collect();
         classes.sort();
         classes.dedup();
-        let suffix = objs
-            .iter()
-            .map(|(n, b, _)| format!("{} {n}", loc_box(*b)))
-            .collect::<Vec<_>>()
-            .join(" ; ");
-        out.data.push(json!({"id": id.to_string(), "image": join(image_dir, file),
-                             "prefix": format!("detect {}", classes.join(" ; ")), "suffix": suffix}));
+        let labelled: Vec<(&str, [f32; 4])> =
+            objs.iter().map(|(n, b, _)| (n.as_str(), *b)).collect();
+        let (prefix, suffix) = tasks::detect(&classes, &labelled, true);
+        out.data
+            .push(json!({"id": id.to_string(), "image": join(image_dir, file),
+                             "prefix": prefix, "suffix": suffix}));
         out.references
             .push(json!({"id": id.to_string(), "width": w, "height": h,
             "boxes": objs.iter().map(|o| o.2).collect::<Vec<_>>(),
@@ -339,11 +343,7 @@ pub fn refcoco(
             let (prefix, suffix) = match &codes {
                 Some(c) => (
                     format!("segment {sent}"),
-                    format!(
-                        "{}{}",
-                        loc_box(norm),
-                        c.iter().map(|c| format!("<seg{c:03}>")).collect::<String>()
-                    ),
+                    format!("{}{}", loc_box(norm), seg_tokens(c)),
                 ),
                 None => (format!("detect {sent}"), loc_box(norm)),
             };

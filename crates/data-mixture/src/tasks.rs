@@ -102,18 +102,24 @@ pub fn detect_with_noise(
         .copied()
         .collect();
     rng.shuffle(&mut objs);
-    let mut parts: Vec<String> = objs
-        .iter()
-        .map(|(l, b)| format!("{} {l}", loc_box(*b)))
-        .collect();
-    while parts.len() < total {
+    let (p, s) = detect(classes, &objs, task_prefix);
+    let noise = (objs.len()..total).map(|_| {
         let (a, b) = (rng.f32(), rng.f32());
         let (c, d) = (rng.f32(), rng.f32());
         let bx = [a.min(b), c.min(d), a.max(b), c.max(d)];
-        parts.push(format!("{} <noise>", loc_box(bx)));
-    }
-    let (p, _) = detect(classes, &[], task_prefix);
+        format!("{} <noise>", loc_box(bx))
+    });
+    let parts: Vec<String> = Some(s)
+        .filter(|s| !s.is_empty())
+        .into_iter()
+        .chain(noise)
+        .collect();
     (p, parts.join(" ; "))
+}
+
+/// The 16 `<segNNN>` tokens of VQ-VAE codes.
+pub fn seg_tokens(codes: &[u32; 16]) -> String {
+    codes.iter().map(|c| format!("<seg{c:03}>")).collect()
 }
 
 pub fn grounded_caption(b: [f32; 4], text: &str, task_prefix: bool) -> (String, String) {
@@ -133,8 +139,7 @@ pub fn segment(label: &str, b: [f32; 4], codes: &[u32; 16], task_prefix: bool) -
     } else {
         label.to_string()
     };
-    let seg: String = codes.iter().map(|c| format!("<seg{c:03}>")).collect();
-    (p, format!("{}{seg} {label}", loc_box(b)))
+    (p, format!("{}{} {label}", loc_box(b), seg_tokens(codes)))
 }
 
 /// Parses the boxes of a detection string back (for evaluation and tests).

@@ -255,9 +255,10 @@ mod tests {
         };
         let px = t.pixels(&im, 16, ResizeMethod::Bicubic, None).unwrap();
         assert_eq!(px.len(), 4 * 3 * 16 * 16);
-        let big = img::to_pixel_values(&scene.render(32)); // CHW 32×32
-                                                           // Tile 1 (top right), channel 0, row 3, column 5 = big (row 3, column 16 + 5).
-        let tile1 = &px[3 * 256..4 * 256 * 3];
+        // CHW 32×32.
+        let big = img::to_pixel_values(&scene.render(32));
+        // Tile 1 (top right), channel 0, row 3, column 5 = big (row 3, column 16 + 5).
+        let tile1 = &px[3 * 256..2 * 3 * 256];
         assert_eq!(tile1[3 * 16 + 5], big[3 * 32 + 21]);
         // Tile 2 (bottom left), channel 2, row 0, column 0 = big (row 16, column 0).
         let tile2 = &px[2 * 3 * 256..3 * 3 * 256];
