@@ -63,9 +63,10 @@ pub fn run(args: Args) -> Result<()> {
         (None, Some(c)) => hf::parse_config(c)?,
         _ => bail!("give --preset NAME or --config HF_CONFIG.json"),
     };
-    let device_name = format!("{:?}", args.device.spec()?);
+    let device = args.device.spec()?;
+    let device_name = format!("{device:?}");
     let stats = dispatch(
-        args.device.spec()?,
+        device,
         BenchJob {
             args: &args,
             config: &config,
@@ -155,10 +156,10 @@ fn steps<AD: burn::tensor::backend::AutodiffBackend>(
     if !a.dtype.supported::<AD>(&device) {
         bail!("--dtype {}: device {device:?} does not support it", a.dtype);
     }
-    let mut model = c.init::<AD>(&device).with_compute(a.dtype);
+    let mut model = c.init::<AD>(&device);
     // A zero projector would leave its gradient path trivial; benchmark a trained-like one.
     model.multi_modal_projector = c.projector_config().with_zero_init(false).init(&device);
-    model.multi_modal_projector.compute = a.dtype;
+    let mut model = model.with_compute(a.dtype);
     let mut optim = AdamConfig::new()
         .with_epsilon(1e-8)
         .init::<AD, pali_model::PaliGemma<AD>>();

@@ -137,58 +137,56 @@ pub enum ImportFormat {
 
 fn import(format: ImportFormat) -> Result<()> {
     use pali_data::import;
-    let (got, out) = match format {
-        ImportFormat::CocoCaptions {
-            annotations,
-            per_image,
-            out,
-        } => (
-            import::coco_captions(&annotations, &out.image_dir, per_image)?,
-            out,
-        ),
-        ImportFormat::Vqav2 {
-            questions,
-            annotations,
-            image_pattern,
-            out,
-        } => (
-            import::vqav2(
-                &questions,
-                annotations.as_deref(),
-                &out.image_dir,
-                &image_pattern,
-            )?,
-            out,
-        ),
-        ImportFormat::CocoDetection { instances, out } => {
-            (import::coco_detection(&instances, &out.image_dir)?, out)
-        }
-        ImportFormat::Refcoco {
-            refs,
-            instances,
-            split,
-            vqvae,
-            out,
-        } => {
-            let device = Default::default();
-            let encoder = match &vqvae {
-                Some(p) => Some(
-                    pali_eval::segmentation::VqVaeEncoder::<crate::backend::Cpu> {
-                        model: pali_model::vqvae::load(p, &device)?.1,
-                        device,
-                    },
-                ),
-                None => None,
-            };
-            let enc = encoder
-                .as_ref()
-                .map(|e| e as &dyn pali_data::masks::MaskEncoder);
-            (
-                import::refcoco(&refs, &instances, &out.image_dir, split.as_deref(), enc)?,
+    let (got, out) =
+        match format {
+            ImportFormat::CocoCaptions {
+                annotations,
+                per_image,
                 out,
-            )
-        }
-    };
+            } => (
+                import::coco_captions(&annotations, &out.image_dir, per_image)?,
+                out,
+            ),
+            ImportFormat::Vqav2 {
+                questions,
+                annotations,
+                image_pattern,
+                out,
+            } => (
+                import::vqav2(
+                    &questions,
+                    annotations.as_deref(),
+                    &out.image_dir,
+                    &image_pattern,
+                )?,
+                out,
+            ),
+            ImportFormat::CocoDetection { instances, out } => {
+                (import::coco_detection(&instances, &out.image_dir)?, out)
+            }
+            ImportFormat::Refcoco {
+                refs,
+                instances,
+                split,
+                vqvae,
+                out,
+            } => {
+                let encoder =
+                    match &vqvae {
+                        Some(p) => Some(pali_eval::segmentation::VqVaeEncoder::<
+                            crate::backend::Cpu,
+                        >::load(p, &Default::default())?),
+                        None => None,
+                    };
+                let enc = encoder
+                    .as_ref()
+                    .map(|e| e as &dyn pali_data::masks::MaskEncoder);
+                (
+                    import::refcoco(&refs, &instances, &out.image_dir, split.as_deref(), enc)?,
+                    out,
+                )
+            }
+        };
     import::write_jsonl(&out.out, &got.data)?;
     eprintln!("{} lines → {}", got.data.len(), out.out.display());
     if let Some(r) = &out.references {

@@ -187,12 +187,8 @@ pub fn run_predict(a: PredictArgs) -> Result<()> {
 
 /// A VQ-VAE checkpoint as the RefCOCO mask decoder.
 fn mask_decoder<B: Backend>(path: &Path, device: &B::Device) -> Result<VqVaeDecoder<B>> {
-    let (_, model) = pali_model::vqvae::load::<B>(path, device)
-        .with_context(|| format!("loading the VQ-VAE {}", path.display()))?;
-    Ok(VqVaeDecoder {
-        model,
-        device: device.clone(),
-    })
+    VqVaeDecoder::load(path, device)
+        .with_context(|| format!("loading the VQ-VAE {}", path.display()))
 }
 
 /// Model (computing in `d.dtype`), config and tokenizer of a checkpoint directory.

@@ -166,10 +166,14 @@ fn bad_inputs_fail_with_named_errors() {
 }
 
 /// `pali bench train-step` reports what it measured, with and without gradient checkpointing
-/// (a long text once drew the `<image>` id among its random tokens and failed).
+/// and in bf16 (a long text once drew the `<image>` id among its random tokens and failed).
 #[test]
 fn bench_train_step_reports_json() {
-    for extra in [&[][..], &["--grad-checkpointing"][..]] {
+    for (extra, gc, dtype) in [
+        (&[][..], false, "f32"),
+        (&["--grad-checkpointing"][..], true, "f32"),
+        (&["--dtype", "bf16"][..], false, "bf16"),
+    ] {
         let out = run_ok(
             pali()
                 .args(["bench", "train-step", "--preset", "tiny", "--batch", "2"])
@@ -178,7 +182,8 @@ fn bench_train_step_reports_json() {
         );
         let v: serde_json::Value = serde_json::from_str(&out).unwrap();
         assert!(v["step_seconds_median"].as_f64().unwrap() > 0.0, "{v}");
-        assert_eq!(v["grad_checkpointing"], !extra.is_empty());
+        assert_eq!(v["grad_checkpointing"], gc);
+        assert_eq!(v["dtype"], dtype);
         assert!(v["tokens_per_second"].as_f64().unwrap() > 0.0);
     }
 }

@@ -114,6 +114,16 @@ pub struct VqVaeDecoder<B: burn::tensor::backend::Backend> {
     pub device: B::Device,
 }
 
+impl<B: burn::tensor::backend::Backend> VqVaeDecoder<B> {
+    /// The VQ-VAE checkpoint at `path` (`.npz` or safetensors).
+    pub fn load(path: &std::path::Path, device: &B::Device) -> pali_model::Result<Self> {
+        Ok(Self {
+            model: pali_model::vqvae::load(path, device)?.1,
+            device: device.clone(),
+        })
+    }
+}
+
 impl<B: burn::tensor::backend::Backend> MaskDecoder for VqVaeDecoder<B> {
     fn decode(&self, codes: &[u32; 16]) -> Vec<f32> {
         let t = burn::tensor::Tensor::<B, 2, burn::tensor::Int>::from_data(
@@ -131,6 +141,14 @@ impl<B: burn::tensor::backend::Backend> MaskDecoder for VqVaeDecoder<B> {
 pub struct VqVaeEncoder<B: burn::tensor::backend::Backend> {
     pub model: pali_model::vqvae::VqVae<B>,
     pub device: B::Device,
+}
+
+impl<B: burn::tensor::backend::Backend> VqVaeEncoder<B> {
+    /// The VQ-VAE checkpoint at `path` (`.npz` or safetensors).
+    pub fn load(path: &std::path::Path, device: &B::Device) -> pali_model::Result<Self> {
+        let VqVaeDecoder { model, device } = VqVaeDecoder::load(path, device)?;
+        Ok(Self { model, device })
+    }
 }
 
 impl<B: burn::tensor::backend::Backend> pali_data::masks::MaskEncoder for VqVaeEncoder<B> {

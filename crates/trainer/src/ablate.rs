@@ -493,42 +493,32 @@ pub fn collect(r: &RunSpec, curves: &[String]) -> Result<RunResult> {
         "wall_seconds".into(),
         stages.iter().filter_map(|s| s["seconds"].as_f64()).sum(),
     );
+    // A stage summary's evaluation as `{prefix}eval/KEY` and `{prefix}val_perplexity/TASK`.
+    let evaluation = |s: &Value, prefix: &str, m: &mut BTreeMap<String, f64>| {
+        for (k, v) in s["eval_metrics"].as_object().into_iter().flatten() {
+            if let Some(x) = v.as_f64() {
+                m.insert(format!("{prefix}eval/{k}"), x);
+            }
+        }
+        for kv in s["val_perplexity"].as_array().into_iter().flatten() {
+            if let (Some(k), Some(v)) = (kv[0].as_str(), kv[1].as_f64()) {
+                m.insert(format!("{prefix}val_perplexity/{k}"), v);
+            }
+        }
+    };
     // Each stage's final evaluation as `STAGE:KEY` (stage-1 perplexity per task, …).
     for s in &stages {
-        let name = s["name"].as_str().unwrap_or("?");
-        if let Some(o) = s["eval_metrics"].as_object() {
-            for (k, v) in o {
-                if let Some(x) = v.as_f64() {
-                    m.insert(format!("{name}:eval/{k}"), x);
-                }
-            }
-        }
-        if let Some(p) = s["val_perplexity"].as_array() {
-            for kv in p {
-                if let (Some(k), Some(v)) = (kv[0].as_str(), kv[1].as_f64()) {
-                    m.insert(format!("{name}:val_perplexity/{k}"), v);
-                }
-            }
-        }
+        evaluation(
+            s,
+            &format!("{}:", s["name"].as_str().unwrap_or("?")),
+            &mut m,
+        );
     }
     // The last evaluation of the run: task metrics, exact match, perplexity per task.
     if let Some(s) = stages.iter().rev().find(|s| !s["eval_metrics"].is_null()) {
-        if let Some(o) = s["eval_metrics"].as_object() {
-            for (k, v) in o {
-                if let Some(x) = v.as_f64() {
-                    m.insert(format!("eval/{k}"), x);
-                }
-            }
-        }
+        evaluation(s, "", &mut m);
         if let Some(x) = s["eval_accuracy"].as_f64() {
             m.insert("exact_match".into(), x);
-        }
-        if let Some(p) = s["val_perplexity"].as_array() {
-            for kv in p {
-                if let (Some(k), Some(v)) = (kv[0].as_str(), kv[1].as_f64()) {
-                    m.insert(format!("val_perplexity/{k}"), v);
-                }
-            }
         }
     }
     let mut curve = Vec::new();

@@ -92,9 +92,7 @@ impl Groups {
     /// the run, and the step to evaluate it at for stage step `step`.
     pub fn at(&self, group: usize, offset: u64, stage_steps: u64, step: u64) -> f64 {
         if self.groups[group].1.continues {
-            let mut s = self.schedule(group, offset + stage_steps);
-            s.total_steps = offset + stage_steps;
-            s.at(offset + step)
+            self.schedule(group, offset + stage_steps).at(offset + step)
         } else {
             self.schedule(group, stage_steps).at(step)
         }

@@ -180,11 +180,7 @@ pub fn mask_encoders<B: Backend>(config: &RunConfig, device: &B::Device) -> Resu
         .flat_map(|s| s.sources.iter().filter_map(|x| x.vqvae.clone()))
     {
         if let std::collections::hash_map::Entry::Vacant(slot) = out.entry(p) {
-            let (_, model) = pali_model::vqvae::load::<B>(slot.key(), device)?;
-            let enc = VqVaeEncoder {
-                model,
-                device: device.clone(),
-            };
+            let enc = VqVaeEncoder::<B>::load(slot.key(), device)?;
             slot.insert(Arc::new(enc) as Arc<dyn MaskEncoder>);
         }
     }
