@@ -165,13 +165,17 @@ impl DeviceArg {
         }
     }
 
-    /// The devices given, else the run config's `run.device`, else cpu.
-    pub fn for_run(&self, config: &pali_trainer::config::RunConfig) -> anyhow::Result<Devices> {
+    /// The devices given, else the `run.device` of the run config read from `path`, else cpu.
+    pub fn for_run(
+        &self,
+        config: &pali_trainer::config::RunConfig,
+        path: &std::path::Path,
+    ) -> anyhow::Result<Devices> {
         match (&self.device, &config.run.device) {
             (Some(d), _) => Ok(d.clone()),
             (None, Some(s)) => s
                 .parse()
-                .map_err(|e| anyhow::anyhow!("run.device = \"{s}\": {e}")),
+                .map_err(|e| anyhow::anyhow!("{}: run.device = \"{s}\": {e}", path.display())),
             (None, None) => Ok(Devices(vec![DeviceSpec::Cpu])),
         }
     }

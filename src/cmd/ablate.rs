@@ -86,7 +86,7 @@ pub fn run(a: Args) -> Result<()> {
     }
     // The base config's `run.device` unless `--device` says otherwise.
     let devices = match runs.first() {
-        Some(r) => a.device.for_run(&r.config)?,
+        Some(r) => a.device.for_run(&r.config, &ab.ablation.base)?,
         None => crate::backend::Devices(vec![a.device.spec()?]),
     };
     dispatch_many(

@@ -165,7 +165,7 @@ pub fn run(a: Args) -> Result<()> {
     eprintln!("wrote {}", path.display());
     let config = RunConfig::load(&path, &a.overrides)?;
     dispatch_many(
-        &a.device.for_run(&config)?,
+        &a.device.for_run(&config, &path)?,
         TrainJob {
             config,
             opts: TrainOptions {

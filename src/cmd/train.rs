@@ -34,7 +34,7 @@ pub fn run(args: Args) -> Result<()> {
     let config = RunConfig::load(&args.config, &args.overrides)
         .with_context(|| format!("loading {}", args.config.display()))?;
     dispatch_many(
-        &args.device.for_run(&config)?,
+        &args.device.for_run(&config, &args.config)?,
         TrainJob {
             config,
             opts: TrainOptions {

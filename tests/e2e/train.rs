@@ -314,7 +314,7 @@ fn bad_configs_fail_before_training_with_the_reason() {
         ),
         (
             r#"run.device="tpu:0""#,
-            "run.device = \"tpu:0\": unknown device `tpu:0`",
+            "run.toml: run.device = \"tpu:0\": unknown device `tpu:0`",
         ),
         (r#"run.dtype="f16""#, "unknown variant `f16`"),
     ] {
