@@ -44,6 +44,7 @@ pub fn run(args: Args) -> Result<()> {
             },
         },
     )
+    .with_context(|| format!("training {}", args.config.display()))
 }
 
 /// Trains `config` and prints the per-stage summary table (shared with `pali finetune`).
