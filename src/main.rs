@@ -2,6 +2,7 @@
 
 mod backend;
 mod cmd;
+mod progress;
 mod st;
 
 use std::process::ExitCode;

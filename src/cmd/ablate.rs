@@ -8,6 +8,7 @@ use burn::tensor::backend::Backend;
 use pali_trainer::ablate::{check_same_config, finished, run_grid, AblationConfig};
 
 use crate::backend::{dispatch_many, Job};
+use crate::progress::Console;
 use crate::DeviceArg;
 
 #[derive(clap::Args, Debug)]
@@ -94,7 +95,7 @@ pub fn run(a: Args) -> Result<()> {
         GridJob {
             ab,
             only: a.only,
-            progress: !a.quiet,
+            console: Console::new(!a.quiet),
         },
     )
 }
@@ -102,7 +103,7 @@ pub fn run(a: Args) -> Result<()> {
 struct GridJob {
     ab: AblationConfig,
     only: Option<String>,
-    progress: bool,
+    console: Console,
 }
 
 impl Job for GridJob {
@@ -112,7 +113,8 @@ impl Job for GridJob {
     }
 
     fn run_on<B: Backend>(self, devices: Vec<B::Device>) -> Result<()> {
-        run_grid::<B>(&self.ab, self.only.as_deref(), &devices, self.progress)?;
+        run_grid::<B>(&self.ab, self.only.as_deref(), &devices, &self.console)?;
+        pali_trainer::report::write(&self.ab)?;
         let md = self.ab.ablation.out_dir.join("results.md");
         println!("{}", std::fs::read_to_string(&md)?);
         println!("results in {}", self.ab.ablation.out_dir.display());

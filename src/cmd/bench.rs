@@ -1,5 +1,6 @@
-//! `pali bench train-step`: time forward + backward + optimizer step of a randomly initialised
-//! model on a synthetic batch, and report what was measured as JSON.
+//! `pali bench train-step`: time the training step `pali train` runs (batch to device, forward,
+//! loss, backward, big_vision's optimizer chain) on a randomly initialised model and a
+//! synthetic batch, and report what was measured as JSON.
 //!
 //! FLOPs per step are 6·params·tokens (forward + backward of every weight) plus attention
 //! (12·layers·S²·H·Dh per example for the decoder, same for the encoder over its N tokens); MFU
@@ -10,14 +11,15 @@ use std::time::Instant;
 
 use anyhow::{bail, Result};
 use burn::backend::Autodiff;
-use burn::module::Module;
-use burn::optim::{AdamConfig, GradientsParams, Optimizer};
-use burn::tensor::backend::Backend;
-use burn::tensor::{Distribution, Int, Tensor, TensorData};
-use pali_model::loss::{reduce, token_nll, Reduction};
-use pali_model::mask::make_attn_mask;
+use burn::tensor::backend::{AutodiffBackend, Backend};
+use burn::tensor::{Distribution, Tensor};
+use pali_data::batch::Batch;
 use pali_model::presets::{count_params, preset};
-use pali_model::{hf, ImageEncoder, ModelInput, PaliGemmaConfig};
+use pali_model::{hf, ImageEncoder, PaliGemmaConfig};
+use pali_trainer::config::{Attention, LossOn, LossSection, Optim};
+use pali_trainer::inputs::{batch_loss, step_inputs};
+use pali_trainer::optim::{AdamState, Groups};
+use pali_trainer::step::{train_step, StepSettings};
 
 use crate::backend::{dispatch, Job};
 use crate::DeviceArg;
@@ -79,7 +81,7 @@ pub fn run(args: Args) -> Result<()> {
     let median = times[times.len() / 2];
     let flops = step_flops(&config, args.batch, args.text_len, !args.forward_only);
     let json = serde_json::json!({
-        "what": if args.forward_only { "forward" } else { "forward+backward+adam" },
+        "what": if args.forward_only { "forward" } else { "train step (forward+backward+optimizer chain)" },
         "model": args.preset.clone().unwrap_or_else(|| args.config.as_ref().unwrap().display().to_string()),
         "device": device_name,
         "dtype": args.dtype.to_string(),
@@ -147,8 +149,10 @@ impl Job for BenchJob<'_> {
     }
 }
 
-/// Warm-up then timed steps; the step times in seconds.
-fn steps<AD: burn::tensor::backend::AutodiffBackend>(
+/// Warm-up then timed steps of the training step `pali train` runs ([`train_step`]: the
+/// optimizer chain with its default group, clipping 1.0, no weight decay); the step times in
+/// seconds.
+fn steps<AD: AutodiffBackend>(
     a: &Args,
     c: &PaliGemmaConfig,
     device: AD::Device,
@@ -160,72 +164,30 @@ fn steps<AD: burn::tensor::backend::AutodiffBackend>(
     // A zero projector would leave its gradient path trivial; benchmark a trained-like one.
     model.multi_modal_projector = c.projector_config().with_zero_init(false).init(&device);
     let mut model = model.with_compute(a.dtype);
-    let mut optim = AdamConfig::new()
-        .with_epsilon(1e-8)
-        .init::<AD, pali_model::PaliGemma<AD>>();
-    let (b, n, t) = (a.batch, c.num_image_tokens(), a.text_len);
-    let s = n + t;
-    let res = c.vision.image_size();
-    let vocab = c.predictable_vocab() as i64;
-    let prefix = t / 2;
-    let mut ids = Vec::with_capacity(b * s);
-    let mut ar = Vec::with_capacity(b * s);
-    for r in 0..b {
-        for i in 0..s {
-            ids.push(if i < n {
-                c.image_token_id as i64
-            } else {
-                // Any text token but the image placeholder.
-                let t = ((i * 31 + r * 7) as i64) % vocab;
-                if t == c.image_token_id as i64 {
-                    (t + 1) % vocab
-                } else {
-                    t
-                }
-            });
-            ar.push(if i < n + prefix { 0i64 } else { 1 });
-        }
-    }
+    let optim = Optim::new(1e-5);
+    let loss = LossSection::default();
+    let groups = Groups::from_parts(&[], &optim.weight_decay_params);
+    let devices = [device.clone()];
+    let settings = StepSettings {
+        optim: &optim,
+        loss: &loss,
+        groups: &groups,
+        grad_accum: 1,
+        devices: &devices,
+    };
+    let mut adam = AdamState::default();
+    let batch = synthetic_batch(c, a.batch, a.text_len);
     let mut times = Vec::new();
     for step in 0..a.warmup + a.steps {
-        let pixel_values = Tensor::<AD, 5>::random(
-            [b, 1, 3, res, res],
-            Distribution::Uniform(-1.0, 1.0),
-            &device,
-        );
-        let input_ids =
-            Tensor::<AD, 2, Int>::from_data(TensorData::new(ids.clone(), [b, s]), &device);
-        let mask_ar = Tensor::<AD, 2, Int>::from_data(TensorData::new(ar.clone(), [b, s]), &device);
-        let masks = make_attn_mask(
-            mask_ar.clone(),
-            mask_ar.clone().greater_equal_elem(0),
-            c.text.sliding_window,
-        );
-        let positions = Tensor::<AD, 1, Int>::arange(0..s as i64, &device)
-            .reshape([1, s])
-            .expand([b, s]);
+        let mut b = batch.clone();
         let start = Instant::now();
-        let input = ModelInput {
-            pixel_values,
-            input_ids: input_ids.clone(),
-            positions,
-            masks,
-        };
-        // Logits for text positions only; position j predicts token j+1.
-        let out = model.forward(input, n, false, None)?;
-        let logits = out.logits.slice([0..b, 0..t - 1]);
-        let targets = input_ids.slice([0..b, n + 1..s]);
-        let weights = mask_ar.slice([0..b, n + 1..s]).float();
-        let loss = reduce(
-            token_nll(logits, targets, 0.0),
-            weights,
-            Reduction::PerExample,
-        );
+        let inputs = step_inputs::<AD>(&mut b, c, Attention::PrefixLm, LossOn::Suffix, &device);
         if a.forward_only {
-            let _ = loss.into_scalar();
+            let _ = batch_loss(&model, inputs, &loss)?.into_scalar();
         } else {
-            let grads = GradientsParams::from_grads(loss.backward(), &model);
-            model = optim.step(1e-5, model, grads);
+            let sched = vec![1.0; groups.groups.len()];
+            let (m, _) = train_step(model, inputs, &mut adam, &settings, sched, None, false)?;
+            model = m;
             // Reading one weight back waits for the step to finish on asynchronous devices.
             let _ = model.language_model.norm.weight.val().sum().into_scalar();
         }
@@ -233,8 +195,50 @@ fn steps<AD: burn::tensor::backend::AutodiffBackend>(
             times.push(start.elapsed().as_secs_f64());
         }
     }
-    let _ = model.num_params();
     Ok(times)
+}
+
+/// A batch as the data stream makes it: `text_len + 1` text tokens per row (inputs are all but
+/// the last, targets all but the first), the first half prefix, the rest suffix with loss;
+/// pixels in [-1, 1].
+fn synthetic_batch(c: &PaliGemmaConfig, b: usize, text_len: usize) -> Batch {
+    let (t1, res) = (text_len + 1, c.vision.image_size());
+    let vocab = c.predictable_vocab() as i64;
+    let prefix = text_len / 2;
+    let mut text = Vec::with_capacity(b * t1);
+    for r in 0..b {
+        for i in 0..t1 {
+            // Any text token but the image placeholder.
+            let t = ((i * 31 + r * 7) as i64) % vocab;
+            text.push(if t == c.image_token_id as i64 {
+                (t + 1) % vocab
+            } else {
+                t
+            });
+        }
+    }
+    let per_row =
+        |f: &dyn Fn(usize) -> i64| -> Vec<i64> { (0..b).flat_map(|_| (0..t1).map(f)).collect() };
+    let n_px = b * 3 * res * res;
+    Batch {
+        batch_size: b,
+        frames: 1,
+        resolution: res,
+        pixel_values: (0..n_px)
+            .map(|i| ((i * 7919) % 2001) as f32 / 1000.0 - 1.0)
+            .collect(),
+        seq_len: t1,
+        text,
+        mask_ar: per_row(&|i| i64::from(i > prefix)),
+        mask_loss: per_row(&|i| i64::from(i > prefix)),
+        mask_input: per_row(&|_| 1),
+        sources: vec![0; b],
+        ids: (0..b).map(|r| r.to_string()).collect(),
+        truncated: 0,
+        eos_cut: Vec::new(),
+        skipped: Vec::new(),
+        state_after: None,
+    }
 }
 
 /// `pali bench data`: image decode + resize throughput from JPEG files, one core and all cores,
@@ -321,19 +325,13 @@ pub fn run_data(a: DataArgs) -> Result<()> {
     });
     if let Some(cfg) = &a.config {
         let c = pali_trainer::config::RunConfig::load(cfg, &[])?;
-        let st = &c.stages[0];
-        let tok = std::sync::Arc::new(pali_data::PaliTokenizer::from_file(&c.tokenizer.path)?);
-        let srcs = pali_trainer::train::stage_sources(st, c.run.seed, 0, &Default::default())?;
-        let w: Vec<f64> = st.sources.iter().map(|s| s.weight).collect();
-        let mut mix = pali_data::mixture::Mixture::new(srcs, &w, c.run.seed)?;
-        let builder = pali_data::batch::BatchBuilder {
-            tokenizer: tok,
-            seq: pali_data::SequenceBuilder::new(st.text_len),
-            resolution: st.resolution,
-            resize: st.resize,
-            frames: 1,
-            transforms: pali_trainer::train::transforms(st, c.run.seed),
-        };
+        // The first stage's stream, as the trainer draws it.
+        let plan =
+            pali_trainer::stage::RunPlan::new::<crate::backend::Cpu>(&c, &Default::default())?;
+        let sp = &plan.stages[0];
+        let st = sp.stage;
+        let mut mix = sp.mixture()?;
+        let builder = sp.batch_builder();
         let t = Instant::now();
         for _ in 0..a.batches {
             pali_data::batch::next_batch(&mut mix, &builder, st.batch_size, st.on_error)?;

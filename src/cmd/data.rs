@@ -2,14 +2,13 @@
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
-use std::sync::Arc;
 
 use anyhow::{bail, Context, Result};
-use pali_data::batch::{next_batch, BatchBuilder};
+use pali_data::batch::next_batch;
 use pali_data::dataset::{write_synth, Dataset, JsonlDataset, OnError};
-use pali_data::mixture::Mixture;
 use pali_data::{PaliTokenizer, SequenceBuilder};
 use pali_trainer::config::RunConfig;
+use pali_trainer::stage::RunPlan;
 
 use crate::st::Writer;
 
@@ -137,56 +136,57 @@ pub enum ImportFormat {
 
 fn import(format: ImportFormat) -> Result<()> {
     use pali_data::import;
-    let (got, out) =
-        match format {
-            ImportFormat::CocoCaptions {
-                annotations,
-                per_image,
+    let (got, out) = match format {
+        ImportFormat::CocoCaptions {
+            annotations,
+            per_image,
+            out,
+        } => (
+            import::coco_captions(&annotations, &out.image_dir, per_image)?,
+            out,
+        ),
+        ImportFormat::Vqav2 {
+            questions,
+            annotations,
+            image_pattern,
+            out,
+        } => (
+            import::vqav2(
+                &questions,
+                annotations.as_deref(),
+                &out.image_dir,
+                &image_pattern,
+            )?,
+            out,
+        ),
+        ImportFormat::CocoDetection { instances, out } => {
+            (import::coco_detection(&instances, &out.image_dir)?, out)
+        }
+        ImportFormat::Refcoco {
+            refs,
+            instances,
+            split,
+            vqvae,
+            out,
+        } => {
+            let encoder = match &vqvae {
+                Some(p) => Some(
+                    pali_trainer::vqvae::VqVaeEncoder::<crate::backend::Cpu>::load(
+                        p,
+                        &Default::default(),
+                    )?,
+                ),
+                None => None,
+            };
+            let enc = encoder
+                .as_ref()
+                .map(|e| e as &dyn pali_data::masks::MaskEncoder);
+            (
+                import::refcoco(&refs, &instances, &out.image_dir, split.as_deref(), enc)?,
                 out,
-            } => (
-                import::coco_captions(&annotations, &out.image_dir, per_image)?,
-                out,
-            ),
-            ImportFormat::Vqav2 {
-                questions,
-                annotations,
-                image_pattern,
-                out,
-            } => (
-                import::vqav2(
-                    &questions,
-                    annotations.as_deref(),
-                    &out.image_dir,
-                    &image_pattern,
-                )?,
-                out,
-            ),
-            ImportFormat::CocoDetection { instances, out } => {
-                (import::coco_detection(&instances, &out.image_dir)?, out)
-            }
-            ImportFormat::Refcoco {
-                refs,
-                instances,
-                split,
-                vqvae,
-                out,
-            } => {
-                let encoder =
-                    match &vqvae {
-                        Some(p) => Some(pali_eval::segmentation::VqVaeEncoder::<
-                            crate::backend::Cpu,
-                        >::load(p, &Default::default())?),
-                        None => None,
-                    };
-                let enc = encoder
-                    .as_ref()
-                    .map(|e| e as &dyn pali_data::masks::MaskEncoder);
-                (
-                    import::refcoco(&refs, &instances, &out.image_dir, split.as_deref(), enc)?,
-                    out,
-                )
-            }
-        };
+            )
+        }
+    };
     import::write_jsonl(&out.out, &got.data)?;
     eprintln!("{} lines → {}", got.data.len(), out.out.display());
     if let Some(r) = &out.references {
@@ -336,27 +336,13 @@ fn inspect(
             .with_context(|| format!("no stage `{name}`"))?,
         None => 0,
     };
-    let st = &cfg.stages[si];
-    let tok = Arc::new(PaliTokenizer::from_file(&cfg.tokenizer.path)?);
-    let srcs = pali_trainer::train::stage_sources(
-        st,
-        cfg.run.seed,
-        0,
-        &pali_trainer::train::mask_encoders::<crate::backend::Cpu>(&cfg, &Default::default())?,
-    )?;
-    let weights: Vec<f64> = st.sources.iter().map(|s| s.weight).collect();
-    // The same stream the trainer draws for this stage.
-    let mut mix = Mixture::new(srcs, &weights, cfg.run.seed.wrapping_add(si as u64))?;
-    let mut seq = SequenceBuilder::new(st.text_len);
-    seq.truncation = st.truncation;
-    let builder = BatchBuilder {
-        tokenizer: tok.clone(),
-        seq,
-        resolution: st.resolution,
-        resize: st.resize,
-        frames: 1,
-        transforms: pali_trainer::train::transforms(st, cfg.run.seed.wrapping_add(si as u64)),
-    };
+    // The stream the trainer draws for this stage.
+    let plan = RunPlan::new::<crate::backend::Cpu>(&cfg, &Default::default())?;
+    let sp = &plan.stages[si];
+    let st = sp.stage;
+    let tok = plan.tokenizer.clone();
+    let mut mix = sp.mixture()?;
+    let builder = sp.batch_builder();
     let mut w = Writer::default();
     for bi in 0..batches {
         let b = next_batch(&mut mix, &builder, st.batch_size, st.on_error)?;

@@ -19,7 +19,7 @@ use pali_eval::segmentation::{MaskDecoder, VqVaeDecoder};
 use pali_eval::{DecodeOptions, Sampler, Task};
 use pali_model::{PaliGemma, PaliGemmaConfig};
 use pali_trainer::config::{Attention, LossOn};
-use pali_trainer::train::batch_nll;
+use pali_trainer::evaluate::batch_nll;
 use serde_json::{json, Value};
 
 use crate::backend::{dispatch, Job};

@@ -1,18 +1,22 @@
-//! `pali finetune`: transfer a checkpoint to a JSONL dataset. Writes the equivalent stage-3 run
-//! config next to its outputs (`finetune.toml`, re-runnable with `pali train`) and runs it.
-//! Defaults follow big_vision's transfer configs / the paper (§3.2.4, forkme.py): Adam
-//! (b2 0.999), lr 1e-5, cosine with 5 % warm-up, global clip 1.0, no weight decay.
+//! `pali finetune`: transfer a checkpoint to a JSONL dataset. It starts from
+//! `configs/transfer/forkme.toml` (big_vision's `forkme.py` defaults, built into the binary),
+//! applies its flags and `--set`s as overrides, writes the result next to its outputs
+//! (`finetune.toml`, re-runnable with `pali train`) and runs it: the command and the file
+//! cannot disagree.
 
 use std::path::PathBuf;
 
 use anyhow::{bail, Context, Result};
 use pali_data::dataset::{Dataset, JsonlDataset, OnError};
-use pali_trainer::config::{RunConfig, SourceType};
-use pali_trainer::train::TrainOptions;
+use pali_trainer::config::{apply_override, RunConfig};
 
 use super::train::TrainJob;
 use crate::backend::dispatch_many;
+use crate::progress::Console;
 use crate::DeviceArg;
+
+/// The transfer template; its defaults are `pali finetune`'s.
+const FORKME: &str = include_str!("../../configs/transfer/forkme.toml");
 
 #[derive(clap::Args, Debug)]
 pub struct Args {
@@ -34,17 +38,21 @@ pub struct Args {
     /// `--set run.dtype="bf16"` (docs/config.md).
     #[arg(long = "set", value_name = "KEY=VALUE")]
     pub overrides: Vec<String>,
-    #[arg(long, default_value_t = 10)]
-    pub epochs: u64,
-    #[arg(long, default_value_t = 32)]
-    pub batch_size: usize,
-    #[arg(long, default_value_t = 1e-5)]
-    pub lr: f64,
+    /// Passes over the training data [default: forkme.toml's, 15].
+    #[arg(long)]
+    pub epochs: Option<f64>,
+    /// [default: forkme.toml's, 32]
+    #[arg(long)]
+    pub batch_size: Option<usize>,
+    /// [default: forkme.toml's, 1e-5]
+    #[arg(long)]
+    pub lr: Option<f64>,
     /// Image resolution (default: the checkpoint's).
     #[arg(long)]
     pub resolution: Option<usize>,
-    #[arg(long, default_value_t = 128)]
-    pub text_len: usize,
+    /// [default: forkme.toml's, 128]
+    #[arg(long)]
+    pub text_len: Option<usize>,
     /// Tokenizer (default: `tokenizer.json` in the checkpoint directory).
     #[arg(long)]
     pub tokenizer: Option<PathBuf>,
@@ -87,92 +95,94 @@ pub fn run(a: Args) -> Result<()> {
         OnError::Fail
     };
     let train_path = abs(&a.train)?;
-    let n = JsonlDataset::open(&train_path, on_error, false)?.len() as u64;
-    let steps = (a.epochs * n).div_ceil(a.batch_size as u64).max(1);
+    let n = JsonlDataset::open(&train_path, on_error, false)?.len();
     let out = abs(&a.out)?;
     std::fs::create_dir_all(&out)?;
-    let eval = match &a.val {
-        Some(v) => {
-            let v = abs(v)?;
-            let n = JsonlDataset::open(&v, on_error, false)?.len();
-            Some((v, n.min(256)))
-        }
-        None => None,
-    };
-    // Build the config as TOML so it is checked exactly like a hand-written one.
-    let table = |pairs: Vec<(&str, toml::Value)>| -> toml::Value {
-        toml::Value::Table(pairs.into_iter().map(|(k, v)| (k.to_string(), v)).collect())
-    };
-    let mut doc = toml::Table::new();
-    doc.insert(
-        "run".into(),
-        table(vec![
-            ("name", "finetune".into()),
-            ("out_dir", out.display().to_string().into()),
-            ("seed", (a.seed as i64).into()),
-            ("dtype", a.dtype.to_string().into()),
-        ]),
-    );
-    doc.insert(
-        "model".into(),
-        table(vec![("init_hf", ckpt.display().to_string().into())]),
-    );
-    doc.insert(
-        "tokenizer".into(),
-        table(vec![("path", tokenizer.display().to_string().into())]),
-    );
-    let mut stage = toml::Table::new();
-    stage.insert("name".into(), "transfer".into());
-    stage.insert("checkpoint_every".into(), 1000.into());
-    stage.insert("log_every".into(), 10.into());
-    stage.insert(
-        "resolution".into(),
-        (a.resolution.unwrap_or(model.vision.image_size()) as i64).into(),
-    );
-    stage.insert("text_len".into(), (a.text_len as i64).into());
-    stage.insert("steps".into(), (steps as i64).into());
-    stage.insert("batch_size".into(), (a.batch_size as i64).into());
-    stage.insert("lr".into(), a.lr.into());
-    stage.insert(
-        "on_error".into(),
-        (if a.skip_bad { "skip" } else { "fail" }).into(),
-    );
-    if let Some((v, k)) = &eval {
-        stage.insert("eval_jsonl".into(), v.display().to_string().into());
-        stage.insert("eval_examples".into(), (*k as i64).into());
+
+    // The template, then the flags as overrides (checked exactly like a hand-written config).
+    let mut doc: toml::Value = toml::from_str(FORKME).context("configs/transfer/forkme.toml")?;
+    let quote = |p: &std::path::Path| toml::Value::String(p.display().to_string()).to_string();
+    let mut sets = vec![
+        "run.name=\"finetune\"".to_string(),
+        format!("run.out_dir={}", quote(&out)),
+        format!("run.seed={}", a.seed),
+        format!("run.dtype=\"{}\"", a.dtype),
+        format!("model.init_hf={}", quote(&ckpt)),
+        format!("tokenizer.path={}", quote(&tokenizer)),
+        format!(
+            "stage.1.resolution={}",
+            a.resolution.unwrap_or(model.vision.image_size())
+        ),
+        format!(
+            "stage.1.source=[{{ kind = \"jsonl\", path = {} }}]",
+            quote(&train_path)
+        ),
+        format!(
+            "stage.1.on_error=\"{}\"",
+            if a.skip_bad { "skip" } else { "fail" }
+        ),
+    ];
+    if let Some(e) = a.epochs {
+        sets.push(format!("stage.1.epochs={e:?}"));
+    }
+    if let Some(b) = a.batch_size {
+        sets.push(format!("stage.1.batch_size={b}"));
+    }
+    if let Some(lr) = a.lr {
+        sets.push(format!("stage.1.optim.lr={lr:e}"));
+    }
+    if let Some(t) = a.text_len {
+        sets.push(format!("stage.1.text_len={t}"));
     }
     if let Some(t) = &a.task {
-        stage.insert("eval_task".into(), t.clone().into());
+        sets.push(format!("stage.1.eval.task=\"{t}\""));
     }
-    let mut source = toml::Table::new();
-    source.insert("kind".into(), toml::Value::try_from(SourceType::Jsonl)?);
-    source.insert("path".into(), train_path.display().to_string().into());
-    stage.insert("source".into(), toml::Value::Array(vec![source.into()]));
-    doc.insert("stage".into(), toml::Value::Array(vec![stage.into()]));
+    match &a.val {
+        Some(v) => sets.push(format!("stage.1.eval.jsonl={}", quote(&abs(v)?))),
+        None => {
+            // No validation data: no evaluation.
+            sets.push("stage.1.eval.examples=0".into());
+            if let Some(e) = doc["stage"][0]
+                .get_mut("eval")
+                .and_then(|e| e.as_table_mut())
+            {
+                e.remove("jsonl");
+            }
+        }
+    }
+    for s in &sets {
+        apply_override(&mut doc, s)?;
+    }
+    // The device is the command line's (`--device`, default cpu), not the template's.
+    if let Some(run) = doc.get_mut("run").and_then(|r| r.as_table_mut()) {
+        run.remove("device");
+    }
     let path = out.join("finetune.toml");
-    let sets: String = a
+    std::fs::write(&path, toml::to_string_pretty(&doc)?)?;
+    let config = RunConfig::load(&path, &a.overrides)?;
+    let st = &config.stages[0];
+    let user_sets: String = a
         .overrides
         .iter()
         .map(|o| format!(" --set '{o}'"))
         .collect();
     let header = format!(
-        "# Written by `pali finetune`: {n} examples × {} epochs / batch {} = {steps} steps.\n# Re-run with `pali train {}{sets}`.\n",
-        a.epochs,
-        a.batch_size,
+        "# Written by `pali finetune` from configs/transfer/forkme.toml: {n} examples × {} \
+         epochs / batch {} = {} steps.\n# Re-run with `pali train {}{user_sets}`.\n",
+        st.epochs.unwrap_or_default(),
+        st.batch_size,
+        st.steps,
         path.display()
     );
     std::fs::write(&path, header + &toml::to_string_pretty(&doc)?)?;
     eprintln!("wrote {}", path.display());
-    let config = RunConfig::load(&path, &a.overrides)?;
     dispatch_many(
         &a.device.for_run(&config, &path)?,
         TrainJob {
             config,
-            opts: TrainOptions {
-                resume: a.resume,
-                progress: !a.quiet,
-                max_steps: None,
-            },
+            resume: a.resume,
+            max_steps: None,
+            console: Console::new(!a.quiet),
         },
     )
 }

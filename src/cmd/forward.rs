@@ -8,7 +8,7 @@ use anyhow::{Context, Result};
 use burn::tensor::backend::Backend;
 use burn::tensor::Tensor;
 use pali_model::loss::hf_causal_lm_loss;
-use pali_model::Trace;
+use pali_model::{ForwardOptions, Trace};
 
 use super::inputs::{self, Positions};
 use crate::backend::{dispatch, Job};
@@ -56,7 +56,10 @@ impl Job for ForwardJob {
         let inp = inputs::load::<B>(&a.inputs, &config, a.positions, &device)?;
         let start = Instant::now();
         let mut trace = Trace::default();
-        let out = model.forward(inp.input, 0, true, a.hidden_states.then_some(&mut trace))?;
+        let out = model.forward(
+            inp.input,
+            ForwardOptions::all_vocab_rows().with_trace(a.hidden_states.then_some(&mut trace)),
+        )?;
         let mut w = Writer::default();
         if let Some(labels) = inp.labels {
             let (_, loss) = vals(hf_causal_lm_loss(out.logits.clone(), labels));

@@ -1,10 +1,12 @@
-//! `pali generate`: greedy decoding with a KV cache from an HF-named prompt.
+//! `pali generate`: greedy decoding with a KV cache from an HF-named prompt (the eval crate's
+//! decoder, on the inputs as given: their padding, positions and masks).
 
 use std::path::PathBuf;
 use std::time::Instant;
 
 use anyhow::{Context, Result};
 use burn::tensor::backend::Backend;
+use pali_eval::{greedy_with_logits, PaddedPrompts};
 
 use super::inputs::{self, Positions};
 use crate::backend::{dispatch, Job};
@@ -24,7 +26,7 @@ pub struct Args {
     pub max_new_tokens: usize,
     /// Stop a row at this token (default: never stop early).
     #[arg(long)]
-    pub eos: Option<i64>,
+    pub eos: Option<u32>,
     /// Writes `new_tokens` i64 [B, N] and `step_logits` f32 [N, B, V].
     #[arg(long)]
     pub out: Option<PathBuf>,
@@ -48,15 +50,28 @@ impl Job for GenerateJob {
             .with_context(|| format!("loading checkpoint {}", a.checkpoint.display()))?;
         let inp = inputs::load::<B>(&a.inputs, &config, a.positions, &device)?;
         let start = Instant::now();
-        let (tokens, logits) = pali_model::generate::greedy(
+        let prompts = PaddedPrompts {
+            input: inp.input,
+            input_mask: inp.input_mask,
+        };
+        let (rows, logits) = greedy_with_logits(
             &model,
-            inp.input,
-            inp.input_mask,
+            prompts,
             config.text.sliding_window,
             a.max_new_tokens,
             a.eos,
         )?;
         let secs = start.elapsed().as_secs_f64();
+        // One token per step and row, as HF's `generate`: a row that ended repeats EOS.
+        let eos = a.eos.map_or(0, i64::from);
+        let tokens: Vec<Vec<i64>> = rows
+            .iter()
+            .map(|d| {
+                let mut t: Vec<i64> = d.tokens.iter().map(|x| i64::from(*x)).collect();
+                t.resize(logits.len(), eos);
+                t
+            })
+            .collect();
         let n: usize = tokens.iter().map(|t| t.len()).sum();
         for row in &tokens {
             println!(
@@ -77,19 +92,14 @@ impl Job for GenerateJob {
             let len = tokens.iter().map(|t| t.len()).max().unwrap_or(0);
             let flat: Vec<i64> = tokens
                 .iter()
-                .flat_map(|t| {
-                    t.iter()
-                        .copied()
-                        .chain(std::iter::repeat(a.eos.unwrap_or(0)))
-                        .take(len)
-                })
+                .flat_map(|t| t.iter().copied().chain(std::iter::repeat(eos)).take(len))
                 .collect();
             w.i64("new_tokens", vec![b, len], &flat);
-            let v = logits.first().map(|l| l.dims()[1]).unwrap_or(0);
-            let all: Vec<f32> = logits
-                .into_iter()
-                .flat_map(|l| l.into_data().convert::<f32>().to_vec::<f32>().expect("f32"))
-                .collect();
+            let v = logits
+                .first()
+                .and_then(|l| l.first())
+                .map_or(0, |r| r.len());
+            let all: Vec<f32> = logits.into_iter().flatten().flatten().collect();
             w.f32("step_logits", vec![all.len() / (b * v.max(1)), b, v], &all);
             w.write(&out)?;
             println!("wrote {}", out.display());

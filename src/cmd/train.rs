@@ -8,6 +8,7 @@ use pali_trainer::config::RunConfig;
 use pali_trainer::train::{train, TrainOptions};
 
 use crate::backend::{dispatch_many, Job};
+use crate::progress::Console;
 use crate::DeviceArg;
 
 #[derive(clap::Args, Debug)]
@@ -37,11 +38,9 @@ pub fn run(args: Args) -> Result<()> {
         &args.device.for_run(&config, &args.config)?,
         TrainJob {
             config,
-            opts: TrainOptions {
-                resume: args.resume,
-                progress: !args.quiet,
-                max_steps: args.max_steps,
-            },
+            resume: args.resume,
+            max_steps: args.max_steps,
+            console: Console::new(!args.quiet),
         },
     )
     .with_context(|| format!("training {}", args.config.display()))
@@ -50,7 +49,9 @@ pub fn run(args: Args) -> Result<()> {
 /// Trains `config` and prints the per-stage summary table (shared with `pali finetune`).
 pub struct TrainJob {
     pub config: RunConfig,
-    pub opts: TrainOptions,
+    pub resume: bool,
+    pub max_steps: Option<u64>,
+    pub console: Console,
 }
 
 impl Job for TrainJob {
@@ -60,7 +61,12 @@ impl Job for TrainJob {
     }
 
     fn run_on<B: Backend>(self, devices: Vec<B::Device>) -> Result<()> {
-        let summaries = train::<B>(&self.config, &devices, &self.opts)?;
+        let opts = TrainOptions {
+            resume: self.resume,
+            max_steps: self.max_steps,
+            observer: &self.console,
+        };
+        let summaries = train::<B>(&self.config, &devices, &opts)?;
         println!(
             "{:<12} {:>6} {:>10} {:>10} {:>9} {:>8} {:>9}",
             "stage", "steps", "loss[0]", "loss[-1]", "seconds", "eval", "majority"

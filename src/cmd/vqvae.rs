@@ -11,6 +11,7 @@ use pali_model::vqvae::{self, VqVaeConfig};
 use pali_trainer::vqvae::{train_vqvae, MaskSource, VqTrainOptions};
 
 use crate::backend::{dispatch, Job};
+use crate::progress::Console;
 use crate::DeviceArg;
 
 #[derive(clap::Subcommand, Debug)]
@@ -127,9 +128,8 @@ impl Job for TrainJob {
             seed: a.seed,
             eval_masks: a.eval_masks,
             log_every: 10,
-            progress: !a.quiet,
         };
-        let s = train_vqvae::<B>(&opts, &device)?;
+        let s = train_vqvae::<B>(&opts, &device, &Console::new(!a.quiet))?;
         println!("{}", serde_json::to_string_pretty(&s)?);
         Ok(())
     }

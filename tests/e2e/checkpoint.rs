@@ -7,7 +7,7 @@ use burn::tensor::{Int, Tensor, TensorData};
 use pali_model::checkpoint::{load_into, parameter_shapes, TensorFile, Tower};
 use pali_model::mask::make_attn_mask;
 use pali_model::presets::count_params;
-use pali_model::{ImageEncoder, ModelInput, PaliGemma, PaliGemmaConfig};
+use pali_model::{ForwardOptions, ImageEncoder, ModelInput, PaliGemma, PaliGemmaConfig};
 
 type B = burn::backend::Flex;
 
@@ -50,7 +50,7 @@ fn probe_logits(model: &PaliGemma<B>, config: &PaliGemmaConfig) -> Vec<f32> {
         positions,
         masks,
     };
-    let out = model.forward(input, 0, false, None).unwrap();
+    let out = model.forward(input, ForwardOptions::default()).unwrap();
     to_vec(out.logits).0
 }
 

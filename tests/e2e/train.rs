@@ -472,7 +472,7 @@ fn finetune_a_checkpoint_on_jsonl() {
     let written = std::fs::read_to_string(out.join("finetune.toml")).unwrap();
     assert!(
         written.contains("8 examples × 2 epochs / batch 4 = 4 steps")
-            && written.contains(r#"eval_task = "vqav2""#)
+            && written.contains(r#"task = "vqav2""#)
             && written.contains("--set 'stage.transfer.grad_clip=0.5'"),
         "{written}"
     );
@@ -677,7 +677,7 @@ fn reset_reinitialises_only_the_named_tower() {
         changed.0
     );
     let e = train_err(&cfg, &["--set", "stage.2.reset=[\"vision\"]"]);
-    assert!(e.contains("reset: unknown part `vision`"), "{e}");
+    assert!(e.contains("unknown variant `vision`"), "{e}");
 }
 
 /// PaliGemma 2 detection targets: noise boxes need `<noise>` (added with `pali tokenizer add`),

@@ -9,7 +9,7 @@ use crate::rng::Rng;
 use crate::synth::Scene;
 
 /// Turns a 64×64 mask crop (values in [0, 1]) into its 16 `<seg>` codes: the VQ-VAE encoder
-/// (implemented where a Burn backend is at hand, `pali_eval::segmentation::VqVaeEncoder`).
+/// (implemented where a Burn backend is at hand, `pali_trainer::vqvae::VqVaeEncoder`).
 pub trait MaskEncoder: Send + Sync {
     fn encode(&self, crop64: &[f32]) -> Result<[u32; 16]>;
 }

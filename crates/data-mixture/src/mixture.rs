@@ -118,13 +118,6 @@ impl Mixture {
         }
         (source, index)
     }
-
-    /// Replaces the weights (stage 2 re-weighting) keeping positions.
-    pub fn reweight(&mut self, weights: &[f64]) -> Result<()> {
-        let fresh = Mixture::new(self.sources.clone(), weights, self.seed)?;
-        self.weights = fresh.weights;
-        Ok(())
-    }
 }
 
 /// K examples of a dataset drawn without replacement by a seed (few-shot transfer).

@@ -5,16 +5,17 @@
 //!
 //! Rows have prompts of their own lengths. The logits of every step come to the host, where the
 //! samplers run: they are cheap next to the model, and sampling stays identical on every backend.
+//! [`greedy_with_logits`] runs the same loop on HF-layout inputs for `pali generate`.
 
 use std::str::FromStr;
 
 use burn::tensor::backend::Backend;
-use burn::tensor::{Int, Tensor, TensorData};
+use burn::tensor::{Bool, Int, Tensor, TensorData};
 use pali_data::rng::Rng;
+use pali_model::cache::CacheState;
 use pali_model::gemma::LayerCache;
-use pali_model::generate::CacheState;
 use pali_model::mask::make_attn_mask;
-use pali_model::paligemma::bool_tensor;
+use pali_model::paligemma::{bool_tensor, bool_values};
 use pali_model::{ModelInput, PaliGemma};
 
 use crate::error::{Error, Result};
@@ -149,17 +150,94 @@ impl Decoded {
     }
 }
 
+/// Prompts as one ready model input: right-padded rows with their own RoPE positions and
+/// attention masks (HF's layout, as `pali generate` reads it). Decoded with the KV cache.
+pub struct PaddedPrompts<B: Backend> {
+    pub input: ModelInput<B>,
+    /// [B, S] real tokens; each row's come first.
+    pub input_mask: Tensor<B, 2, Bool>,
+}
+
+/// The logits of every decoding step: `[step][row]` → one value per predictable token.
+pub type StepLogits = Vec<Vec<Vec<f32>>>;
+
+/// What a session keeps between steps.
+enum Memory<B: Backend> {
+    /// Per-layer keys/values, what each slot holds, and each row's next RoPE position.
+    Cache {
+        layers: Vec<LayerCache<B>>,
+        state: CacheState,
+        next_pos: Vec<i64>,
+    },
+    /// Every row's sequence so far, re-run whole each step.
+    Rerun {
+        pixels: Tensor<B, 5>,
+        rows: Vec<Vec<i64>>,
+        mask_ar: Vec<Vec<i64>>,
+    },
+}
+
 /// The model side of decoding: holds the cache (or the full sequences) of every row.
 struct Session<'m, B: Backend> {
     model: &'m PaliGemma<B>,
     window: Option<usize>,
     device: B::Device,
+    memory: Memory<B>,
+}
+
+/// Right-pads `rows` into one model input (positions from 0, big_vision masks); also returns
+/// its input mask.
+fn pad_rows<B: Backend>(
     pixels: Tensor<B, 5>,
-    rows: Vec<Vec<i64>>,
-    mask_ar: Vec<Vec<i64>>,
-    /// With a cache: the per-layer keys/values and what each slot holds.
-    cache: Option<(Vec<LayerCache<B>>, CacheState)>,
-    next_pos: Vec<i64>,
+    rows: &[Vec<i64>],
+    mask_ar: &[Vec<i64>],
+    window: Option<usize>,
+    d: &B::Device,
+) -> (ModelInput<B>, Vec<bool>) {
+    let b = rows.len();
+    let s = rows.iter().map(|r| r.len()).max().unwrap_or(0);
+    let (mut ids, mut ar, mut valid) = (vec![0i64; b * s], vec![1i64; b * s], vec![false; b * s]);
+    for (r, (row, m)) in rows.iter().zip(mask_ar).enumerate() {
+        ids[r * s..r * s + row.len()].copy_from_slice(row);
+        ar[r * s..r * s + row.len()].copy_from_slice(m);
+        valid[r * s..r * s + row.len()]
+            .iter_mut()
+            .for_each(|v| *v = true);
+    }
+    let int = |v: Vec<i64>| Tensor::<B, 2, Int>::from_data(TensorData::new(v, [b, s]), d);
+    let input_mask = bool_tensor::<B, 2>(valid.clone(), [b, s], d);
+    let masks = make_attn_mask(int(ar), input_mask, window);
+    let positions = Tensor::<B, 1, Int>::arange(0..s as i64, d)
+        .reshape([1, s])
+        .expand([b, s]);
+    let input = ModelInput {
+        pixel_values: pixels,
+        input_ids: int(ids),
+        positions,
+        masks,
+    };
+    (input, valid)
+}
+
+/// A filled KV cache and, per row, the logits of its next token.
+type Prefilled<B> = (Vec<LayerCache<B>>, Vec<Vec<f32>>);
+
+/// Runs `input` whole; returns the filled cache and the logits after each row's last real token
+/// (row `r` has `lengths[r]` of them, first).
+fn run_prompt<B: Backend>(
+    model: &PaliGemma<B>,
+    input: ModelInput<B>,
+    lengths: &[usize],
+) -> Result<Prefilled<B>> {
+    let device = input.input_ids.device();
+    let b = lengths.len();
+    let mut cache = Vec::new();
+    let h = model.prefill(input, &mut cache)?; // [B, S, D]
+    let dim = h.dims()[2];
+    let last: Vec<i64> = lengths.iter().map(|l| *l as i64 - 1).collect();
+    let last = Tensor::<B, 1, Int>::from_data(TensorData::new(last, [b]), &device);
+    let h_last = h.gather(1, last.reshape([b, 1, 1]).expand([b, 1, dim])); // [B, 1, D]
+    Ok((cache, host_rows(model.logits(h_last))))
 }
 
 impl<'m, B: Backend> Session<'m, B> {
@@ -176,60 +254,111 @@ impl<'m, B: Backend> Session<'m, B> {
             ));
         }
         let device = p.pixel_values.device();
-        let mut s = Session {
+        if use_cache {
+            let (input, valid) = pad_rows(p.pixel_values, &p.ids, &p.mask_ar, window, &device);
+            let s = input.input_ids.dims()[1];
+            let positions = p.ids.iter().flat_map(|_| 0..s as i64).collect();
+            return Self::prefill(model, window, input, valid, positions);
+        }
+        let s = Session {
             model,
             window,
             device,
-            pixels: p.pixel_values,
-            next_pos: p.ids.iter().map(|r| r.len() as i64).collect(),
-            rows: p.ids,
-            mask_ar: p.mask_ar,
-            cache: None,
+            memory: Memory::Rerun {
+                pixels: p.pixel_values,
+                rows: p.ids,
+                mask_ar: p.mask_ar,
+            },
         };
-        let logits = s.full_forward(use_cache)?;
+        let logits = s.rerun()?;
         Ok((s, logits))
     }
 
-    /// Runs every row's whole sequence (right-padded); keeps the cache when asked.
-    fn full_forward(&mut self, keep_cache: bool) -> Result<Vec<Vec<f32>>> {
-        let b = self.rows.len();
-        let s = self.rows.iter().map(|r| r.len()).max().unwrap_or(0);
-        let (mut ids, mut ar, mut valid) =
-            (vec![0i64; b * s], vec![1i64; b * s], vec![false; b * s]);
-        for (r, (row, m)) in self.rows.iter().zip(&self.mask_ar).enumerate() {
-            ids[r * s..r * s + row.len()].copy_from_slice(row);
-            ar[r * s..r * s + row.len()].copy_from_slice(m);
-            valid[r * s..r * s + row.len()]
-                .iter_mut()
-                .for_each(|v| *v = true);
+    /// As [`Self::start`] with the cache, for prompts that are already a model input.
+    fn start_padded(
+        model: &'m PaliGemma<B>,
+        p: PaddedPrompts<B>,
+        window: Option<usize>,
+    ) -> Result<(Self, Vec<Vec<f32>>)> {
+        let [b, s] = p.input.input_ids.dims();
+        if b == 0 || s == 0 {
+            return Err(Error::Other(
+                "decode: every prompt needs at least one token".into(),
+            ));
         }
-        let d = &self.device;
-        let int = |v: Vec<i64>| Tensor::<B, 2, Int>::from_data(TensorData::new(v, [b, s]), d);
-        let input_mask = bool_tensor::<B, 2>(valid.clone(), [b, s], d);
-        let masks = make_attn_mask(int(ar), input_mask, self.window);
-        let positions = Tensor::<B, 1, Int>::arange(0..s as i64, d)
-            .reshape([1, s])
-            .expand([b, s]);
-        let input = ModelInput {
-            pixel_values: self.pixels.clone(),
-            input_ids: int(ids),
-            positions,
-            masks,
+        let valid = bool_values(p.input_mask);
+        for (r, row) in valid.chunks(s).enumerate() {
+            let n = row.iter().take_while(|v| **v).count();
+            if n == 0 || row[n..].iter().any(|v| *v) {
+                return Err(Error::Other(format!(
+                    "decode: row {r} of the input mask must be real tokens, then padding, with \
+                     at least one real token"
+                )));
+            }
+        }
+        let positions = p
+            .input
+            .positions
+            .clone()
+            .into_data()
+            .iter::<i64>()
+            .collect();
+        Self::prefill(model, window, p.input, valid, positions)
+    }
+
+    /// Prefills the cache with `input` ([B, S], right-padded; `valid` and `positions` are its
+    /// input mask and RoPE positions, row-major).
+    fn prefill(
+        model: &'m PaliGemma<B>,
+        window: Option<usize>,
+        input: ModelInput<B>,
+        valid: Vec<bool>,
+        positions: Vec<i64>,
+    ) -> Result<(Self, Vec<Vec<f32>>)> {
+        let device = input.input_ids.device();
+        let s = input.input_ids.dims()[1];
+        let state = CacheState {
+            valid: valid.chunks(s).map(|c| c.to_vec()).collect(),
+            positions: positions.chunks(s).map(|c| c.to_vec()).collect(),
         };
-        let mut cache = Vec::new();
-        let h = self.model.prefill(input, &mut cache)?; // [B, S, D]
-        let dim = h.dims()[2];
-        let last: Vec<i64> = self.rows.iter().map(|r| r.len() as i64 - 1).collect();
-        let last = Tensor::<B, 1, Int>::from_data(TensorData::new(last, [b]), d);
-        let h_last = h.gather(1, last.reshape([b, 1, 1]).expand([b, 1, dim])); // [B, 1, D]
-        if keep_cache {
-            let state = CacheState {
-                valid: valid.chunks(s).map(|c| c.to_vec()).collect(),
-                positions: (0..b).map(|_| (0..s as i64).collect()).collect(),
-            };
-            self.cache = Some((cache, state));
-        }
-        Ok(host_rows(self.model.logits(h_last)))
+        let lengths: Vec<usize> = state
+            .valid
+            .iter()
+            .map(|v| v.iter().filter(|x| **x).count())
+            .collect();
+        let next_pos = lengths
+            .iter()
+            .zip(&state.positions)
+            .map(|(l, p)| p[l - 1] + 1)
+            .collect();
+        let (layers, logits) = run_prompt(model, input, &lengths)?;
+        let memory = Memory::Cache {
+            layers,
+            state,
+            next_pos,
+        };
+        let session = Session {
+            model,
+            window,
+            device,
+            memory,
+        };
+        Ok((session, logits))
+    }
+
+    /// Without a cache: runs every row's whole sequence (right-padded).
+    fn rerun(&self) -> Result<Vec<Vec<f32>>> {
+        let Memory::Rerun {
+            pixels,
+            rows,
+            mask_ar,
+        } = &self.memory
+        else {
+            unreachable!("rerun with a cache");
+        };
+        let (input, _) = pad_rows(pixels.clone(), rows, mask_ar, self.window, &self.device);
+        let lengths: Vec<usize> = rows.iter().map(|r| r.len()).collect();
+        Ok(run_prompt(self.model, input, &lengths)?.1)
     }
 
     /// Makes row `i` of the new batch a copy of old row `idx[i]`.
@@ -241,43 +370,59 @@ impl<'m, B: Backend> Session<'m, B> {
             ),
             &self.device,
         );
-        let pick = |v: &Vec<Vec<i64>>| idx.iter().map(|i| v[*i].clone()).collect::<Vec<_>>();
-        self.rows = pick(&self.rows);
-        self.mask_ar = pick(&self.mask_ar);
-        self.next_pos = idx.iter().map(|i| self.next_pos[*i]).collect();
-        match &mut self.cache {
-            Some((layers, state)) => {
+        fn pick<T: Clone>(v: &[T], idx: &[usize]) -> Vec<T> {
+            idx.iter().map(|i| v[*i].clone()).collect()
+        }
+        match &mut self.memory {
+            Memory::Cache {
+                layers,
+                state,
+                next_pos,
+            } => {
                 for (k, v) in layers.iter_mut().flatten() {
                     *k = k.clone().select(0, t.clone());
                     *v = v.clone().select(0, t.clone());
                 }
-                state.valid = idx.iter().map(|i| state.valid[*i].clone()).collect();
-                state.positions = idx.iter().map(|i| state.positions[*i].clone()).collect();
+                state.valid = pick(&state.valid, idx);
+                state.positions = pick(&state.positions, idx);
+                *next_pos = pick(next_pos, idx);
             }
-            None => self.pixels = self.pixels.clone().select(0, t),
+            Memory::Rerun {
+                pixels,
+                rows,
+                mask_ar,
+            } => {
+                *rows = pick(rows, idx);
+                *mask_ar = pick(mask_ar, idx);
+                *pixels = pixels.clone().select(0, t);
+            }
         }
     }
 
     /// Appends one token per row; returns the logits of the token after it.
     fn step(&mut self, ids: &[i64]) -> Result<Vec<Vec<f32>>> {
-        for (r, id) in ids.iter().enumerate() {
-            self.rows[r].push(*id);
-            self.mask_ar[r].push(1);
-        }
-        let Some((layers, state)) = &mut self.cache else {
-            return self.full_forward(false);
+        let (layers, state, next_pos) = match &mut self.memory {
+            Memory::Cache {
+                layers,
+                state,
+                next_pos,
+            } => (layers, state, next_pos),
+            Memory::Rerun { rows, mask_ar, .. } => {
+                for (r, id) in ids.iter().enumerate() {
+                    rows[r].push(*id);
+                    mask_ar[r].push(1);
+                }
+                return self.rerun();
+            }
         };
         let b = ids.len();
         let d = &self.device;
-        let masks = state.step_masks::<B>(&self.next_pos, self.window, d);
+        let masks = state.step_masks::<B>(next_pos, self.window, d);
         let t = Tensor::<B, 2, Int>::from_data(TensorData::new(ids.to_vec(), [b, 1]), d);
-        let p = Tensor::<B, 2, Int>::from_data(TensorData::new(self.next_pos.clone(), [b, 1]), d);
+        let p = Tensor::<B, 2, Int>::from_data(TensorData::new(next_pos.clone(), [b, 1]), d);
         let h = self.model.decode_step(t, p, &masks, layers);
-        for r in 0..b {
-            state.valid[r].push(true);
-            state.positions[r].push(self.next_pos[r]);
-        }
-        self.next_pos.iter_mut().for_each(|p| *p += 1);
+        state.push(next_pos);
+        next_pos.iter_mut().for_each(|p| *p += 1);
         Ok(host_rows(self.model.logits(h)))
     }
 }
@@ -372,27 +517,46 @@ pub fn decode<B: Backend>(
             prompts.ids.len()
         ]);
     }
+    let (s, first) = Session::start(model, prompts, sliding_window, opts.use_cache)?;
     match opts.sampler {
-        Sampler::Beam(k) => beam(model, prompts, sliding_window, opts, k),
-        Sampler::Greedy => sampled(model, prompts, sliding_window, opts, 1, 0.0, 1.0),
-        Sampler::Temperature(t) => sampled(model, prompts, sliding_window, opts, 1, t, 1.0),
-        Sampler::Nucleus { p, t } => sampled(model, prompts, sliding_window, opts, 1, t, p),
-        Sampler::BestOfN { n, t } => sampled(model, prompts, sliding_window, opts, n, t, 1.0),
+        Sampler::Beam(k) => beam(s, first, opts, k),
+        Sampler::Greedy => sampled(s, first, opts, 1, 0.0, 1.0, None),
+        Sampler::Temperature(t) => sampled(s, first, opts, 1, t, 1.0, None),
+        Sampler::Nucleus { p, t } => sampled(s, first, opts, 1, t, p, None),
+        Sampler::BestOfN { n, t } => sampled(s, first, opts, n, t, 1.0, None),
     }
 }
 
-/// Greedy and sampling decoders: `n` samples per row, the best total log-probability kept.
-fn sampled<B: Backend>(
+/// Greedy decoding of prompts that are already a model input (as `pali generate` reads them),
+/// with the loop of [`decode`] and the KV cache; `eos: None` never stops early. Also returns the
+/// logits of every step, rows that already ended included.
+pub fn greedy_with_logits<B: Backend>(
     model: &PaliGemma<B>,
-    prompts: Prompts<B>,
-    window: Option<usize>,
+    prompts: PaddedPrompts<B>,
+    sliding_window: Option<usize>,
+    max_new: usize,
+    eos: Option<u32>,
+) -> Result<(Vec<Decoded>, StepLogits)> {
+    // No token id reaches u32::MAX.
+    let opts = DecodeOptions::greedy(max_new, eos.unwrap_or(u32::MAX));
+    let (s, first) = Session::start_padded(model, prompts, sliding_window)?;
+    let mut steps = Vec::with_capacity(max_new);
+    let rows = sampled(s, first, &opts, 1, 0.0, 1.0, Some(&mut steps))?;
+    Ok((rows, steps))
+}
+
+/// Greedy and sampling decoders: `n` samples per row, the best total log-probability kept.
+/// `steps`, when given, receives the logits of every step (of all `b·n` rows).
+fn sampled<B: Backend>(
+    mut s: Session<'_, B>,
+    first: Vec<Vec<f32>>,
     opts: &DecodeOptions,
     n: usize,
     t: f32,
     p: f32,
+    mut steps: Option<&mut StepLogits>,
 ) -> Result<Vec<Decoded>> {
-    let b = prompts.ids.len();
-    let (mut s, first) = Session::start(model, prompts, window, opts.use_cache)?;
+    let b = first.len();
     let mut logits = first;
     if n > 1 {
         let idx: Vec<usize> = (0..b * n).map(|i| i / n).collect();
@@ -427,6 +591,9 @@ fn sampled<B: Backend>(
             }
             next[r] = tok as i64;
         }
+        if let Some(steps) = steps.as_deref_mut() {
+            steps.push(std::mem::take(&mut logits));
+        }
         if step + 1 == opts.max_new || out.iter().all(|d| d.finished) {
             break;
         }
@@ -458,14 +625,12 @@ struct Hyp {
 /// total log-probability among those that ended with EOS (or, when none did within `max_new`,
 /// among the unfinished ones).
 fn beam<B: Backend>(
-    model: &PaliGemma<B>,
-    prompts: Prompts<B>,
-    window: Option<usize>,
+    mut s: Session<'_, B>,
+    first: Vec<Vec<f32>>,
     opts: &DecodeOptions,
     k: usize,
 ) -> Result<Vec<Decoded>> {
-    let b = prompts.ids.len();
-    let (mut s, first) = Session::start(model, prompts, window, opts.use_cache)?;
+    let b = first.len();
     let idx: Vec<usize> = (0..b * k).map(|i| i / k).collect();
     s.reorder(&idx);
     let mut logits: Vec<Vec<f32>> = idx.iter().map(|i| first[*i].clone()).collect();

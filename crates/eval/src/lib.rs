@@ -14,6 +14,8 @@ pub mod score;
 pub mod segmentation;
 pub mod vqa;
 
-pub use decode::{decode, DecodeOptions, Decoded, Prompts, Sampler};
+pub use decode::{
+    decode, greedy_with_logits, DecodeOptions, Decoded, PaddedPrompts, Prompts, Sampler, StepLogits,
+};
 pub use error::{Error, Result};
 pub use score::{score, score_files, Prediction, Reference, Task};

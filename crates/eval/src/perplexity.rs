@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 use burn::tensor::backend::Backend;
 use burn::tensor::{Int, Tensor};
 use pali_model::loss::token_nll;
-use pali_model::{ModelInput, PaliGemma};
+use pali_model::{ForwardOptions, ModelInput, PaliGemma};
 
 use crate::error::Result;
 
@@ -23,7 +23,7 @@ pub fn row_nll<B: Backend>(
     n_img: usize,
 ) -> Result<Vec<(f64, f64)>> {
     let [b, _] = targets.dims();
-    let out = model.forward(input, n_img, false, None)?;
+    let out = model.forward(input, ForwardOptions::logits_from(n_img))?;
     let nll = token_nll(out.logits, targets, 0.0) * weights.clone(); // [B, T]
     let sums: Vec<f32> = nll.sum_dim(1).into_data().iter::<f32>().collect();
     let counts: Vec<f32> = weights.sum_dim(1).into_data().iter::<f32>().collect();
@@ -49,14 +49,5 @@ impl Perplexity {
             .iter()
             .map(|(k, (n, t))| (k.clone(), (n / t.max(1.0)).exp(), *t))
             .collect()
-    }
-
-    /// Over every task together.
-    pub fn overall(&self) -> f64 {
-        let (n, t) = self
-            .sums
-            .values()
-            .fold((0.0, 0.0), |a, (n, t)| (a.0 + n, a.1 + t));
-        (n / f64::max(t, 1.0)).exp()
     }
 }

@@ -137,42 +137,6 @@ impl<B: burn::tensor::backend::Backend> MaskDecoder for VqVaeDecoder<B> {
     }
 }
 
-/// The VQ-VAE as the data crate's mask encoder (the `segment` task's targets).
-pub struct VqVaeEncoder<B: burn::tensor::backend::Backend> {
-    pub model: pali_model::vqvae::VqVae<B>,
-    pub device: B::Device,
-}
-
-impl<B: burn::tensor::backend::Backend> VqVaeEncoder<B> {
-    /// The VQ-VAE checkpoint at `path` (`.npz` or safetensors).
-    pub fn load(path: &std::path::Path, device: &B::Device) -> pali_model::Result<Self> {
-        let VqVaeDecoder { model, device } = VqVaeDecoder::load(path, device)?;
-        Ok(Self { model, device })
-    }
-}
-
-impl<B: burn::tensor::backend::Backend> pali_data::masks::MaskEncoder for VqVaeEncoder<B> {
-    fn encode(&self, crop64: &[f32]) -> pali_data::Result<[u32; 16]> {
-        if crop64.len() != 64 * 64 {
-            return Err(pali_data::Error::Invalid(format!(
-                "mask crop has {} values, expected 64x64 = 4096",
-                crop64.len()
-            )));
-        }
-        let x = burn::tensor::Tensor::<B, 4>::from_data(
-            burn::tensor::TensorData::new(crop64.to_vec(), [1, 1, 64, 64]),
-            &self.device,
-        );
-        let (codes, _) = self.model.quantize(self.model.encode(x));
-        let v: Vec<i64> = codes.into_data().iter::<i64>().collect();
-        let mut out = [0u32; 16];
-        for (o, c) in out.iter_mut().zip(v) {
-            *o = c as u32;
-        }
-        Ok(out)
-    }
-}
-
 /// A parsed referring-expression output.
 #[derive(Debug, Clone, PartialEq)]
 pub struct SegPrediction {

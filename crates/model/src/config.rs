@@ -1,8 +1,12 @@
 //! Model configuration: one `Config` per module, nested in [`PaliGemmaConfig`].
 //!
-//! Everything the model needs is here, so a model can be rebuilt from `pali.json` (our own
-//! serialisation) or from an HF `config.json` ([`crate::hf`]). Nothing is specialised to a
+//! Everything the model needs is here, so a model can be rebuilt from this config's own
+//! serialisation or from an HF `config.json` ([`crate::hf`]). Nothing is specialised to a
 //! particular checkpoint: head layouts, soft-caps, window sizes all come from these fields.
+//!
+//! Every field has a default (shapes: the released PaliGemma 3B, SigLIP So400m/14 at 224 px and
+//! Gemma 2B), so configs are built with named `with_*` calls, never positional numbers;
+//! [`crate::presets`] spells out every shape field.
 
 use burn::config::Config;
 use serde::{Deserialize, Serialize};
@@ -11,16 +15,22 @@ use serde::{Deserialize, Serialize};
 #[derive(Config, Debug, PartialEq)]
 pub struct SiglipConfig {
     /// Square input resolution in pixels.
+    #[config(default = 224)]
     pub image_size: usize,
     /// Patch size (conv kernel = stride).
+    #[config(default = 14)]
     pub patch_size: usize,
     /// Width of the encoder.
+    #[config(default = 1152)]
     pub hidden_size: usize,
     /// MLP hidden width.
+    #[config(default = 4304)]
     pub intermediate_size: usize,
     /// Number of encoder blocks.
+    #[config(default = 27)]
     pub num_layers: usize,
     /// Attention heads (head_dim = hidden_size / num_heads).
+    #[config(default = 16)]
     pub num_heads: usize,
     /// LayerNorm epsilon (Flax and HF SigLIP use 1e-6).
     #[config(default = 1e-6)]
@@ -50,18 +60,25 @@ pub enum LayerType {
 #[derive(Config, Debug, PartialEq)]
 pub struct GemmaConfig {
     /// Rows of the (tied) embedding matrix.
+    #[config(default = 257_216)]
     pub vocab_size: usize,
     /// Width D.
+    #[config(default = 2048)]
     pub hidden_size: usize,
     /// GeGLU hidden width.
+    #[config(default = 16384)]
     pub intermediate_size: usize,
     /// Decoder layers.
+    #[config(default = 18)]
     pub num_layers: usize,
     /// Query heads H.
+    #[config(default = 8)]
     pub num_heads: usize,
     /// Key/value heads (1 = MQA, < H = GQA, H = MHA).
+    #[config(default = 1)]
     pub num_kv_heads: usize,
     /// Head dim Dh (may differ from D / H).
+    #[config(default = 256)]
     pub head_dim: usize,
     /// RMSNorm epsilon.
     #[config(default = 1e-6)]
@@ -176,13 +193,16 @@ pub struct ProjectorConfig {
 #[derive(Config, Debug, PartialEq)]
 pub struct PaliGemmaConfig {
     /// Image encoder.
+    #[config(default = "ImageEncoder::Siglip(SiglipConfig::new())")]
     pub vision: ImageEncoder,
     /// Connector kind (its widths follow from `vision` and `text`).
     #[config(default = "ProjectorKind::Linear")]
     pub projector: ProjectorKind,
     /// Decoder.
+    #[config(default = "GemmaConfig::new()")]
     pub text: GemmaConfig,
     /// Id of the `<image>` placeholder token.
+    #[config(default = 257_152)]
     pub image_token_id: usize,
     /// How many leading vocabulary rows the LM head may predict. Real checkpoints pad the
     /// embedding to 257216 rows for 257152 tokens (plus `<image>`); rows at or beyond this

@@ -80,11 +80,7 @@ fn check_act(o: &Obj, keys: &[&str]) -> Result<()> {
 
 /// Parses an HF PaliGemma `config.json`.
 pub fn parse_config(path: &Path) -> Result<PaliGemmaConfig> {
-    let text = std::fs::read_to_string(path).map_err(io_err(path))?;
-    let v: Value = serde_json::from_str(&text).map_err(|source| Error::Json {
-        path: path.to_path_buf(),
-        source,
-    })?;
+    let v = read_json(path)?;
     let empty = Map::new();
     let top = Obj {
         path,
@@ -132,14 +128,15 @@ pub fn parse_config(path: &Path) -> Result<PaliGemmaConfig> {
         Some(_) => top.usize("image_token_index", None)?,
         None => top.usize("image_token_id", Some(256000))?,
     };
-    Ok(
-        PaliGemmaConfig::new(ImageEncoder::Siglip(vision), text, image_token_id)
-            .with_output_vocab_size(default_output_vocab(
-                image_token_id,
-                txt.usize("vocab_size", Some(257152))?,
-            ))
-            .with_position_offset(1),
-    )
+    Ok(PaliGemmaConfig::new()
+        .with_vision(ImageEncoder::Siglip(vision))
+        .with_text(text)
+        .with_image_token_id(image_token_id)
+        .with_output_vocab_size(default_output_vocab(
+            image_token_id,
+            txt.usize("vocab_size", Some(257152))?,
+        ))
+        .with_position_offset(1))
 }
 
 /// Real checkpoints put `<image>` right after the 257152 tokens and pad the embedding to a
@@ -158,15 +155,14 @@ fn parse_vision(o: &Obj) -> Result<SiglipConfig> {
         ));
     }
     // Defaults: PaliGemmaConfig's default vision config (So400m/14 @224) with the real 4304 MLP.
-    Ok(SiglipConfig::new(
-        o.usize("image_size", Some(224))?,
-        o.usize("patch_size", Some(14))?,
-        o.usize("hidden_size", Some(1152))?,
-        o.usize("intermediate_size", Some(4304))?,
-        o.usize("num_hidden_layers", Some(27))?,
-        o.usize("num_attention_heads", Some(16))?,
-    )
-    .with_layer_norm_eps(o.f64("layer_norm_eps", 1e-6)?))
+    Ok(SiglipConfig::new()
+        .with_image_size(o.usize("image_size", Some(224))?)
+        .with_patch_size(o.usize("patch_size", Some(14))?)
+        .with_hidden_size(o.usize("hidden_size", Some(1152))?)
+        .with_intermediate_size(o.usize("intermediate_size", Some(4304))?)
+        .with_num_layers(o.usize("num_hidden_layers", Some(27))?)
+        .with_num_heads(o.usize("num_attention_heads", Some(16))?)
+        .with_layer_norm_eps(o.f64("layer_norm_eps", 1e-6)?))
 }
 
 fn parse_text(o: &Obj) -> Result<GemmaConfig> {
@@ -216,17 +212,16 @@ fn parse_text(o: &Obj) -> Result<GemmaConfig> {
             ));
         }
     }
-    let mut c = GemmaConfig::new(
-        o.usize("vocab_size", Some(257216))?,
-        hidden,
-        o.usize("intermediate_size", Some(f))?,
-        layers,
-        heads,
-        o.usize("num_key_value_heads", Some(kv))?,
-        o.usize("head_dim", Some(256))?,
-    )
-    .with_rms_norm_eps(o.f64("rms_norm_eps", 1e-6)?)
-    .with_rope_theta(theta);
+    let mut c = GemmaConfig::new()
+        .with_vocab_size(o.usize("vocab_size", Some(257216))?)
+        .with_hidden_size(hidden)
+        .with_intermediate_size(o.usize("intermediate_size", Some(f))?)
+        .with_num_layers(layers)
+        .with_num_heads(heads)
+        .with_num_kv_heads(o.usize("num_key_value_heads", Some(kv))?)
+        .with_head_dim(o.usize("head_dim", Some(256))?)
+        .with_rms_norm_eps(o.f64("rms_norm_eps", 1e-6)?)
+        .with_rope_theta(theta);
     if heads % c.num_kv_heads != 0 {
         return Err(o.err(
             "num_key_value_heads",
@@ -277,33 +272,6 @@ fn parse_text(o: &Obj) -> Result<GemmaConfig> {
             .with_post_norms(true);
     }
     Ok(c)
-}
-
-/// Reads an HF `SiglipVisionConfig`/`SiglipConfig` `config.json` (vision part).
-pub fn parse_siglip_config(path: &Path) -> Result<SiglipConfig> {
-    let v = read_json(path)?;
-    let empty = Map::new();
-    let root = v.as_object().unwrap_or(&empty);
-    let map = root
-        .get("vision_config")
-        .and_then(|x| x.as_object())
-        .unwrap_or(root);
-    parse_vision(&Obj {
-        path,
-        prefix: "",
-        map,
-    })
-}
-
-/// Reads an HF Gemma / Gemma 2 `config.json`.
-pub fn parse_gemma_config(path: &Path) -> Result<GemmaConfig> {
-    let v = read_json(path)?;
-    let empty = Map::new();
-    parse_text(&Obj {
-        path,
-        prefix: "",
-        map: v.as_object().unwrap_or(&empty),
-    })
 }
 
 fn read_json(path: &Path) -> Result<Value> {

@@ -1,11 +1,11 @@
 //! The PaliGemma model: SigLIP image encoder → projector → Gemma / Gemma 2 decoder, HF
 //! checkpoint IO, masks and losses. Generic over any Burn `Backend`.
 
+pub mod cache;
 pub mod checkpoint;
 pub mod config;
 pub mod error;
 pub mod gemma;
-pub mod generate;
 pub mod hf;
 pub mod loss;
 pub mod mask;
@@ -22,7 +22,7 @@ pub use config::{
 };
 pub use error::{Error, Result};
 pub use gemma::AttentionMasks;
-pub use paligemma::{ModelInput, ModelOutput, PaliGemma, Trace};
+pub use paligemma::{ForwardOptions, ModelInput, ModelOutput, PaliGemma, Trace};
 pub use precision::Compute;
 
 use std::path::Path;

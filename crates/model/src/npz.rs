@@ -6,7 +6,9 @@ use std::io::{Read, Write};
 use std::path::Path;
 
 use crate::error::{io_err, Error, Result};
-use crate::vqvae::NamedTensors;
+
+/// Named tensors of a checkpoint: name → (shape, values).
+pub type NamedTensors = std::collections::BTreeMap<String, (Vec<usize>, Vec<f32>)>;
 
 fn bad(path: &Path, msg: impl std::fmt::Display) -> Error {
     Error::Input(format!("{}: not a usable .npz file: {msg}", path.display()))

@@ -54,6 +54,51 @@ pub struct Trace<B: Backend> {
     pub vision_last_hidden: Option<Tensor<B, 3>>,
 }
 
+/// What [`PaliGemma::forward`] computes besides the hidden states. The default: logits of every
+/// position over the predictable vocabulary, no trace.
+pub struct ForwardOptions<'a, B: Backend> {
+    /// Logits only for positions `logits_from..S` (training needs the text positions only).
+    pub logits_from: usize,
+    /// Logits over every embedding row, padding rows included (HF's `lm_head` output), instead
+    /// of the predictable vocabulary.
+    pub all_vocab_rows: bool,
+    /// Records intermediate activations here.
+    pub trace: Option<&'a mut Trace<B>>,
+}
+
+impl<B: Backend> Default for ForwardOptions<'_, B> {
+    fn default() -> Self {
+        Self {
+            logits_from: 0,
+            all_vocab_rows: false,
+            trace: None,
+        }
+    }
+}
+
+impl<'a, B: Backend> ForwardOptions<'a, B> {
+    /// Logits of positions `n..S` over the predictable vocabulary (e.g. `n` = image tokens).
+    pub fn logits_from(n: usize) -> Self {
+        Self {
+            logits_from: n,
+            ..Self::default()
+        }
+    }
+
+    /// Logits of every position over every embedding row, as HF returns them.
+    pub fn all_vocab_rows() -> Self {
+        Self {
+            all_vocab_rows: true,
+            ..Self::default()
+        }
+    }
+
+    /// Records intermediate activations into `trace`, when given.
+    pub fn with_trace(self, trace: Option<&'a mut Trace<B>>) -> Self {
+        Self { trace, ..self }
+    }
+}
+
 #[derive(Debug)]
 pub struct ModelOutput<B: Backend> {
     /// [B, S − logits_from, V'] with V' the predictable vocabulary (or all rows on request).
@@ -163,15 +208,17 @@ impl<B: Backend> PaliGemma<B> {
         Ok(all.gather(1, idx.reshape([b, s, 1]).expand([b, s, d])))
     }
 
-    /// Full forward pass. Logits are computed for positions `logits_from..S` only (training needs
-    /// text positions only), over the predictable vocabulary unless `all_vocab_rows`.
+    /// Full forward pass; `opts` chooses which logits to compute and whether to record a trace.
     pub fn forward(
         &self,
         input: ModelInput<B>,
-        logits_from: usize,
-        all_vocab_rows: bool,
-        mut trace: Option<&mut Trace<B>>,
+        opts: ForwardOptions<'_, B>,
     ) -> Result<ModelOutput<B>> {
+        let ForwardOptions {
+            logits_from,
+            all_vocab_rows,
+            mut trace,
+        } = opts;
         let image_features = self.encode_images(input.pixel_values, trace.as_deref_mut());
         let x = self.embed(input.input_ids, image_features.clone())?;
         let h = self.language_model.forward_embeds(

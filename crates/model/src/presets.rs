@@ -29,7 +29,13 @@ pub const PRESETS: &[&str] = &[
 
 /// SigLIP So400m/14 at `res` px: (res/14)² tokens (224 → 256, 448 → 1024, 896 → 4096).
 pub fn so400m(res: usize) -> SiglipConfig {
-    SiglipConfig::new(res, 14, 1152, 4304, 27, 16)
+    SiglipConfig::new()
+        .with_image_size(res)
+        .with_patch_size(14)
+        .with_hidden_size(1152)
+        .with_intermediate_size(4304)
+        .with_num_layers(27)
+        .with_num_heads(16)
 }
 
 /// Real checkpoints: 257152 tokens (256000 + 1024 loc + 128 seg), `<image>` = 257152, rows padded
@@ -38,20 +44,21 @@ const VOCAB_ROWS: usize = 257_216;
 const IMAGE_TOKEN: usize = 257_152;
 
 pub fn gemma_2b() -> GemmaConfig {
-    GemmaConfig::new(VOCAB_ROWS, 2048, 16384, 18, 8, 1, 256)
+    GemmaConfig::new()
+        .with_vocab_size(VOCAB_ROWS)
+        .with_hidden_size(2048)
+        .with_intermediate_size(16384)
+        .with_num_layers(18)
+        .with_num_heads(8)
+        .with_num_kv_heads(1)
+        .with_head_dim(256)
 }
 
-fn gemma2(
-    hidden: usize,
-    mlp: usize,
-    layers: usize,
-    heads: usize,
-    kv: usize,
-    head_dim: usize,
-    qpas: f64,
-) -> GemmaConfig {
-    GemmaConfig::new(VOCAB_ROWS, hidden, mlp, layers, heads, kv, head_dim)
-        .with_query_pre_attn_scalar(Some(qpas))
+/// The real vocabulary and Gemma 2's soft-caps, 4096-token window on alternating layers and
+/// extra norms, on the decoder shape `c`.
+fn gemma2(c: GemmaConfig) -> GemmaConfig {
+    let layers = c.num_layers;
+    c.with_vocab_size(VOCAB_ROWS)
         .with_attn_logit_softcapping(Some(50.0))
         .with_final_logit_softcapping(Some(30.0))
         .with_sliding_window(Some(4096))
@@ -73,15 +80,34 @@ pub fn alternating(layers: usize) -> Vec<LayerType> {
 }
 
 fn pali(vision: SiglipConfig, text: GemmaConfig) -> PaliGemmaConfig {
-    PaliGemmaConfig::new(ImageEncoder::Siglip(vision), text, IMAGE_TOKEN)
+    PaliGemmaConfig::new()
+        .with_vision(ImageEncoder::Siglip(vision))
+        .with_text(text)
+        .with_image_token_id(IMAGE_TOKEN)
         .with_output_vocab_size(Some(IMAGE_TOKEN))
 }
 
 /// A tiny model for tests and the CPU quickstart. `vocab` is the tokenizer's size.
 pub fn tiny(vocab: usize, image_token_id: usize, image_size: usize) -> PaliGemmaConfig {
-    let vision = SiglipConfig::new(image_size, 8, 48, 96, 2, 4);
-    let text = GemmaConfig::new(vocab, 64, 128, 2, 4, 1, 16);
-    PaliGemmaConfig::new(ImageEncoder::Siglip(vision), text, image_token_id)
+    let vision = SiglipConfig::new()
+        .with_image_size(image_size)
+        .with_patch_size(8)
+        .with_hidden_size(48)
+        .with_intermediate_size(96)
+        .with_num_layers(2)
+        .with_num_heads(4);
+    let text = GemmaConfig::new()
+        .with_vocab_size(vocab)
+        .with_hidden_size(64)
+        .with_intermediate_size(128)
+        .with_num_layers(2)
+        .with_num_heads(4)
+        .with_num_kv_heads(1)
+        .with_head_dim(16);
+    PaliGemmaConfig::new()
+        .with_vision(ImageEncoder::Siglip(vision))
+        .with_text(text)
+        .with_image_token_id(image_token_id)
         .with_output_vocab_size(crate::hf::default_output_vocab(image_token_id, vocab))
 }
 
@@ -89,37 +115,96 @@ pub fn tiny(vocab: usize, image_token_id: usize, image_size: usize) -> PaliGemma
 pub fn preset(name: &str) -> Result<PaliGemmaConfig> {
     let res = |s: &str| s.rsplit('-').next().and_then(|r| r.parse::<usize>().ok());
     let c = match name {
-        // The shapes of the HF fixtures (shared/fixtures): vocab 1560, `<image>` = 400.
-        "tiny-gemma1" => PaliGemmaConfig::new(
-            ImageEncoder::Siglip(SiglipConfig::new(56, 14, 32, 64, 2, 4)),
-            GemmaConfig::new(1560, 48, 96, 2, 4, 1, 16),
-            400,
-        ),
-        "tiny-gemma2" => PaliGemmaConfig::new(
-            ImageEncoder::Siglip(SiglipConfig::new(32, 8, 48, 96, 3, 4)),
-            GemmaConfig::new(1560, 64, 128, 3, 4, 2, 24)
-                .with_query_pre_attn_scalar(Some(20.0))
-                .with_attn_logit_softcapping(Some(2.0))
-                .with_final_logit_softcapping(Some(8.0))
-                .with_sliding_window(Some(8))
-                .with_layer_types(alternating(3))
-                .with_post_norms(true),
-            400,
-        ),
+        // The shapes of the HF fixtures (tests/fixtures): vocab 1560, `<image>` = 400.
+        "tiny-gemma1" => PaliGemmaConfig::new()
+            .with_vision(ImageEncoder::Siglip(
+                SiglipConfig::new()
+                    .with_image_size(56)
+                    .with_patch_size(14)
+                    .with_hidden_size(32)
+                    .with_intermediate_size(64)
+                    .with_num_layers(2)
+                    .with_num_heads(4),
+            ))
+            .with_text(
+                GemmaConfig::new()
+                    .with_vocab_size(1560)
+                    .with_hidden_size(48)
+                    .with_intermediate_size(96)
+                    .with_num_layers(2)
+                    .with_num_heads(4)
+                    .with_num_kv_heads(1)
+                    .with_head_dim(16),
+            )
+            .with_image_token_id(400),
+        "tiny-gemma2" => PaliGemmaConfig::new()
+            .with_vision(ImageEncoder::Siglip(
+                SiglipConfig::new()
+                    .with_image_size(32)
+                    .with_patch_size(8)
+                    .with_hidden_size(48)
+                    .with_intermediate_size(96)
+                    .with_num_layers(3)
+                    .with_num_heads(4),
+            ))
+            .with_text(
+                GemmaConfig::new()
+                    .with_vocab_size(1560)
+                    .with_hidden_size(64)
+                    .with_intermediate_size(128)
+                    .with_num_layers(3)
+                    .with_num_heads(4)
+                    .with_num_kv_heads(2)
+                    .with_head_dim(24)
+                    .with_query_pre_attn_scalar(Some(20.0))
+                    .with_attn_logit_softcapping(Some(2.0))
+                    .with_final_logit_softcapping(Some(8.0))
+                    .with_sliding_window(Some(8))
+                    .with_layer_types(alternating(3))
+                    .with_post_norms(true),
+            )
+            .with_image_token_id(400),
         "tiny" => tiny(1560, 400, 32),
         n if n.starts_with("paligemma-3b-") => pali(so400m(res(n).unwrap_or(0)), gemma_2b()),
         n if n.starts_with("paligemma2-3b-") => pali(
             so400m(res(n).unwrap_or(0)),
-            gemma2(2304, 9216, 26, 8, 4, 256, 256.0),
+            gemma2(
+                GemmaConfig::new()
+                    .with_hidden_size(2304)
+                    .with_intermediate_size(9216)
+                    .with_num_layers(26)
+                    .with_num_heads(8)
+                    .with_num_kv_heads(4)
+                    .with_head_dim(256)
+                    .with_query_pre_attn_scalar(Some(256.0)),
+            ),
         ),
         n if n.starts_with("paligemma2-10b-") => pali(
             so400m(res(n).unwrap_or(0)),
-            gemma2(3584, 14336, 42, 16, 8, 256, 256.0),
+            gemma2(
+                GemmaConfig::new()
+                    .with_hidden_size(3584)
+                    .with_intermediate_size(14336)
+                    .with_num_layers(42)
+                    .with_num_heads(16)
+                    .with_num_kv_heads(8)
+                    .with_head_dim(256)
+                    .with_query_pre_attn_scalar(Some(256.0)),
+            ),
         ),
         // 27B: query_pre_attn_scalar = 4608 / 32 = 144 (big_vision "rsqrt_emb_per_head").
         n if n.starts_with("paligemma2-28b-") => pali(
             so400m(res(n).unwrap_or(0)),
-            gemma2(4608, 36864, 46, 32, 16, 128, 144.0),
+            gemma2(
+                GemmaConfig::new()
+                    .with_hidden_size(4608)
+                    .with_intermediate_size(36864)
+                    .with_num_layers(46)
+                    .with_num_heads(32)
+                    .with_num_kv_heads(16)
+                    .with_head_dim(128)
+                    .with_query_pre_attn_scalar(Some(144.0)),
+            ),
         ),
         _ => return Err(unknown(name)),
     };

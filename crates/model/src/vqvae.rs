@@ -26,6 +26,7 @@ use burn::tensor::backend::Backend;
 use burn::tensor::{Distribution, Int, Tensor, TensorData};
 
 use crate::error::Error;
+pub use crate::npz::NamedTensors;
 
 /// Side of the mask crop the VQ-VAE sees.
 pub const MASK_SIZE: usize = 64;
@@ -318,9 +319,6 @@ fn push_res<B: Backend>(out: &mut Named, prefix: &str, r: &ResBlock<B>) {
         push_conv(out, &format!("{prefix}.net.{k}"), &c.weight, &c.bias);
     }
 }
-
-/// Named tensors of a checkpoint: name → (shape, values).
-pub type NamedTensors = BTreeMap<String, (Vec<usize>, Vec<f32>)>;
 
 /// Builds a VQ-VAE from named tensors (a `vae-oid.npz` or a `pali vqvae train` checkpoint),
 /// reading every width from the shapes. Missing tensors and inconsistent shapes are errors

@@ -1,9 +1,7 @@
 //! Ablation grids: a base run config, named variants (each a list of `--set` overrides) and
 //! seeds. Every (variant, seed) trains under `out_dir/VARIANT/seed-S`; a finished run (its
 //! `summary.json` exists) is skipped, an interrupted one resumes from its last checkpoint.
-//! Results: `results.json`, `results.md` (mean ± std per variant and metric, best in bold, the
-//! paper's finding beside it) and SVG plots (a bar chart per metric, loss curves per variant,
-//! and curves of tracked evaluation metrics over training).
+//! Their results are written by the `report` module.
 //!
 //! `[[prepare]]` runs are trained once, before the grid, under `out_dir/_prepare/NAME`; an
 //! override may name their output as `{prepare.NAME}`: the final checkpoint directory, or the
@@ -11,16 +9,15 @@
 //! pretraining (few-shot transfer) or from a pretrained decoder without the new tokens
 //! (new-token init).
 
-use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use burn::tensor::backend::Backend;
 use serde::{Deserialize, Serialize};
-use serde_json::Value;
 
 use crate::config::RunConfig;
 use crate::error::{io, Error, Result};
+use crate::events::{Event, Observer};
 use crate::train::{train, TrainOptions};
 
 /// An ablation file.
@@ -43,8 +40,8 @@ fn shrink(c: &mut RunConfig) {
         s.steps = 2;
         s.checkpoint_every = 2;
         s.log_every = 1;
-        s.eval_every = 0;
-        s.eval_examples = s.eval_examples.min(2);
+        s.eval.every = 0;
+        s.eval.examples = s.eval.examples.min(2);
         for g in &mut s.groups {
             g.warmup_steps = g.warmup_steps.min(1);
             g.cooldown_steps = 0;
@@ -74,7 +71,7 @@ pub struct AblationSection {
     #[serde(default)]
     pub set: Vec<String>,
     /// Evaluation metrics plotted over training steps (`val_perplexity/TASK`, `eval/KEY`),
-    /// from every evaluation in metrics.jsonl (set `eval_every` in the base).
+    /// from every evaluation in metrics.jsonl (set `eval.every` in the base).
     #[serde(default)]
     pub curves: Vec<String>,
 }
@@ -324,8 +321,8 @@ pub fn check_same_config(dir: &Path, config: &RunConfig) -> Result<()> {
     let Ok(text) = std::fs::read_to_string(&p) else {
         return Ok(());
     };
-    let mut stored: RunConfig =
-        toml::from_str(&text).map_err(|e| Error::Config(format!("{}: {e}", p.display())))?;
+    let mut stored = RunConfig::from_resolved(&text)
+        .map_err(|e| Error::Config(format!("{}: {e}", p.display())))?;
     // A run may resume on another device.
     stored.run.device = config.run.device.clone();
     if &stored == config {
@@ -357,12 +354,12 @@ fn train_run<B: Backend>(
     config: &RunConfig,
     resume: bool,
     devices: &[B::Device],
-    progress: bool,
+    observer: &dyn Observer,
 ) -> Result<()> {
     let opts = TrainOptions {
         resume,
-        progress,
         max_steps: None,
+        observer,
     };
     train::<B>(config, devices, &opts).map(|_| ())
 }
@@ -372,22 +369,19 @@ fn train_run<B: Backend>(
 pub fn run_prepares<B: Backend>(
     a: &AblationConfig,
     devices: &[B::Device],
-    progress: bool,
+    obs: &dyn Observer,
 ) -> Result<()> {
     for p in a.prepare_plan()? {
         check_same_config(&p.dir, &p.config)?;
         if p.done() {
-            eprintln!("prepare `{}`: done, skipped", p.name);
+            obs.on(Event::Info(&format!("prepare `{}`: done, skipped", p.name)));
             continue;
         }
         if !finished(&p.dir) {
             let resume = resumable(&p.dir);
-            eprintln!(
-                "prepare `{}`{}",
-                p.name,
-                if resume { " (resuming)" } else { "" }
-            );
-            train_run::<B>(&p.config, resume, devices, progress)?;
+            let resuming = if resume { " (resuming)" } else { "" };
+            obs.on(Event::Info(&format!("prepare `{}`{resuming}", p.name)));
+            train_run::<B>(&p.config, resume, devices, obs)?;
         }
         if let Some(e) = &p.export {
             let last = crate::ckpt::checkpoints(&p.dir).pop().ok_or_else(|| {
@@ -399,22 +393,23 @@ pub fn run_prepares<B: Backend>(
             })?;
             let tower = pali_model::checkpoint::tower_by_name(&e.tower)?;
             pali_model::checkpoint::export_tower(&last, tower, e.vocab, &p.target)?;
-            eprintln!("prepare `{}`: exported {}", p.name, p.target.display());
+            let line = format!("prepare `{}`: exported {}", p.name, p.target.display());
+            obs.on(Event::Info(&line));
         }
     }
     Ok(())
 }
 
 /// Runs the grid (or variant `only`): first the preparatory runs, then every (variant, seed),
-/// skipping finished ones and resuming interrupted ones; then writes the results of every
-/// finished run of the whole grid.
+/// skipping finished ones and resuming interrupted ones. `report::write` then writes
+/// the results of every finished run of the whole grid.
 pub fn run_grid<B: Backend>(
     a: &AblationConfig,
     only: Option<&str>,
     devices: &[B::Device],
-    progress: bool,
-) -> Result<Vec<RunResult>> {
-    run_prepares::<B>(a, devices, progress)?;
+    obs: &dyn Observer,
+) -> Result<()> {
+    run_prepares::<B>(a, devices, obs)?;
     let runs = a.plan(only)?;
     for r in &runs {
         check_same_config(&r.dir, &r.config)?;
@@ -424,13 +419,14 @@ pub fn run_grid<B: Backend>(
     let mut done_now = 0usize;
     for (i, r) in runs.iter().enumerate() {
         if finished(&r.dir) {
-            eprintln!(
+            let line = format!(
                 "[{}/{}] {} seed {}: finished, skipped",
                 i + 1,
                 runs.len(),
                 r.variant,
                 r.seed
             );
+            obs.on(Event::Info(&line));
             continue;
         }
         let resume = resumable(&r.dir);
@@ -443,7 +439,7 @@ pub fn run_grid<B: Backend>(
         } else {
             String::new()
         };
-        eprintln!(
+        let line = format!(
             "[{}/{}] {} seed {}{}{eta}",
             i + 1,
             runs.len(),
@@ -451,277 +447,9 @@ pub fn run_grid<B: Backend>(
             r.seed,
             if resume { " (resuming)" } else { "" }
         );
-        train_run::<B>(&r.config, resume, devices, progress)?;
+        obs.on(Event::Info(&line));
+        train_run::<B>(&r.config, resume, devices, obs)?;
         done_now += 1;
     }
-    let results = a
-        .plan(None)?
-        .iter()
-        .filter(|r| finished(&r.dir))
-        .map(|r| collect(r, &a.ablation.curves))
-        .collect::<Result<Vec<_>>>()?;
-    write_results(a, &results)?;
-    Ok(results)
-}
-
-/// What one finished run measured.
-#[derive(Serialize, Debug, Clone)]
-pub struct RunResult {
-    pub variant: String,
-    pub seed: u64,
-    pub metrics: BTreeMap<String, f64>,
-    /// (global step, loss) of every logged step.
-    pub loss_curve: Vec<(f64, f64)>,
-    /// (global step, value) of every evaluation, per tracked metric (`curves`).
-    pub curves: BTreeMap<String, Vec<(f64, f64)>>,
-}
-
-/// Reads a finished run's `summary.json` and `metrics.jsonl`; `curves` are the evaluation
-/// metrics to follow over training.
-pub fn collect(r: &RunSpec, curves: &[String]) -> Result<RunResult> {
-    let read = |p: PathBuf| -> Result<String> { std::fs::read_to_string(&p).map_err(io(&p)) };
-    let summary: Value = serde_json::from_str(&read(r.dir.join("summary.json"))?)
-        .map_err(|e| Error::Train(format!("{}: {e}", r.dir.display())))?;
-    let stages = summary.as_array().cloned().unwrap_or_default();
-    let mut m = BTreeMap::new();
-    if let Some(last) = stages.last() {
-        if let Some(l) = last["last_loss"].as_f64() {
-            m.insert("final_loss".into(), l);
-        }
-    }
-    m.insert(
-        "wall_seconds".into(),
-        stages.iter().filter_map(|s| s["seconds"].as_f64()).sum(),
-    );
-    // A stage summary's evaluation as `{prefix}eval/KEY` and `{prefix}val_perplexity/TASK`.
-    let evaluation = |s: &Value, prefix: &str, m: &mut BTreeMap<String, f64>| {
-        for (k, v) in s["eval_metrics"].as_object().into_iter().flatten() {
-            if let Some(x) = v.as_f64() {
-                m.insert(format!("{prefix}eval/{k}"), x);
-            }
-        }
-        for kv in s["val_perplexity"].as_array().into_iter().flatten() {
-            if let (Some(k), Some(v)) = (kv[0].as_str(), kv[1].as_f64()) {
-                m.insert(format!("{prefix}val_perplexity/{k}"), v);
-            }
-        }
-    };
-    // Each stage's final evaluation as `STAGE:KEY` (stage-1 perplexity per task, …).
-    for s in &stages {
-        evaluation(
-            s,
-            &format!("{}:", s["name"].as_str().unwrap_or("?")),
-            &mut m,
-        );
-    }
-    // The last evaluation of the run: task metrics, exact match, perplexity per task.
-    if let Some(s) = stages.iter().rev().find(|s| !s["eval_metrics"].is_null()) {
-        evaluation(s, "", &mut m);
-        if let Some(x) = s["eval_accuracy"].as_f64() {
-            m.insert("exact_match".into(), x);
-        }
-    }
-    let mut curve = Vec::new();
-    let mut tracked: BTreeMap<String, Vec<(f64, f64)>> = BTreeMap::new();
-    let mut tps = Vec::new();
-    for line in read(r.dir.join("metrics.jsonl"))?.lines() {
-        let Ok(v) = serde_json::from_str::<Value>(line) else {
-            continue;
-        };
-        for c in curves {
-            // `val_perplexity/vqa` → v["val_perplexity"]["vqa"], `eval/cider` → v["eval"]["cider"].
-            let x = c
-                .split_once('/')
-                .and_then(|(a, b)| v.get(a).and_then(|o| o.get(b)))
-                .and_then(|x| x.as_f64());
-            if let (Some(s), Some(x)) = (v["step"].as_f64(), x) {
-                tracked.entry(c.clone()).or_default().push((s, x));
-            }
-        }
-        if let (Some(s), Some(l)) = (v["step"].as_f64(), v["loss"].as_f64()) {
-            curve.push((s, l));
-        }
-        if let Some(t) = v["tokens_per_s"].as_f64() {
-            tps.push(t);
-        }
-    }
-    // Where each tracked curve starts (e.g. the step-0 perplexity of new-token init).
-    for (c, pts) in &tracked {
-        if let Some(&(_, x)) = pts.first() {
-            m.insert(format!("{c}@start"), x);
-        }
-    }
-    if !tps.is_empty() {
-        m.insert(
-            "tokens_per_s".into(),
-            tps.iter().sum::<f64>() / tps.len() as f64,
-        );
-    }
-    Ok(RunResult {
-        variant: r.variant.clone(),
-        seed: r.seed,
-        metrics: m,
-        loss_curve: curve,
-        curves: tracked,
-    })
-}
-
-/// Lower is better for losses, perplexities and times; higher for the rest.
-fn lower_is_better(metric: &str) -> bool {
-    metric.contains("loss") || metric.contains("perplexity") || metric.contains("seconds")
-}
-
-/// Mean and (sample) standard deviation; `None` without values.
-fn mean_std(v: &[f64]) -> Option<(f64, f64)> {
-    if v.is_empty() {
-        return None;
-    }
-    let m = v.iter().sum::<f64>() / v.len() as f64;
-    let s = if v.len() > 1 {
-        (v.iter().map(|x| (x - m).powi(2)).sum::<f64>() / (v.len() - 1) as f64).sqrt()
-    } else {
-        0.0
-    };
-    Some((m, s))
-}
-
-/// Per variant and metric: (mean, std, n).
-pub type Table = BTreeMap<String, BTreeMap<String, (f64, f64, usize)>>;
-
-pub fn table(a: &AblationConfig, results: &[RunResult]) -> Table {
-    let mut t = Table::new();
-    for v in &a.variants {
-        let rows: Vec<&RunResult> = results.iter().filter(|r| r.variant == v.name).collect();
-        if rows.is_empty() {
-            continue;
-        }
-        let mut per = BTreeMap::new();
-        for metric in &a.ablation.metrics {
-            let vals: Vec<f64> = rows
-                .iter()
-                .filter_map(|r| r.metrics.get(metric).copied())
-                .collect();
-            if let Some((m, s)) = mean_std(&vals) {
-                per.insert(metric.clone(), (m, s, vals.len()));
-            }
-        }
-        t.insert(v.name.clone(), per);
-    }
-    t
-}
-
-/// The markdown table: variant × metric, mean ± std, best in bold, the paper column last.
-pub fn markdown(a: &AblationConfig, t: &Table) -> String {
-    let mut s = format!("## Ablation `{}`\n\n", a.ablation.name);
-    if !a.ablation.paper.is_empty() {
-        s.push_str(&format!("Paper: {}\n\n", a.ablation.paper));
-    }
-    let seeds = a.ablation.seeds.len();
-    s.push_str(&format!(
-        "Mean ± std over {seeds} seed{} ({}).\n\n",
-        if seeds == 1 { "" } else { "s" },
-        a.ablation
-            .seeds
-            .iter()
-            .map(|x| x.to_string())
-            .collect::<Vec<_>>()
-            .join(", ")
-    ));
-    s.push_str("| variant |");
-    for m in &a.ablation.metrics {
-        s.push_str(&format!(" {m} |"));
-    }
-    s.push_str(" paper |\n|---|");
-    for _ in &a.ablation.metrics {
-        s.push_str("---|");
-    }
-    s.push_str("---|\n");
-    let best: BTreeMap<&String, f64> = a
-        .ablation
-        .metrics
-        .iter()
-        .filter_map(|m| {
-            let vals = t.values().filter_map(|p| p.get(m).map(|x| x.0));
-            let b = if lower_is_better(m) {
-                vals.fold(f64::INFINITY, f64::min)
-            } else {
-                vals.fold(f64::NEG_INFINITY, f64::max)
-            };
-            b.is_finite().then_some((m, b))
-        })
-        .collect();
-    for v in &a.variants {
-        let Some(per) = t.get(&v.name) else { continue };
-        s.push_str(&format!("| {} |", v.name));
-        for m in &a.ablation.metrics {
-            match per.get(m) {
-                Some((mean, std, _)) => {
-                    let cell = format!("{} ± {}", fmt(*mean), fmt(*std));
-                    if t.len() > 1 && best.get(m) == Some(mean) {
-                        s.push_str(&format!(" **{cell}** |"));
-                    } else {
-                        s.push_str(&format!(" {cell} |"));
-                    }
-                }
-                None => s.push_str(" – |"),
-            }
-        }
-        s.push_str(&format!(" {} |\n", v.paper));
-    }
-    s
-}
-
-fn fmt(x: f64) -> String {
-    if x != 0.0 && (x.abs() >= 1e4 || x.abs() < 1e-3) {
-        format!("{x:.3e}")
-    } else if x.abs() >= 100.0 {
-        format!("{x:.1}")
-    } else {
-        format!("{x:.4}")
-    }
-}
-
-/// A metric name as part of a file name (`pretrain:val_perplexity/ocr` →
-/// `pretrain_val_perplexity_ocr`), safe on every file system.
-fn file_safe(metric: &str) -> String {
-    metric
-        .chars()
-        .map(|c| {
-            if c.is_ascii_alphanumeric() || c == '-' || c == '.' {
-                c
-            } else {
-                '_'
-            }
-        })
-        .collect()
-}
-
-fn write_results(a: &AblationConfig, results: &[RunResult]) -> Result<()> {
-    let dir = &a.ablation.out_dir;
-    std::fs::create_dir_all(dir).map_err(io(dir))?;
-    let t = table(a, results);
-    let json = serde_json::json!({"ablation": a.ablation.name, "runs": results, "table": t});
-    let p = dir.join("results.json");
-    std::fs::write(&p, serde_json::to_string_pretty(&json).expect("json")).map_err(io(&p))?;
-    let mut md = markdown(a, &t);
-    let mut plots = Vec::new();
-    for m in &a.ablation.metrics {
-        let file = format!("bar-{}.svg", file_safe(m));
-        crate::plot::bars(m, &t, &dir.join(&file))?;
-        plots.push(file);
-    }
-    crate::plot::loss_curves(&a.ablation.name, results, &dir.join("loss.svg"))?;
-    for c in &a.ablation.curves {
-        let file = format!("curve-{}.svg", file_safe(c));
-        crate::plot::metric_curves(&a.ablation.name, c, results, &dir.join(&file))?;
-        plots.push(file);
-    }
-    md.push_str("\nPlots: `loss.svg`");
-    for f in &plots {
-        md.push_str(&format!(", `{f}`"));
-    }
-    md.push('\n');
-    let p = dir.join("results.md");
-    std::fs::write(&p, md).map_err(io(&p))?;
     Ok(())
 }

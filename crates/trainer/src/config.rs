@@ -3,10 +3,12 @@
 //! it is typed, so they are checked exactly like the file.
 
 use std::path::{Path, PathBuf};
+use std::str::FromStr;
 
 use pali_data::dataset::{OnError, SynthTask};
 use pali_data::image::ResizeMethod;
 use pali_data::Truncation;
+use pali_eval::{Sampler, Task};
 use pali_model::loss::Reduction;
 use pali_model::Compute;
 use serde::{Deserialize, Serialize};
@@ -129,62 +131,109 @@ pub struct TokenizerSection {
 /// A data source as written in TOML: `{ kind = "synth", task = "caption", size = 1000 }` or
 /// `{ kind = "jsonl", path = "train.jsonl" }`, each with an optional `weight` (default 1).
 #[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
-#[serde(deny_unknown_fields)]
+#[serde(try_from = "SourceToml", into = "SourceToml")]
 pub struct Source {
-    pub kind: SourceType,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub task: Option<SynthTask>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub size: Option<usize>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub path: Option<PathBuf>,
-    #[serde(default = "one")]
+    pub kind: SourceKind,
     pub weight: f64,
     /// VQ-VAE weights for the `segment` task (`pali vqvae train` output or big_vision's
     /// `vae-oid.npz`).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub vqvae: Option<PathBuf>,
     /// Train on only K examples of this source, drawn by `run.seed` (few-shot transfer).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub few_shot: Option<usize>,
     /// Synthetic `detect`: pad each target with noise boxes (`<loc×4> <noise>`, no loss on
     /// their coordinates) up to this many entries, PaliGemma 2's detection recipe. Needs a
     /// tokenizer with `<noise>` (`pali tokenizer add`).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub noise_boxes: Option<usize>,
 }
 
-#[derive(Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq)]
-#[serde(rename_all = "snake_case")]
-pub enum SourceType {
-    /// The built-in shapes world, one task.
-    Synth,
-    /// A big_vision JSONL file.
-    Jsonl,
-}
-
-/// A checked source.
+/// What a source is.
 #[derive(Debug, Clone, PartialEq)]
 pub enum SourceKind {
+    /// The built-in shapes world, one task.
     Synth { task: SynthTask, size: usize },
+    /// A big_vision JSONL file.
     Jsonl { path: PathBuf },
 }
 
 impl Source {
-    pub fn kind(&self) -> std::result::Result<SourceKind, String> {
-        match (self.kind, self.task, self.size, &self.path) {
-            (SourceType::Synth, Some(task), Some(size), None) => {
-                Ok(SourceKind::Synth { task, size })
-            }
+    /// The synthetic task of the source, if it is one.
+    pub fn synth_task(&self) -> Option<SynthTask> {
+        match self.kind {
+            SourceKind::Synth { task, .. } => Some(task),
+            SourceKind::Jsonl { .. } => None,
+        }
+    }
+}
+
+/// A source's TOML form, checked into a [`Source`] when the config is read.
+#[derive(Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SourceToml {
+    kind: SourceType,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    task: Option<SynthTask>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    size: Option<usize>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    path: Option<PathBuf>,
+    #[serde(default = "one")]
+    weight: f64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    vqvae: Option<PathBuf>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    few_shot: Option<usize>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    noise_boxes: Option<usize>,
+}
+
+#[derive(Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+enum SourceType {
+    Synth,
+    Jsonl,
+}
+
+impl TryFrom<SourceToml> for Source {
+    type Error = String;
+    fn try_from(s: SourceToml) -> std::result::Result<Self, String> {
+        let kind = match (s.kind, s.task, s.size, s.path) {
+            (SourceType::Synth, Some(task), Some(size), None) => SourceKind::Synth { task, size },
             (SourceType::Synth, ..) => {
-                Err("kind = \"synth\" needs `task` and `size` (and no `path`)".into())
+                return Err("kind = \"synth\" needs `task` and `size` (and no `path`)".into())
             }
-            (SourceType::Jsonl, None, None, Some(path)) => {
-                Ok(SourceKind::Jsonl { path: path.clone() })
-            }
+            (SourceType::Jsonl, None, None, Some(path)) => SourceKind::Jsonl { path },
             (SourceType::Jsonl, ..) => {
-                Err("kind = \"jsonl\" needs `path` (and no `task`/`size`)".into())
+                return Err("kind = \"jsonl\" needs `path` (and no `task`/`size`)".into())
             }
+        };
+        if !s.weight.is_finite() || s.weight < 0.0 {
+            return Err(format!("weight {} is not a non-negative number", s.weight));
+        }
+        Ok(Source {
+            kind,
+            weight: s.weight,
+            vqvae: s.vqvae,
+            few_shot: s.few_shot,
+            noise_boxes: s.noise_boxes,
+        })
+    }
+}
+
+impl From<Source> for SourceToml {
+    fn from(s: Source) -> Self {
+        let (kind, task, size, path) = match s.kind {
+            SourceKind::Synth { task, size } => (SourceType::Synth, Some(task), Some(size), None),
+            SourceKind::Jsonl { path } => (SourceType::Jsonl, None, None, Some(path)),
+        };
+        SourceToml {
+            kind,
+            task,
+            size,
+            path,
+            weight: s.weight,
+            vqvae: s.vqvae,
+            few_shot: s.few_shot,
+            noise_boxes: s.noise_boxes,
         }
     }
 }
@@ -239,7 +288,7 @@ impl Default for LossSection {
 #[serde(deny_unknown_fields)]
 pub struct Group {
     /// Regex matched against the whole parameter path (e.g. `vision_tower\..*`).
-    pub params: String,
+    pub params: Parsed<Pattern>,
     #[serde(default)]
     pub decay: Decay,
     #[serde(default)]
@@ -291,22 +340,7 @@ pub struct Stage {
     /// paper's "LLM dropout" transfer hyper-parameter.
     #[serde(default)]
     pub llm_dropout: f64,
-    pub lr: f64,
-    #[serde(default = "b1")]
-    pub b1: f64,
-    #[serde(default = "b2")]
-    pub b2: f64,
-    #[serde(default = "eps")]
-    pub eps: f64,
-    /// Decoupled weight decay (multiplied by the schedule, not the lr, as big_vision).
-    #[serde(default)]
-    pub weight_decay: f64,
-    /// Which parameters decay: big_vision decays only the ViT / projector kernels.
-    #[serde(default = "wd_params")]
-    pub weight_decay_params: String,
-    /// Global-norm gradient clip over trainable parameters; 0 = off.
-    #[serde(default = "clip")]
-    pub grad_clip: f64,
+    pub optim: Optim,
     #[serde(default)]
     pub loss: LossSection,
     #[serde(default)]
@@ -332,36 +366,230 @@ pub struct Stage {
     /// Keep the optimizer state from the previous stage.
     #[serde(default = "yes")]
     pub carry_optimizer: bool,
-    /// Re-initialise these parts at the start of the stage (`vision_tower`,
-    /// `multi_modal_projector`, `language_model`): the paper's "reset" ablation.
+    /// Re-initialise these parts at the start of the stage: the paper's "reset" ablation.
     #[serde(default)]
-    pub reset: Vec<String>,
+    pub reset: Vec<Part>,
     #[serde(default = "log_every")]
     pub log_every: u64,
     /// Checkpoint interval in steps (and always at the end of the stage).
     #[serde(default = "ckpt_every")]
     pub checkpoint_every: u64,
-    /// Validation examples decoded and scored at each evaluation (0 = no eval).
     #[serde(default)]
-    pub eval_examples: usize,
-    /// Evaluate every this many steps as well as at the end of the stage (0 = only at the end).
-    #[serde(default)]
-    pub eval_every: u64,
-    /// Metric family of the evaluation: caption, vqa, vqav2, docvqa, chartqa, detect, refcoco
-    /// (default: from the first source's task; `vqa` for JSONL).
-    #[serde(default)]
-    pub eval_task: Option<String>,
-    /// Decoding of the evaluation: greedy, beam:K, temperature:T, nucleus:P[:T], best_of:N[:T].
-    #[serde(default = "greedy")]
-    pub eval_decode: String,
-    /// Validation JSONL for that evaluation. Without it a synthetic first source uses its
-    /// validation split; a JSONL first source is not evaluated (it would be its training data).
-    #[serde(default)]
-    pub eval_jsonl: Option<PathBuf>,
+    pub eval: EvalSection,
     #[serde(rename = "source")]
     pub sources: Vec<Source>,
     #[serde(rename = "group", default)]
     pub groups: Vec<Group>,
+}
+
+/// `[stage.optim]`: big_vision's optimizer chain (see `optim.rs`).
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Optim {
+    pub lr: f64,
+    #[serde(default = "b1")]
+    pub b1: f64,
+    #[serde(default = "b2")]
+    pub b2: f64,
+    #[serde(default = "eps")]
+    pub eps: f64,
+    /// Decoupled weight decay (multiplied by the schedule, not the lr, as big_vision).
+    #[serde(default)]
+    pub weight_decay: f64,
+    /// Which parameters decay (a regex over whole parameter paths): big_vision decays only the
+    /// ViT / projector kernels.
+    #[serde(default = "wd_params")]
+    pub weight_decay_params: Parsed<Pattern>,
+    /// Global-norm gradient clip over trainable parameters; 0 = off.
+    #[serde(default = "clip")]
+    pub grad_clip: f64,
+}
+
+impl Optim {
+    /// Learning rate `lr` and every other setting at its default.
+    pub fn new(lr: f64) -> Self {
+        Self {
+            lr,
+            b1: b1(),
+            b2: b2(),
+            eps: eps(),
+            weight_decay: 0.0,
+            weight_decay_params: wd_params(),
+            grad_clip: clip(),
+        }
+    }
+}
+
+/// `[stage.eval]`: the stage's evaluation (decoded task metrics and validation perplexity).
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct EvalSection {
+    /// Validation examples decoded and scored at each evaluation (0 = no eval).
+    #[serde(default)]
+    pub examples: usize,
+    /// Evaluate every this many steps as well as at the end of the stage (0 = only at the end).
+    #[serde(default)]
+    pub every: u64,
+    /// Metric family: caption, vqa, vqav2, docvqa, chartqa, detect, refcoco (default: from the
+    /// first source's task; `vqa` for JSONL).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub task: Option<Parsed<Task>>,
+    /// Decoding: greedy, beam:K, temperature:T, nucleus:P[:T], best_of:N[:T].
+    #[serde(default = "greedy")]
+    pub decode: Parsed<Sampler>,
+    /// Validation JSONL. Without it a synthetic first source uses its validation split; a
+    /// JSONL first source is not evaluated (it would be its training data).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub jsonl: Option<PathBuf>,
+}
+
+impl Default for EvalSection {
+    fn default() -> Self {
+        Self {
+            examples: 0,
+            every: 0,
+            task: None,
+            decode: greedy(),
+            jsonl: None,
+        }
+    }
+}
+
+/// A model part a stage may re-initialise (`reset`).
+#[derive(Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum Part {
+    VisionTower,
+    MultiModalProjector,
+    LanguageModel,
+}
+
+impl Part {
+    /// The parameter path prefix of the part.
+    pub fn name(self) -> &'static str {
+        match self {
+            Part::VisionTower => "vision_tower",
+            Part::MultiModalProjector => "multi_modal_projector",
+            Part::LanguageModel => "language_model",
+        }
+    }
+}
+
+/// A value written as a string in TOML and parsed once, when the config is read; it is written
+/// back as it was given.
+#[derive(Debug, Clone)]
+pub struct Parsed<T> {
+    text: String,
+    value: T,
+}
+
+impl<T: FromStr> Parsed<T>
+where
+    T::Err: std::fmt::Display,
+{
+    pub fn new(text: &str) -> std::result::Result<Self, String> {
+        let value = text.parse::<T>().map_err(|e| format!("`{text}`: {e}"))?;
+        Ok(Self {
+            text: text.to_string(),
+            value,
+        })
+    }
+}
+
+impl<T> Parsed<T> {
+    pub fn as_str(&self) -> &str {
+        &self.text
+    }
+}
+
+impl<T> std::ops::Deref for Parsed<T> {
+    type Target = T;
+    fn deref(&self) -> &T {
+        &self.value
+    }
+}
+
+impl<T> PartialEq for Parsed<T> {
+    fn eq(&self, other: &Self) -> bool {
+        self.text == other.text
+    }
+}
+
+impl<T> Serialize for Parsed<T> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+        s.serialize_str(&self.text)
+    }
+}
+
+impl<'de, T: FromStr> Deserialize<'de> for Parsed<T>
+where
+    T::Err: std::fmt::Display,
+{
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        let text = String::deserialize(d)?;
+        Parsed::new(&text).map_err(serde::de::Error::custom)
+    }
+}
+
+/// A regex that must match a whole parameter path.
+#[derive(Debug, Clone)]
+pub struct Pattern(pub regex::Regex);
+
+impl FromStr for Pattern {
+    type Err = regex::Error;
+    fn from_str(s: &str) -> std::result::Result<Self, regex::Error> {
+        regex::Regex::new(&format!("^(?:{s})$")).map(Pattern)
+    }
+}
+
+impl Pattern {
+    pub fn is_match(&self, path: &str) -> bool {
+        self.0.is_match(path)
+    }
+}
+
+/// Stage keys that moved into a section: (old key, section, new key). Old configs and `--set`s
+/// keep working: the key is moved before the config is typed.
+const MOVED: &[(&str, &str, &str)] = &[
+    ("lr", "optim", "lr"),
+    ("b1", "optim", "b1"),
+    ("b2", "optim", "b2"),
+    ("eps", "optim", "eps"),
+    ("weight_decay", "optim", "weight_decay"),
+    ("weight_decay_params", "optim", "weight_decay_params"),
+    ("grad_clip", "optim", "grad_clip"),
+    ("eval_examples", "eval", "examples"),
+    ("eval_every", "eval", "every"),
+    ("eval_task", "eval", "task"),
+    ("eval_decode", "eval", "decode"),
+    ("eval_jsonl", "eval", "jsonl"),
+];
+
+/// Moves the flat keys of older configs into their sections (see [`MOVED`]).
+fn move_old_keys(doc: &mut toml::Value) -> std::result::Result<(), String> {
+    let Some(stages) = doc.get_mut("stage").and_then(|s| s.as_array_mut()) else {
+        return Ok(());
+    };
+    for (i, st) in stages.iter_mut().enumerate() {
+        let Some(t) = st.as_table_mut() else { continue };
+        for (old, section, new) in MOVED {
+            let Some(v) = t.remove(*old) else { continue };
+            let sec = t
+                .entry(section.to_string())
+                .or_insert_with(|| toml::Value::Table(Default::default()));
+            let Some(sec) = sec.as_table_mut() else {
+                return Err(format!("stage {}: `{section}` must be a table", i + 1));
+            };
+            if sec.contains_key(*new) {
+                return Err(format!(
+                    "stage {}: `{old}` is now `{section}.{new}`; give it once",
+                    i + 1
+                ));
+            }
+            sec.insert(new.to_string(), v);
+        }
+    }
+    Ok(())
 }
 
 /// Non-empty lines of a JSONL file, read in a stream (a dataset may be large).
@@ -379,8 +607,8 @@ fn count_lines(path: &Path) -> Result<usize> {
 fn one_usize() -> usize {
     1
 }
-fn greedy() -> String {
-    "greedy".into()
+fn greedy() -> Parsed<Sampler> {
+    Parsed::new("greedy").expect("greedy parses")
 }
 fn b1() -> f64 {
     0.9
@@ -391,8 +619,8 @@ fn b2() -> f64 {
 fn eps() -> f64 {
     1e-8
 }
-fn wd_params() -> String {
-    r"(vision_tower|multi_modal_projector)\..*weight".into()
+fn wd_params() -> Parsed<Pattern> {
+    Parsed::new(r"(vision_tower|multi_modal_projector)\..*weight").expect("valid regex")
 }
 fn clip() -> f64 {
     1.0
@@ -416,7 +644,14 @@ pub fn apply_override(doc: &mut toml::Value, spec: &str) -> Result<()> {
     let value: toml::Value = toml::from_str::<toml::Table>(&format!("v = {value}"))
         .map(|t| t["v"].clone())
         .unwrap_or_else(|_| toml::Value::String(value.to_string()));
-    let parts: Vec<&str> = key.split('.').collect();
+    let mut parts: Vec<&str> = key.split('.').collect();
+    // `stage.1.lr` of older configs is `stage.1.optim.lr` now.
+    if let [first, sel, old] = parts[..] {
+        if let Some((_, section, new)) = MOVED.iter().find(|m| m.0 == old) {
+            parts = vec![first, sel, section, new];
+        }
+    }
+    let key = parts.join(".");
     let mut cur = doc;
     let mut i = 0;
     while i < parts.len() {
@@ -482,9 +717,9 @@ impl RunConfig {
                 (Some(e), None) => {
                     let mut n = 0usize;
                     for src in &s.sources {
-                        let size = match src.kind().map_err(Error::Config)? {
-                            SourceKind::Synth { size, .. } => size,
-                            SourceKind::Jsonl { path: p } => count_lines(&p)?,
+                        let size = match &src.kind {
+                            SourceKind::Synth { size, .. } => *size,
+                            SourceKind::Jsonl { path: p } => count_lines(p)?,
                         };
                         n += src.few_shot.map_or(size, |k| k.min(size));
                     }
@@ -497,6 +732,14 @@ impl RunConfig {
         Ok(())
     }
 
+    /// A config as `pali train` writes it (`config.resolved.toml`), also one written before
+    /// the `optim` / `eval` sections existed.
+    pub fn from_resolved(text: &str) -> std::result::Result<Self, String> {
+        let mut doc: toml::Value = toml::from_str(text).map_err(|e| e.to_string())?;
+        move_old_keys(&mut doc)?;
+        doc.try_into().map_err(|e: toml::de::Error| e.to_string())
+    }
+
     /// [`RunConfig::load`] without the checks of [`RunConfig::validate`] (files may not exist
     /// yet: an ablation's runs that start from a preparatory run's output).
     pub fn parse(path: &Path, overrides: &[String]) -> Result<Self> {
@@ -504,6 +747,7 @@ impl RunConfig {
             .map_err(|e| Error::Config(format!("{}: {e}", path.display())))?;
         let mut doc: toml::Value =
             toml::from_str(&text).map_err(|e| Error::Config(format!("{}: {e}", path.display())))?;
+        move_old_keys(&mut doc).map_err(|e| Error::Config(format!("{}: {e}", path.display())))?;
         for o in overrides {
             apply_override(&mut doc, o)?;
         }
@@ -548,11 +792,11 @@ impl RunConfig {
             fix(p);
         }
         for s in &mut self.stages {
-            if let Some(p) = &mut s.eval_jsonl {
+            if let Some(p) = &mut s.eval.jsonl {
                 fix(p);
             }
             for src in &mut s.sources {
-                if let Some(path) = &mut src.path {
+                if let SourceKind::Jsonl { path } = &mut src.kind {
                     fix(path);
                 }
                 if let Some(path) = &mut src.vqvae {
@@ -602,92 +846,43 @@ impl RunConfig {
                 return err(format!("{at}: no [[stage.source]]"));
             }
             for (k, src) in s.sources.iter().enumerate() {
-                match src.kind() {
-                    Err(m) => return err(format!("{at}: source {}: {m}", k + 1)),
-                    Ok(SourceKind::Jsonl { path }) if !path.is_file() => {
-                        return err(format!(
-                            "{at}: source {}: file not found: {}",
-                            k + 1,
-                            path.display()
-                        ))
+                let at = format!("{at}: source {}", k + 1);
+                if let SourceKind::Jsonl { path } = &src.kind {
+                    if !path.is_file() {
+                        return err(format!("{at}: file not found: {}", path.display()));
                     }
-                    _ => {}
                 }
-                if let Ok(SourceKind::Synth {
-                    task: SynthTask::Segment,
-                    ..
-                }) = src.kind()
-                {
+                let task = src.synth_task();
+                if task == Some(SynthTask::Segment) {
                     match &src.vqvae {
                         None => {
                             return err(format!(
-                                "{at}: source {}: task `segment` needs `vqvae = \"PATH\"` (train \
-                                 one with `pali vqvae train --synthetic`)",
-                                k + 1
+                                "{at}: task `segment` needs `vqvae = \"PATH\"` (train one with \
+                                 `pali vqvae train --synthetic`)"
                             ))
                         }
                         Some(p) if !p.is_file() => {
-                            return err(format!(
-                                "{at}: source {}: vqvae: file not found: {}",
-                                k + 1,
-                                p.display()
-                            ))
+                            return err(format!("{at}: vqvae: file not found: {}", p.display()))
                         }
                         _ => {}
                     }
                 }
-                if src.noise_boxes.is_some()
-                    && !matches!(
-                        src.kind(),
-                        Ok(SourceKind::Synth {
-                            task: SynthTask::Detect,
-                            ..
-                        })
-                    )
-                {
+                if src.noise_boxes.is_some() && task != Some(SynthTask::Detect) {
                     return err(format!(
-                        "{at}: source {}: noise_boxes applies to synthetic `detect` sources \
-                         (JSONL data carries its own noise boxes)",
-                        k + 1
-                    ));
-                }
-                if !src.weight.is_finite() || src.weight < 0.0 {
-                    return err(format!(
-                        "{at}: source {}: weight {} is not a non-negative number",
-                        k + 1,
-                        src.weight
+                        "{at}: noise_boxes applies to synthetic `detect` sources (JSONL data \
+                         carries its own noise boxes)"
                     ));
                 }
             }
-            if let Some(p) = &s.eval_jsonl {
+            if let Some(p) = &s.eval.jsonl {
                 if !p.is_file() {
-                    return err(format!("{at}: eval_jsonl: file not found: {}", p.display()));
+                    return err(format!("{at}: eval.jsonl: file not found: {}", p.display()));
                 }
             }
-            if let Some(t) = &s.eval_task {
-                match t.parse::<pali_eval::Task>() {
-                    Ok(pali_eval::Task::Perplexity) => {
-                        return err(format!(
-                            "{at}: eval_task: validation perplexity is always reported; pick a \
-                             decoding task"
-                        ))
-                    }
-                    Ok(_) => {}
-                    Err(m) => return err(format!("{at}: eval_task: {m}")),
-                }
-            }
-            if let Err(m) = s.eval_decode.parse::<pali_eval::Sampler>() {
-                return err(format!("{at}: eval_decode: {m}"));
-            }
-            if let Some(r) = s.reset.iter().find(|r| {
-                !matches!(
-                    r.as_str(),
-                    "vision_tower" | "multi_modal_projector" | "language_model"
-                )
-            }) {
+            if s.eval.task.as_deref() == Some(&Task::Perplexity) {
                 return err(format!(
-                    "{at}: reset: unknown part `{r}` (vision_tower, multi_modal_projector, \
-                     language_model)"
+                    "{at}: eval.task: validation perplexity is always reported; pick a decoding \
+                     task"
                 ));
             }
             if s.window == 0 || s.downscale == Some(0) {
@@ -698,21 +893,17 @@ impl RunConfig {
             }
             if s.augment.crop_min_area.is_some() {
                 // A crop moves objects: box and mask targets would no longer match the image.
-                let spatial = s.sources.iter().find_map(|src| match src.kind() {
-                    Ok(SourceKind::Synth { task, .. })
-                        if matches!(
-                            task,
-                            SynthTask::Detect | SynthTask::GroundedCaption | SynthTask::Segment
-                        ) =>
-                    {
-                        Some(task.name())
-                    }
-                    _ => None,
+                let spatial = s.sources.iter().filter_map(Source::synth_task).find(|t| {
+                    matches!(
+                        t,
+                        SynthTask::Detect | SynthTask::GroundedCaption | SynthTask::Segment
+                    )
                 });
                 if let Some(t) = spatial {
                     return err(format!(
-                        "{at}: augment.crop_min_area moves objects, but task `{t}` has box or \
-                         mask targets"
+                        "{at}: augment.crop_min_area moves objects, but task `{}` has box or \
+                         mask targets",
+                        t.name()
                     ));
                 }
             }
@@ -731,6 +922,9 @@ impl RunConfig {
                     s.llm_dropout
                 ));
             }
+            if s.log_every == 0 || s.checkpoint_every == 0 {
+                return err(format!("{at}: log_every and checkpoint_every must be > 0"));
+            }
             match (s.steps, s.epochs, s.examples) {
                 (0, None, None) => {
                     return err(format!("{at}: give `steps`, `epochs` or `examples`"))
@@ -744,22 +938,96 @@ impl RunConfig {
                 (_, _, Some(0)) => return err(format!("{at}: examples must be > 0")),
                 _ => {}
             }
-            for g in &s.groups {
-                regex::Regex::new(&format!("^(?:{})$", g.params)).map_err(|e| {
-                    Error::Config(format!(
-                        "{}: {at}: group `{}`: bad regex: {e}",
-                        path.display(),
-                        g.params
-                    ))
-                })?;
-            }
-            regex::Regex::new(&s.weight_decay_params).map_err(|e| {
-                Error::Config(format!(
-                    "{}: {at}: weight_decay_params: {e}",
-                    path.display()
-                ))
-            })?;
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const TOKENIZER: &str = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../../data/tokenizer/tokenizer.json"
+    );
+
+    fn load(dir: &Path, stage: &str, sets: &[&str]) -> Result<RunConfig> {
+        let p = dir.join("run.toml");
+        let text = format!(
+            "[run]\nname = \"t\"\nout_dir = \"out\"\n[model]\npreset = \"tiny\"\n\
+             [tokenizer]\npath = \"{TOKENIZER}\"\n[[stage]]\nname = \"s\"\nresolution = 32\n\
+             text_len = 16\nsteps = 1\nbatch_size = 1\n{stage}\n\
+             source = [{{ kind = \"synth\", task = \"vqa\", size = 10 }}]\n"
+        );
+        std::fs::write(&p, text).unwrap();
+        let sets: Vec<String> = sets.iter().map(|s| s.to_string()).collect();
+        RunConfig::load(&p, &sets)
+    }
+
+    #[test]
+    fn flat_keys_of_older_configs_load_into_their_sections() {
+        let d = tempfile::tempdir().unwrap();
+        let old = load(
+            d.path(),
+            "lr = 1e-3\nb2 = 0.99\ngrad_clip = 0.5\neval_examples = 4\neval_decode = \"beam:2\"",
+            &[],
+        )
+        .unwrap();
+        let new = load(
+            d.path(),
+            "optim = { lr = 1e-3, b2 = 0.99, grad_clip = 0.5 }\n\
+             eval = { examples = 4, decode = \"beam:2\" }",
+            &[],
+        )
+        .unwrap();
+        assert_eq!(old, new);
+        assert_eq!(*new.stages[0].eval.decode, Sampler::Beam(2));
+        // `--set` with the old key path reaches the new place.
+        let set = load(d.path(), "optim = { lr = 1e-3 }", &["stage.1.lr=2e-3"]).unwrap();
+        assert_eq!(set.stages[0].optim.lr, 2e-3);
+        let both = load(d.path(), "lr = 1e-3\noptim = { lr = 2e-3 }", &[]).unwrap_err();
+        assert!(
+            both.to_string()
+                .contains("`lr` is now `optim.lr`; give it once"),
+            "{both}"
+        );
+    }
+
+    #[test]
+    fn strings_are_parsed_once_when_the_config_is_read() {
+        let d = tempfile::tempdir().unwrap();
+        let base = "optim = { lr = 1e-3 }";
+        for (set, want) in [
+            ("stage.1.reset=[\"vision\"]", "unknown variant `vision`"),
+            ("stage.1.eval.task=\"sing\"", "unknown task `sing`"),
+            ("stage.1.eval.decode=\"beam\"", "`beam`"),
+            (
+                "stage.1.optim.weight_decay_params=\"(\"",
+                "regex parse error",
+            ),
+            ("stage.1.source=[{ kind = \"jsonl\" }]", "needs `path`"),
+            (
+                "stage.1.source=[{ kind = \"synth\", task = \"vqa\", size = 1, weight = -1.0 }]",
+                "weight -1",
+            ),
+            (
+                "stage.1.eval.task=\"perplexity\"",
+                "perplexity is always reported",
+            ),
+            (
+                "stage.1.log_every=0",
+                "log_every and checkpoint_every must be > 0",
+            ),
+        ] {
+            let e = load(d.path(), base, &[set]).unwrap_err().to_string();
+            assert!(e.contains(want), "{set}: {e}");
+            assert!(e.contains("run.toml"), "{set}: {e}");
+        }
+        let c = load(d.path(), base, &["stage.1.reset=[\"vision_tower\"]"]).unwrap();
+        assert_eq!(c.stages[0].reset, vec![Part::VisionTower]);
+        // What is written back reads the same.
+        let again = RunConfig::from_resolved(&toml::to_string_pretty(&c).unwrap()).unwrap();
+        assert_eq!(again, c);
     }
 }

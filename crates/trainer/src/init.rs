@@ -16,13 +16,14 @@ use pali_model::{PaliGemma, PaliGemmaConfig};
 use crate::config::{ModelSection, TokenInit};
 use crate::error::{Error, Result};
 
-/// Fills the towers named in `m` from their checkpoints.
+/// Fills the towers named in `m` from their checkpoints; also returns a line per loaded tower.
 pub fn unimodal<B: Backend>(
     mut model: PaliGemma<B>,
     cfg: &PaliGemmaConfig,
     m: &ModelSection,
     device: &B::Device,
-) -> Result<PaliGemma<B>> {
+) -> Result<(PaliGemma<B>, Vec<String>)> {
+    let mut notes = Vec::new();
     if let Some(p) = &m.init_siglip {
         let file = TensorFile::open(p)?;
         // A checkpoint of another resolution loads at its own and is resampled (as between
@@ -39,14 +40,14 @@ pub fn unimodal<B: Backend>(
             v.image_size = res;
         }
         let loaded = load_into(c.init::<B>(device), &file, Tower::Vision)?;
-        let loaded = crate::train::set_resolution(loaded, res, want);
+        let loaded = crate::posemb::set_resolution(loaded, res, want);
         model.vision_tower = loaded.vision_tower;
-        eprintln!("image encoder from {} ({res} px)", p.display());
+        notes.push(format!("image encoder from {} ({res} px)", p.display()));
     }
     if let Some(p) = &m.init_gemma {
         let (lm, added) = gemma(p, cfg, m.token_init, device)?;
         model.language_model = lm;
-        eprintln!(
+        notes.push(format!(
             "decoder from {}{}",
             p.display(),
             if added > 0 {
@@ -54,9 +55,9 @@ pub fn unimodal<B: Backend>(
             } else {
                 String::new()
             }
-        );
+        ));
     }
-    Ok(model)
+    Ok((model, notes))
 }
 
 /// The Gemma decoder of checkpoint `path`, its embedding extended to the model's vocabulary.

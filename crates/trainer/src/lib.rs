@@ -6,12 +6,18 @@ pub mod ablate;
 pub mod ckpt;
 pub mod config;
 pub mod error;
+pub mod evaluate;
+pub mod events;
 pub mod init;
+pub mod inputs;
 pub mod optim;
 pub mod parallel;
 pub mod plot;
 pub mod posemb;
+pub mod report;
 pub mod schedule;
+pub mod stage;
+pub mod step;
 pub mod train;
 pub mod vqvae;
 

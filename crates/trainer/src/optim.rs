@@ -17,24 +17,28 @@ use burn::module::{AutodiffModule, ModuleMapper, ModuleVisitor, Param};
 use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::Tensor;
 use pali_model::checkpoint::PathStack;
-use regex::Regex;
 
-use crate::config::{Group, Stage};
+use crate::config::{Group, Optim, Parsed, Pattern, Stage};
 use crate::error::{Error, Result};
 use crate::schedule::Schedule;
 
-/// The compiled parameter groups of a stage.
+/// The parameter groups of a stage (their regexes compiled when the config was read).
 pub struct Groups {
-    pub groups: Vec<(Regex, Group)>,
-    pub wd: Regex,
+    pub groups: Vec<Group>,
+    pub wd: Pattern,
 }
 
 impl Groups {
-    /// Groups of `stage`; without `[[stage.group]]` one group covers everything.
-    pub fn new(stage: &Stage) -> Result<Self> {
-        let groups = if stage.groups.is_empty() {
+    /// The groups of a stage; without `[[stage.group]]` one group covers everything.
+    pub fn new(stage: &Stage) -> Self {
+        Self::from_parts(&stage.groups, &stage.optim.weight_decay_params)
+    }
+
+    /// Groups from their list (empty: the default one) and the weight-decay selector.
+    pub fn from_parts(groups: &[Group], wd: &Pattern) -> Self {
+        let groups = if groups.is_empty() {
             vec![Group {
-                params: ".*".into(),
+                params: Parsed::new(".*").expect("valid regex"),
                 decay: crate::schedule::Decay::Cosine,
                 warmup_steps: 0,
                 warmup_fraction: 0.05,
@@ -45,22 +49,12 @@ impl Groups {
                 continues: false,
             }]
         } else {
-            stage.groups.clone()
+            groups.to_vec()
         };
-        let compiled = groups
-            .into_iter()
-            .map(|g| {
-                Regex::new(&format!("^(?:{})$", g.params))
-                    .map(|r| (r, g.clone()))
-                    .map_err(|e| Error::Config(format!("group `{}`: {e}", g.params)))
-            })
-            .collect::<Result<Vec<_>>>()?;
-        let wd = Regex::new(&format!("^(?:{})$", stage.weight_decay_params))
-            .map_err(|e| Error::Config(format!("weight_decay_params: {e}")))?;
-        Ok(Self {
-            groups: compiled,
-            wd,
-        })
+        Self {
+            groups,
+            wd: wd.clone(),
+        }
     }
 
     /// The one group that covers `path` (big_vision: every parameter in exactly one group).
@@ -69,7 +63,7 @@ impl Groups {
             .groups
             .iter()
             .enumerate()
-            .filter(|(_, (r, _))| r.is_match(path))
+            .filter(|(_, g)| g.params.is_match(path))
             .map(|(i, _)| i)
             .collect();
         match hits.as_slice() {
@@ -81,7 +75,7 @@ impl Groups {
                 "parameter `{path}` is covered by {} groups: {}",
                 many.len(),
                 many.iter()
-                    .map(|i| format!("`{}`", self.groups[*i].1.params))
+                    .map(|i| format!("`{}`", self.groups[*i].params.as_str()))
                     .collect::<Vec<_>>()
                     .join(", ")
             ))),
@@ -91,7 +85,7 @@ impl Groups {
     /// The schedule of `group` in a stage of `stage_steps` that starts after `offset` steps of
     /// the run, and the step to evaluate it at for stage step `step`.
     pub fn at(&self, group: usize, offset: u64, stage_steps: u64, step: u64) -> f64 {
-        if self.groups[group].1.continues {
+        if self.groups[group].continues {
             self.schedule(group, offset + stage_steps).at(offset + step)
         } else {
             self.schedule(group, stage_steps).at(step)
@@ -99,7 +93,7 @@ impl Groups {
     }
 
     pub fn schedule(&self, group: usize, stage_steps: u64) -> Schedule {
-        let g = &self.groups[group].1;
+        let g = &self.groups[group];
         let warmup = if g.warmup_steps > 0 {
             g.warmup_steps
         } else {
@@ -148,7 +142,7 @@ pub fn apply_freeze<B: AutodiffBackend, M: AutodiffModule<B>>(m: M, groups: &Gro
         fn map_float<const D: usize>(&mut self, p: Param<Tensor<B, D>>) -> Param<Tensor<B, D>> {
             let path = self.stack.current().0;
             match self.groups.of(&path) {
-                Ok(g) => p.set_require_grad(!self.groups.groups[g].1.frozen),
+                Ok(g) => p.set_require_grad(!self.groups.groups[g].frozen),
                 Err(e) => {
                     self.err.get_or_insert(e);
                     p
@@ -197,12 +191,7 @@ impl<B: Backend> Default for AdamState<B> {
 
 /// Hyper-parameters of one update.
 pub struct StepConfig<'a> {
-    pub lr: f64,
-    pub b1: f64,
-    pub b2: f64,
-    pub eps: f64,
-    pub weight_decay: f64,
-    pub grad_clip: f64,
+    pub optim: &'a Optim,
     pub groups: &'a Groups,
     /// Schedule value of each group at this step.
     pub sched: Vec<f64>,
@@ -306,12 +295,12 @@ pub fn step<AD: AutodiffBackend, M: AutodiffModule<AD>>(
     let grad_norm = sq.unwrap_or_else(zero).sqrt();
     let param_norm = pn.psq.take().unwrap_or_else(zero).sqrt();
     // min(1, clip / ‖g‖), computed on the device (no sync).
-    let coef = if cfg.grad_clip > 0.0 {
+    let coef = if cfg.optim.grad_clip > 0.0 {
         grad_norm
             .clone()
             .add_scalar(1e-12)
             .recip()
-            .mul_scalar(cfg.grad_clip)
+            .mul_scalar(cfg.optim.grad_clip)
             .clamp_max(1.0)
     } else {
         Tensor::ones([1], &device)
@@ -341,7 +330,7 @@ pub fn step<AD: AutodiffBackend, M: AutodiffModule<AD>>(
             let Ok(group) = self.cfg.groups.of(&path) else {
                 return p;
             };
-            let (_, gcfg) = &self.cfg.groups.groups[group];
+            let gcfg = &self.cfg.groups.groups[group];
             if gcfg.frozen {
                 return p;
             }
@@ -350,26 +339,26 @@ pub fn step<AD: AutodiffBackend, M: AutodiffModule<AD>>(
             let n = g.dims()[0];
             let m = match self.state.m.remove(&path) {
                 Some(m) if m.dims()[0] == n => {
-                    m.mul_scalar(cfg.b1) + g.clone().mul_scalar(1.0 - cfg.b1)
+                    m.mul_scalar(cfg.optim.b1) + g.clone().mul_scalar(1.0 - cfg.optim.b1)
                 }
-                _ => g.clone().mul_scalar(1.0 - cfg.b1),
+                _ => g.clone().mul_scalar(1.0 - cfg.optim.b1),
             };
             let v = match self.state.v.remove(&path) {
                 Some(v) if v.dims()[0] == n => {
-                    v.mul_scalar(cfg.b2) + g.powi_scalar(2).mul_scalar(1.0 - cfg.b2)
+                    v.mul_scalar(cfg.optim.b2) + g.powi_scalar(2).mul_scalar(1.0 - cfg.optim.b2)
                 }
-                _ => g.powi_scalar(2).mul_scalar(1.0 - cfg.b2),
+                _ => g.powi_scalar(2).mul_scalar(1.0 - cfg.optim.b2),
             };
             let t = self.state.t.get(&path).copied().unwrap_or(0) + 1;
-            let mhat = m.clone().div_scalar(1.0 - cfg.b1.powi(t as i32));
-            let vhat = v.clone().div_scalar(1.0 - cfg.b2.powi(t as i32));
-            let adam = mhat / vhat.sqrt().add_scalar(cfg.eps);
+            let mhat = m.clone().div_scalar(1.0 - cfg.optim.b1.powi(t as i32));
+            let vhat = v.clone().div_scalar(1.0 - cfg.optim.b2.powi(t as i32));
+            let adam = mhat / vhat.sqrt().add_scalar(cfg.optim.eps);
             let value = p.val();
             let dims = value.dims();
             let flat = value.inner().reshape([n]);
-            let mut update = adam.mul_scalar(cfg.lr * gcfg.mult);
-            if cfg.weight_decay > 0.0 && cfg.groups.wd.is_match(&path) {
-                update = update + flat.clone().mul_scalar(cfg.weight_decay);
+            let mut update = adam.mul_scalar(cfg.optim.lr * gcfg.mult);
+            if cfg.optim.weight_decay > 0.0 && cfg.groups.wd.is_match(&path) {
+                update = update + flat.clone().mul_scalar(cfg.optim.weight_decay);
             }
             let update = update.mul_scalar(cfg.sched[group]);
             if cfg.norms {

@@ -14,13 +14,13 @@
 use burn::module::Module;
 use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::{ElementConversion, Tensor};
-use pali_model::loss::{reduce, token_nll, Reduction};
+use pali_model::loss::Reduction;
 use pali_model::PaliGemma;
 
 use crate::config::LossSection;
 use crate::error::{Error, Result};
+use crate::inputs::{batch_loss, StepInputs};
 use crate::optim::{self, Grads};
-use crate::train::StepInputs;
 
 /// How one batch is split.
 pub struct Split<'a, AD: Backend> {
@@ -102,10 +102,8 @@ fn device_gradients<AD: AutodiffBackend>(
     let (mut value, mut grads) = (0.0, None);
     for sub in micro {
         let n = sub.targets.dims()[0];
-        let out = model.forward(sub.input, sub.n_img, false, None)?;
-        let tok_loss = token_nll(out.logits, sub.targets, loss.label_smoothing);
-        let w = sub.weights;
-        let mut l = reduce(tok_loss, w.clone(), loss.reduction);
+        let w = sub.weights.clone();
+        let mut l = batch_loss(model, sub, loss)?;
         if n < rows {
             l = match loss.reduction {
                 Reduction::PerExample => l.mul_scalar(n as f64 / rows as f64),

@@ -40,6 +40,36 @@ pub fn resample(emb: &[f32], g_old: usize, g_new: usize, d: usize) -> Vec<f32> {
     out
 }
 
+/// `model` with its position embedding resampled from resolution `from` to `to`.
+pub fn set_resolution<B: burn::tensor::backend::Backend>(
+    mut model: pali_model::PaliGemma<B>,
+    from: usize,
+    to: usize,
+) -> pali_model::PaliGemma<B> {
+    use burn::module::Param;
+    use burn::tensor::{Tensor, TensorData};
+    if from == to {
+        return model;
+    }
+    let p = model.patch_size;
+    if let Some(v) = model.vision_tower.as_mut() {
+        let w = v.embeddings.position_embedding.weight.val();
+        let [n, d] = w.dims();
+        let device = w.device();
+        let vals: Vec<f32> = w.into_data().convert::<f32>().to_vec().expect("f32");
+        let (g_old, g_new) = (from / p, to / p);
+        assert_eq!(
+            n,
+            g_old * g_old,
+            "position embedding rows {n} vs grid {g_old}²"
+        );
+        let out = resample(&vals, g_old, g_new, d);
+        let t = Tensor::<B, 2>::from_data(TensorData::new(out, [g_new * g_new, d]), &device);
+        v.embeddings.position_embedding.weight = Param::from_tensor(t);
+    }
+    model
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -12,13 +12,13 @@ use burn::module::AutodiffModule;
 use burn::optim::{AdamConfig, GradientsParams, Optimizer};
 use burn::tensor::backend::Backend;
 use burn::tensor::{ElementConversion, Tensor, TensorData};
-use indicatif::{ProgressBar, ProgressStyle};
 use pali_data::masks::{synthetic_mask, BinaryMask};
 use pali_data::rng::Rng;
 use pali_model::vqvae::{self, VqVae, VqVaeConfig, MASK_SIZE};
 use serde_json::json;
 
 use crate::error::{io, Error, Result};
+use crate::events::{Event, Observer, StepLog};
 
 /// Where training masks come from.
 #[derive(Debug, Clone)]
@@ -46,7 +46,6 @@ pub struct VqTrainOptions {
     /// Held-out masks for the IoU report.
     pub eval_masks: usize,
     pub log_every: u64,
-    pub progress: bool,
 }
 
 /// What a run reports.
@@ -150,7 +149,11 @@ pub fn round_trip_iou<B: Backend>(
 
 /// Trains a VQ-VAE; writes `vqvae.safetensors`, `config.json`, `metrics.jsonl` and
 /// `summary.json` under `out_dir`.
-pub fn train_vqvae<B: Backend>(opts: &VqTrainOptions, device: &B::Device) -> Result<VqSummary> {
+pub fn train_vqvae<B: Backend>(
+    opts: &VqTrainOptions,
+    device: &B::Device,
+    obs: &dyn Observer,
+) -> Result<VqSummary> {
     type AD<B> = Autodiff<B>;
     std::fs::create_dir_all(&opts.out_dir).map_err(io(&opts.out_dir))?;
     let files = match &opts.masks {
@@ -181,16 +184,12 @@ pub fn train_vqvae<B: Backend>(opts: &VqTrainOptions, device: &B::Device) -> Res
     let mut optim = AdamConfig::new().init::<AD<B>, VqVae<AD<B>>>();
     let metrics = opts.out_dir.join("metrics.jsonl");
     let _ = std::fs::remove_file(&metrics);
-    let bar = if opts.progress {
-        ProgressBar::new(opts.steps)
-    } else {
-        ProgressBar::hidden()
-    };
-    bar.set_style(
-        ProgressStyle::with_template("vqvae [{bar:30}] {pos}/{len} {msg} ETA {eta}")
-            .expect("template")
-            .progress_chars("=> "),
-    );
+    obs.on(Event::Begin {
+        name: "vqvae",
+        steps: opts.steps,
+        start: 0,
+        details: &[],
+    });
     let started = Instant::now();
     let (mut first, mut last) = (f64::NAN, f64::NAN);
     let k = opts.config.codebook_size;
@@ -261,6 +260,7 @@ pub fn train_vqvae<B: Backend>(opts: &VqTrainOptions, device: &B::Device) -> Res
             }
             usage.iter_mut().for_each(|u| *u = 0);
         }
+        let mut logged = None;
         if step.is_multiple_of(opts.log_every) || step == opts.steps {
             let r = recon.into_scalar().elem::<f64>();
             let line = json!({"step": step, "loss": lv, "recon": r, "seconds": started.elapsed().as_secs_f64()});
@@ -271,11 +271,19 @@ pub fn train_vqvae<B: Backend>(opts: &VqTrainOptions, device: &B::Device) -> Res
                 .map_err(io(&metrics))?;
             use std::io::Write;
             writeln!(f, "{line}").map_err(io(&metrics))?;
-            bar.set_message(format!("loss {lv:.4} recon {r:.4}"));
+            logged = Some(StepLog {
+                loss: lv,
+                lr: opts.lr,
+                tokens_per_s: f64::NAN,
+                extra: Some(("recon", r)),
+            });
         }
-        bar.set_position(step);
+        obs.on(Event::Step {
+            done: step,
+            log: logged.as_ref(),
+        });
     }
-    bar.finish_and_clear();
+    obs.on(Event::End);
     let valid = model.valid();
     let (miou, used) = round_trip_iou(&valid, &heldout, device);
     let ckpt = opts.out_dir.join("vqvae.safetensors");
@@ -299,4 +307,42 @@ pub fn train_vqvae<B: Backend>(opts: &VqTrainOptions, device: &B::Device) -> Res
     let sp = opts.out_dir.join("summary.json");
     std::fs::write(&sp, serde_json::to_string_pretty(&summary).expect("json")).map_err(io(&sp))?;
     Ok(summary)
+}
+
+/// The VQ-VAE as the data crate's mask encoder (the `segment` task's targets).
+pub struct VqVaeEncoder<B: Backend> {
+    pub model: pali_model::vqvae::VqVae<B>,
+    pub device: B::Device,
+}
+
+impl<B: Backend> VqVaeEncoder<B> {
+    /// The VQ-VAE checkpoint at `path` (`.npz` or safetensors).
+    pub fn load(path: &std::path::Path, device: &B::Device) -> pali_model::Result<Self> {
+        Ok(Self {
+            model: pali_model::vqvae::load(path, device)?.1,
+            device: device.clone(),
+        })
+    }
+}
+
+impl<B: Backend> pali_data::masks::MaskEncoder for VqVaeEncoder<B> {
+    fn encode(&self, crop64: &[f32]) -> pali_data::Result<[u32; 16]> {
+        if crop64.len() != 64 * 64 {
+            return Err(pali_data::Error::Invalid(format!(
+                "mask crop has {} values, expected 64x64 = 4096",
+                crop64.len()
+            )));
+        }
+        let x = burn::tensor::Tensor::<B, 4>::from_data(
+            burn::tensor::TensorData::new(crop64.to_vec(), [1, 1, 64, 64]),
+            &self.device,
+        );
+        let (codes, _) = self.model.quantize(self.model.encode(x));
+        let v: Vec<i64> = codes.into_data().iter::<i64>().collect();
+        let mut out = [0u32; 16];
+        for (o, c) in out.iter_mut().zip(v) {
+            *o = c as u32;
+        }
+        Ok(out)
+    }
 }

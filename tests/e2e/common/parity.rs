@@ -6,7 +6,7 @@ use burn::tensor::{Int, Tensor, TensorData};
 use pali_model::loss::hf_causal_lm_loss;
 use pali_model::mask::hf_attention_masks;
 use pali_model::paligemma::bool_values;
-use pali_model::{LayerType, ModelInput, Trace};
+use pali_model::{ForwardOptions, LayerType, ModelInput, Trace};
 
 use super::*;
 
@@ -95,7 +95,10 @@ pub fn full_forward_parity<B: Backend>(variant: &str, dev: &B::Device) {
 
     let mut trace = Trace::default();
     let o = model
-        .forward(input, 0, true, Some(&mut trace))
+        .forward(
+            input,
+            ForwardOptions::all_vocab_rows().with_trace(Some(&mut trace)),
+        )
         .unwrap_or_else(|e| panic!("{e}"));
 
     let cmp = |what: &str, got: Tensor<B, 3>, atol: f32, rtol: f32| {
@@ -152,7 +155,7 @@ pub fn bf16_forward_close_to_hf<B: Backend>(variant: &str, dev: &B::Device) {
     let case = load_case::<B>(variant, dev);
     let model = case.model.with_compute(pali_model::Compute::Bf16);
     let o = model
-        .forward(case.input, 0, true, None)
+        .forward(case.input, ForwardOptions::all_vocab_rows())
         .unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(o.logits.dtype(), burn::tensor::DType::F32);
     let (g, gs) = to_vec(o.logits.clone());
@@ -203,8 +206,8 @@ pub fn greedy_parity<B: Backend>(variant: &str, dev: &B::Device) {
     let input_mask = am.clone().equal_elem(1);
     let masks = hf_attention_masks(tt, am, config.text.sliding_window);
     let positions = Tensor::<B, 1, Int>::arange(1..t0 as i64 + 1, dev).reshape([1, t0]);
-    // The eval crate's decoder (0-indexed positions, host-side sampling) on the same prompt;
-    // RoPE only sees position differences, so the tokens must agree with HF's too.
+    // The decoder on the unpadded prompt in big_vision's layout (0-indexed positions, its own
+    // masks); RoPE only sees position differences, so the tokens must agree with HF's too.
     let valid: Vec<i64> = {
         let (ids, _) = i64s(&inp, "gen.input_ids");
         let (am, _) = i64s(&inp, "gen.attention_mask");
@@ -233,21 +236,21 @@ pub fn greedy_parity<B: Backend>(variant: &str, dev: &B::Device) {
         positions,
         masks,
     };
-    let (tokens, logits) = pali_model::generate::greedy(
-        &model,
-        prompt,
+    // The same decoder on HF's inputs as given (what `pali generate` runs).
+    let prompts = pali_eval::PaddedPrompts {
+        input: prompt,
         input_mask,
-        config.text.sliding_window,
-        8,
-        None,
-    )
-    .unwrap();
+    };
+    let (rows, logits) =
+        pali_eval::greedy_with_logits(&model, prompts, config.text.sliding_window, 8, None)
+            .unwrap();
+    let tokens: Vec<i64> = rows[0].tokens.iter().map(|t| *t as i64).collect();
     let (want, _) = i64s(&out, "gen.new_tokens");
-    assert_eq!(tokens[0], want, "{variant}: greedy tokens");
+    assert_eq!(tokens, want, "{variant}: greedy tokens");
     assert_eq!(eval_greedy, want, "{variant}: pali_eval greedy tokens");
     assert_eq!(eval_beam1, want, "{variant}: pali_eval beam:1 tokens");
     let (want_logits, ws) = f32s(&out, "gen.step_logits");
-    let got: Vec<f32> = logits.into_iter().flat_map(|l| to_vec(l).0).collect();
+    let got: Vec<f32> = logits.into_iter().flatten().flatten().collect();
     let d = compare(
         &format!("{variant} gen.step_logits"),
         &got,

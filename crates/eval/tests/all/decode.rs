@@ -4,11 +4,13 @@
 
 use burn::backend::Flex;
 use burn::tensor::{Int, Tensor, TensorData};
-use pali_eval::{decode, DecodeOptions, Decoded, Prompts, Sampler};
+use pali_eval::{
+    decode, greedy_with_logits, DecodeOptions, Decoded, PaddedPrompts, Prompts, Sampler,
+};
 use pali_model::mask::make_attn_mask;
 use pali_model::paligemma::bool_tensor;
 use pali_model::presets::tiny;
-use pali_model::{ModelInput, PaliGemma, PaliGemmaConfig};
+use pali_model::{ForwardOptions, ModelInput, PaliGemma, PaliGemmaConfig};
 
 type B = Flex;
 
@@ -86,7 +88,9 @@ fn score(model: &PaliGemma<B>, prompt: &[i64], px: &[f32], gen: &[u32]) -> Vec<f
         positions: Tensor::<B, 1, Int>::arange(0..s as i64, &d).reshape([1, s]),
         masks,
     };
-    let out = model.forward(input, prompt.len() - 1, false, None).unwrap();
+    let out = model
+        .forward(input, ForwardOptions::logits_from(prompt.len() - 1))
+        .unwrap();
     let v = out.logits.dims()[2];
     let logits: Vec<f32> = out.logits.into_data().iter::<f32>().collect();
     let f = forbid();
@@ -282,4 +286,66 @@ fn sampling_is_seeded_and_best_of_n_picks_the_most_likely() {
     for d in a.iter().chain(&samples) {
         assert!(d.tokens.iter().all(|t| ALLOWED.contains(t)), "{d:?}");
     }
+}
+
+/// The prompts of [`make_prompts`] as one right-padded model input, in the same layout.
+fn padded(ids: &[Vec<i64>], px: &[f32], valid: Option<Vec<bool>>) -> PaddedPrompts<B> {
+    let d = Default::default();
+    let (b, s) = (ids.len(), ids.iter().map(|r| r.len()).max().unwrap());
+    let (mut flat, mut ar, mut real) = (vec![0i64; b * s], vec![1i64; b * s], vec![false; b * s]);
+    for (r, row) in ids.iter().enumerate() {
+        flat[r * s..r * s + row.len()].copy_from_slice(row);
+        ar[r * s..r * s + row.len()].iter_mut().for_each(|a| *a = 0);
+        real[r * s..r * s + row.len()]
+            .iter_mut()
+            .for_each(|v| *v = true);
+    }
+    let real = valid.unwrap_or(real);
+    let int = |v: Vec<i64>| Tensor::<B, 2, Int>::from_data(TensorData::new(v, [b, s]), &d);
+    let mask = || bool_tensor::<B, 2>(real.clone(), [b, s], &d);
+    PaddedPrompts {
+        input: ModelInput {
+            pixel_values: make_prompts(ids, px).pixel_values,
+            input_ids: int(flat),
+            positions: Tensor::<B, 1, Int>::arange(0..s as i64, &d)
+                .reshape([1, s])
+                .expand([b, s]),
+            masks: make_attn_mask(int(ar), mask(), None),
+        },
+        input_mask: mask(),
+    }
+}
+
+#[test]
+fn greedy_with_logits_is_greedy_decoding() {
+    let (m, cfg) = model(8);
+    let (ids, px) = prompts(&cfg);
+    let mut o = opts(Sampler::Greedy, 5);
+    o.forbid.clear();
+    let want = decode(&m, make_prompts(&ids, &px), None, &o).unwrap();
+    let (got, logits) =
+        greedy_with_logits(&m, padded(&ids, &px, None), None, 5, Some(EOS)).unwrap();
+    // The same inputs give the same numbers, bit for bit.
+    assert_eq!(got, want);
+    let steps = got
+        .iter()
+        .map(|d| d.tokens.len() + usize::from(d.finished))
+        .max()
+        .unwrap();
+    assert_eq!(logits.len(), steps);
+    for (r, d) in got.iter().enumerate() {
+        for (i, lp) in d.logprobs.iter().enumerate() {
+            let row = &logits[i][r];
+            assert_eq!(row.len(), cfg.predictable_vocab());
+            let m = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            let lse = m + row.iter().map(|x| (x - m).exp()).sum::<f32>().ln();
+            let tok = d.tokens.get(i).copied().unwrap_or(EOS) as usize;
+            assert_eq!(row[tok] - lse, *lp);
+        }
+    }
+    // Padding must follow the real tokens of a row.
+    let n = ids[0].len();
+    let mut left = vec![false; n];
+    left[1..].iter_mut().for_each(|v| *v = true);
+    assert!(greedy_with_logits(&m, padded(&ids[..1], &px, Some(left)), None, 2, None).is_err());
 }

@@ -1,0 +1,156 @@
+//! A stage's evaluation of the current model: decode validation examples and score them with
+//! the stage's task (the evaluators of `pali eval`), and the validation perplexity of every
+//! source with the masks and loss weights of a training step.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use burn::tensor::backend::Backend;
+use pali_data::batch::{BatchBuilder, Encoded};
+use pali_data::dataset::{Dataset, Example};
+use pali_eval::perplexity::{row_nll, Perplexity};
+use pali_eval::run::{predict, references_from_suffix, PredictOptions};
+use pali_eval::{score, DecodeOptions, Prediction, Task};
+use pali_model::{PaliGemma, PaliGemmaConfig};
+
+use crate::config::{Attention, LossOn};
+use crate::error::Result;
+pub use crate::events::Eval;
+use crate::inputs::step_inputs;
+use crate::stage::StagePlan;
+
+/// Decodes `stage.eval.examples` validation examples and scores them, and measures validation
+/// perplexity of every source that has validation data. `plan.evaluates()` must hold.
+pub fn evaluate<B: Backend>(
+    model: &PaliGemma<B>,
+    plan: &StagePlan,
+    device: &B::Device,
+) -> Result<Eval> {
+    let stage = plan.stage;
+    let builder = plan.batch_builder();
+    let tok = &builder.tokenizer;
+    // The decoded set: `eval.jsonl` when given, else the first source's validation split.
+    let val = plan
+        .eval_set
+        .clone()
+        .or_else(|| plan.val[0].clone())
+        .expect("a stage that evaluates has validation data");
+    let n = stage.eval.examples.min(val.len());
+    let examples: Vec<Example> = (0..n)
+        .map(|i| val.get(i))
+        .collect::<std::result::Result<_, _>>()?;
+    let task = plan.eval_task();
+    let opts = PredictOptions {
+        decode: DecodeOptions {
+            sampler: *stage.eval.decode,
+            max_new: stage.text_len,
+            eos: tok.eos,
+            // PaliGemma 2 decodes detections without its noise class.
+            forbid: tok
+                .noise
+                .filter(|_| stage.sources.iter().any(|x| x.noise_boxes.is_some()))
+                .into_iter()
+                .collect(),
+            seed: plan.seed,
+            use_cache: true,
+        },
+        text_len: stage.text_len,
+        resolution: stage.resolution,
+        resize: stage.resize,
+        batch_size: 16,
+        transforms: builder.transforms,
+    };
+    let (preds, _) = predict(model, &plan.model, tok, &examples, &opts, device, |_| {})?;
+    let refs = references_from_suffix(task, &examples);
+    let scored: Vec<Prediction> = preds
+        .iter()
+        .map(|p| Prediction {
+            id: p.id.clone(),
+            prediction: p.prediction.clone(),
+            scores: (task == Task::Detect).then(|| p.object_scores.clone()),
+        })
+        .collect();
+    let pairs: Vec<_> = scored.iter().zip(refs.iter()).collect();
+    let metrics = score(task, &pairs, None)?;
+    let mut correct = 0;
+    let mut answers_seen: HashMap<&str, usize> = HashMap::new();
+    for p in &preds {
+        correct += usize::from(p.prediction.trim() == p.suffix.trim());
+        *answers_seen.entry(p.suffix.trim()).or_default() += 1;
+    }
+    let shown = preds
+        .iter()
+        .take(5)
+        .map(|p| (p.prefix.clone(), p.suffix.clone(), p.prediction.clone()))
+        .collect();
+    let majority = answers_seen.values().copied().max().unwrap_or(0);
+
+    // Perplexity per source on its validation examples, masks and loss weights as in training.
+    let mut ppl = Perplexity::default();
+    for (k, src) in stage.sources.iter().enumerate() {
+        let set: Arc<dyn Dataset> = match (&plan.val[k], &plan.eval_set) {
+            (Some(v), _) => v.clone(),
+            (None, Some(e)) => e.clone(),
+            // A JSONL source without `eval.jsonl`: its training data is no validation set.
+            (None, None) => continue,
+        };
+        let name = match src.synth_task() {
+            Some(task) => task.name().to_string(),
+            None => set.name().to_string(),
+        };
+        let m = n.min(set.len());
+        for chunk in (0..m).collect::<Vec<_>>().chunks(16) {
+            let rows = chunk
+                .iter()
+                .map(|i| {
+                    let ex = set.get(*i)?;
+                    let enc = builder.encode(&ex, None)?;
+                    Ok((k, ex, enc))
+                })
+                .collect::<std::result::Result<Vec<_>, pali_data::Error>>()?;
+            let (nll, _) = batch_nll(
+                model,
+                &plan.model,
+                &builder,
+                rows,
+                stage.attention,
+                stage.loss.on,
+                device,
+            )?;
+            for (n, t) in nll {
+                ppl.add(&name, n, t);
+            }
+        }
+    }
+    Ok(Eval {
+        task,
+        accuracy: correct as f64 / n.max(1) as f64,
+        majority_baseline: majority as f64 / n.max(1) as f64,
+        metrics,
+        perplexity: ppl.per_task().into_iter().map(|(k, p, _)| (k, p)).collect(),
+        shown,
+    })
+}
+
+/// Summed suffix NLL and token count of each row of encoded examples, with the masks and loss
+/// weights of a training step; also the number of rows whose text was cut.
+pub fn batch_nll<B: Backend>(
+    model: &PaliGemma<B>,
+    cfg: &PaliGemmaConfig,
+    builder: &BatchBuilder,
+    rows: Vec<(usize, Example, Encoded)>,
+    attention: Attention,
+    loss_on: LossOn,
+    device: &B::Device,
+) -> Result<(Vec<(f64, f64)>, usize)> {
+    let mut batch = builder.build(rows, Vec::new())?;
+    let inputs = step_inputs::<B>(&mut batch, cfg, attention, loss_on, device);
+    let nll = row_nll(
+        model,
+        inputs.input,
+        inputs.targets,
+        inputs.weights,
+        inputs.n_img,
+    )?;
+    Ok((nll, batch.truncated))
+}

@@ -1,0 +1,339 @@
+//! What a run needs before its first step, built once: the tokenizer, the VQ-VAE mask encoders,
+//! and per stage the model config, the parameter groups, the data sources and the one data-stream
+//! recipe (mixture + batch builder) that training, evaluation, `pali data inspect`, `pali bench
+//! data` and `pali eval --task perplexity` all use.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use burn::tensor::backend::Backend;
+use pali_data::batch::BatchBuilder;
+use pali_data::dataset::{Dataset, JsonlDataset, SynthDataset, SynthTask};
+use pali_data::masks::MaskEncoder;
+use pali_data::mixture::{FewShot, Mixture};
+use pali_data::transform::Transforms;
+use pali_data::{PaliTokenizer, SequenceBuilder};
+use pali_eval::Task;
+use pali_model::{ImageEncoder, PaliGemmaConfig, ProjectorKind};
+
+use crate::config::{EncoderChoice, ProjectorChoice, RunConfig, SourceKind, Stage};
+use crate::error::{Error, Result};
+use crate::optim::{self, Groups};
+use crate::vqvae::VqVaeEncoder;
+
+/// VQ-VAE mask encoders of the `segment` sources, by checkpoint path.
+pub type MaskEncoders = HashMap<PathBuf, Arc<dyn MaskEncoder>>;
+
+/// A run, checked and ready: everything but the model.
+pub struct RunPlan<'a> {
+    pub config: &'a RunConfig,
+    pub tokenizer: Arc<PaliTokenizer>,
+    pub stages: Vec<StagePlan<'a>>,
+}
+
+/// One stage, checked and ready.
+pub struct StagePlan<'a> {
+    /// Position in the run (seeds the stage's data stream).
+    pub index: usize,
+    pub stage: &'a Stage,
+    /// The run it belongs to.
+    pub config: &'a RunConfig,
+    /// The run's seed.
+    pub seed: u64,
+    /// The model at the stage's resolution.
+    pub model: PaliGemmaConfig,
+    pub groups: Groups,
+    /// Training split of every source.
+    pub train: Vec<Arc<dyn Dataset>>,
+    /// Validation split of every source that has one (synthetic sources; `None` for JSONL).
+    pub val: Vec<Option<Arc<dyn Dataset>>>,
+    /// `eval.jsonl`, opened.
+    pub eval_set: Option<Arc<dyn Dataset>>,
+    tokenizer: Arc<PaliTokenizer>,
+}
+
+impl<'a> RunPlan<'a> {
+    /// Every check that needs the tokenizer, the data or the model's parameter names, before
+    /// any training: the tokenizer fits the model, groups cover every parameter exactly once,
+    /// every source opens. `device` loads the VQ-VAE encoders of `segment` sources.
+    pub fn new<B: Backend>(config: &'a RunConfig, device: &B::Device) -> Result<Self> {
+        let tokenizer = Arc::new(PaliTokenizer::from_file(&config.tokenizer.path)?);
+        if tokenizer.noise.is_none() {
+            if let Some(st) = config
+                .stages
+                .iter()
+                .find(|st| st.sources.iter().any(|x| x.noise_boxes.is_some()))
+            {
+                return Err(Error::Config(format!(
+                    "stage `{}`: noise_boxes needs a `<noise>` token, which {} lacks (add it \
+                     with `pali tokenizer add --tokens \"<noise>\"`)",
+                    st.name,
+                    config.tokenizer.path.display()
+                )));
+            }
+        }
+        let encoders = mask_encoders::<B>(config, device)?;
+        let mut stages = Vec::with_capacity(config.stages.len());
+        let mut paths = None;
+        for (index, stage) in config.stages.iter().enumerate() {
+            let model = model_config(config, &tokenizer, stage.resolution)?;
+            // Parameter paths do not depend on the resolution: one probe serves every stage.
+            let paths =
+                paths.get_or_insert_with(|| optim::param_paths::<B, _>(&model.init::<B>(device)));
+            let groups = Groups::new(stage);
+            groups.assign(paths).map_err(|e| {
+                Error::Config(format!("stage {} (`{}`): {e}", index + 1, stage.name))
+            })?;
+            let eval_set: Option<Arc<dyn Dataset>> = match &stage.eval.jsonl {
+                Some(p) => Some(Arc::new(JsonlDataset::open(p, stage.on_error, false)?)),
+                None => None,
+            };
+            stages.push(StagePlan {
+                index,
+                stage,
+                config,
+                seed: config.run.seed,
+                model,
+                groups,
+                train: sources(stage, config.run.seed, 0, &encoders)?,
+                val: validation_sources(stage, config.run.seed, &encoders)?,
+                eval_set,
+                tokenizer: tokenizer.clone(),
+            });
+        }
+        Ok(Self {
+            config,
+            tokenizer,
+            stages,
+        })
+    }
+}
+
+impl StagePlan<'_> {
+    /// The stage's training stream, seeded by the run's seed and the stage's position.
+    pub fn mixture(&self) -> Result<Mixture> {
+        let weights: Vec<f64> = self.stage.sources.iter().map(|s| s.weight).collect();
+        Ok(Mixture::new(
+            self.train.clone(),
+            &weights,
+            self.seed.wrapping_add(self.index as u64),
+        )?)
+    }
+
+    /// Turns the stream's examples into batches (training draws augmentations from it;
+    /// evaluation encodes without them).
+    pub fn batch_builder(&self) -> BatchBuilder {
+        recipe(
+            self.stage,
+            &self.tokenizer,
+            self.seed.wrapping_add(self.index as u64),
+        )
+    }
+
+    /// Whether the stage evaluates: it asks for examples and has validation data (a synthetic
+    /// first source, or `eval.jsonl`).
+    pub fn evaluates(&self) -> bool {
+        self.stage.eval.examples > 0 && (self.eval_set.is_some() || self.val[0].is_some())
+    }
+
+    /// The metric family the stage is scored with.
+    pub fn eval_task(&self) -> Task {
+        eval_task(self.stage)
+    }
+}
+
+/// The batch builder of `stage`: its text length and truncation, resolution, resize method and
+/// image transforms; `seed` seeds the augmentations.
+pub fn recipe(stage: &Stage, tokenizer: &Arc<PaliTokenizer>, seed: u64) -> BatchBuilder {
+    let mut seq = SequenceBuilder::new(stage.text_len);
+    seq.truncation = stage.truncation;
+    BatchBuilder {
+        tokenizer: tokenizer.clone(),
+        seq,
+        resolution: stage.resolution,
+        resize: stage.resize,
+        frames: 1,
+        transforms: Transforms {
+            downscale: stage.downscale,
+            window: stage.window,
+            augment: stage.augment,
+            seed,
+        },
+    }
+}
+
+/// The metric family a stage is scored with: `eval.task`, else from its first source.
+pub fn eval_task(stage: &Stage) -> Task {
+    if let Some(t) = &stage.eval.task {
+        return **t;
+    }
+    match stage.sources[0].synth_task() {
+        Some(SynthTask::Caption | SynthTask::GroundedCaption) => Task::Caption,
+        Some(SynthTask::Vqa | SynthTask::Count) => Task::Vqa,
+        Some(SynthTask::Detect) => Task::Detect,
+        Some(SynthTask::Ocr) => Task::Docvqa,
+        Some(SynthTask::Segment) => Task::Refcoco,
+        None => Task::Vqa,
+    }
+}
+
+/// The model config of `config` at `resolution`.
+pub fn model_config(
+    config: &RunConfig,
+    tok: &PaliTokenizer,
+    resolution: usize,
+) -> Result<PaliGemmaConfig> {
+    let name = config.model.preset.as_deref().unwrap_or("init_hf");
+    let mut c = match (&config.model.init_hf, name) {
+        (Some(dir), _) => {
+            pali_model::hf::parse_config(&dir.join("config.json"))?.with_position_offset(0)
+        }
+        (None, "tiny") => {
+            pali_model::presets::tiny(tok.vocab_size(), tok.image as usize, resolution)
+        }
+        (None, name) => pali_model::presets::preset(name)?,
+    };
+    if let ImageEncoder::Siglip(v) = &mut c.vision {
+        v.image_size = resolution;
+    }
+    if tok.vocab_size() > c.text.vocab_size {
+        return Err(Error::Config(format!(
+            "tokenizer {} has {} tokens but model `{}` has {} embedding rows",
+            tok.path.display(),
+            tok.vocab_size(),
+            name,
+            c.text.vocab_size
+        )));
+    }
+    if tok.image as usize != c.image_token_id {
+        if let Some(dir) = &config.model.init_hf {
+            return Err(Error::Config(format!(
+                "tokenizer {} has `<image>` = {} but {} expects {}",
+                tok.path.display(),
+                tok.image,
+                dir.join("config.json").display(),
+                c.image_token_id
+            )));
+        }
+        // A preset with another tokenizer (e.g. a full-size model on the synthetic data): the
+        // tokenizer's `<image>` id is used, and rows past its vocabulary are never predicted.
+        c.image_token_id = tok.image as usize;
+        c.output_vocab_size = Some(c.predictable_vocab().min(tok.vocab_size()));
+    }
+    if config.model.encoder == EncoderChoice::None {
+        c.vision = ImageEncoder::RawPatches {
+            image_size: resolution,
+            patch_size: c.vision.patch_size(),
+        };
+    }
+    if config.model.projector == ProjectorChoice::Mlp {
+        c.projector = ProjectorKind::Mlp;
+    }
+    Ok(c)
+}
+
+/// The datasets of a stage's sources (`split` 0 = train, 1 = validation).
+pub fn sources(
+    stage: &Stage,
+    seed: u64,
+    split: u64,
+    encoders: &MaskEncoders,
+) -> Result<Vec<Arc<dyn Dataset>>> {
+    stage
+        .sources
+        .iter()
+        .map(|s| -> Result<Arc<dyn Dataset>> {
+            let d: Arc<dyn Dataset> = match &s.kind {
+                SourceKind::Synth { task, size } => {
+                    let mut d = SynthDataset::new(*task, seed, split, *size, stage.task_prefix);
+                    if let Some(e) = s.vqvae.as_ref().and_then(|p| encoders.get(p)) {
+                        d = d.with_mask_encoder(e.clone());
+                    }
+                    if let Some(n) = s.noise_boxes {
+                        d = d.with_noise_boxes(n);
+                    }
+                    Arc::new(d)
+                }
+                SourceKind::Jsonl { path } => {
+                    Arc::new(JsonlDataset::open(path, stage.on_error, false)?)
+                }
+            };
+            // Few-shot subsets apply to the training split; validation stays whole.
+            Ok(match s.few_shot {
+                Some(k) if split == 0 => Arc::new(FewShot::new(d, k, seed)?),
+                _ => d,
+            })
+        })
+        .collect()
+}
+
+/// The validation split of each synthetic source; a JSONL source has none (its file is
+/// training data).
+fn validation_sources(
+    stage: &Stage,
+    seed: u64,
+    encoders: &MaskEncoders,
+) -> Result<Vec<Option<Arc<dyn Dataset>>>> {
+    let split1 = sources(stage, seed, 1, encoders)?;
+    Ok(stage
+        .sources
+        .iter()
+        .zip(split1)
+        .map(|(s, d)| s.synth_task().map(|_| d))
+        .collect())
+}
+
+/// Loads the VQ-VAE of every source that names one (on `device`).
+pub fn mask_encoders<B: Backend>(config: &RunConfig, device: &B::Device) -> Result<MaskEncoders> {
+    let mut out = MaskEncoders::new();
+    for p in config
+        .stages
+        .iter()
+        .flat_map(|s| s.sources.iter().filter_map(|x| x.vqvae.clone()))
+    {
+        if let std::collections::hash_map::Entry::Vacant(slot) = out.entry(p) {
+            let enc = VqVaeEncoder::<B>::load(slot.key(), device)?;
+            slot.insert(Arc::new(enc) as Arc<dyn MaskEncoder>);
+        }
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::path::Path;
+
+    #[test]
+    fn few_shot_limits_the_training_split_only() {
+        let d = tempfile::tempdir().unwrap();
+        let tok = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../data/tokenizer/tokenizer.json");
+        let p = d.path().join("run.toml");
+        std::fs::write(
+            &p,
+            format!(
+                "[run]\nname = \"f\"\nout_dir = \"out\"\n[model]\npreset = \"tiny\"\n[tokenizer]\npath = \"{}\"\n\
+                 [[stage]]\nname = \"s\"\nresolution = 32\ntext_len = 16\nsteps = 1\n\
+                 batch_size = 1\nlr = 1e-3\n\
+                 source = [{{ kind = \"synth\", task = \"vqa\", size = 100, few_shot = 7 }}]\n",
+                tok.display()
+            ),
+        )
+        .unwrap();
+        let c = RunConfig::load(&p, &[]).unwrap();
+        let train = sources(&c.stages[0], 3, 0, &MaskEncoders::new()).unwrap();
+        let val = sources(&c.stages[0], 3, 1, &MaskEncoders::new()).unwrap();
+        assert_eq!((train[0].len(), val[0].len()), (7, 100));
+        assert!(
+            train[0].name().contains("7-shot, seed 3"),
+            "{}",
+            train[0].name()
+        );
+        let again = sources(&c.stages[0], 3, 0, &MaskEncoders::new()).unwrap();
+        assert_eq!(
+            train[0].get(0).unwrap().suffix,
+            again[0].get(0).unwrap().suffix
+        );
+    }
+}
