@@ -82,8 +82,15 @@ pub fn dispatch<J: Job>(spec: DeviceSpec, job: J) -> Result<J::Output> {
     dispatch_many(&Devices(vec![spec]), job)
 }
 
-/// Runs `job` on the backend of `devices` (all of one kind), with all of them.
+/// Runs `job` on the backend of `devices` (all of one kind), with all of them. The devices are
+/// probed first ([`crate::devices::probe`]); a panic inside the backend becomes an error.
 pub fn dispatch_many<J: Job>(devices: &Devices, job: J) -> Result<J::Output> {
+    crate::devices::probe(devices)?;
+    let list: Vec<String> = devices.0.iter().map(crate::devices::name).collect();
+    crate::devices::at_device(&list.join(","), || run_on(devices, job))
+}
+
+fn run_on<J: Job>(devices: &Devices, job: J) -> Result<J::Output> {
     let d = &devices.0;
     match d[0] {
         DeviceSpec::Cpu => job.run_on::<Cpu>(vec![Default::default(); d.len()]),

@@ -2,6 +2,7 @@
 
 mod backend;
 mod cmd;
+mod devices;
 mod progress;
 mod st;
 
@@ -24,6 +25,9 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// What this machine offers: compiled-in backends, CUDA driver, devices, NVRTC, NCCL and
+    /// wgpu adapters (run it first on a new machine; paste it into bug reports).
+    Doctor,
     /// Inspect model presets and configs.
     Model {
         #[command(subcommand)]
@@ -105,6 +109,7 @@ enum ModelCommand {
 }
 
 fn main() -> ExitCode {
+    devices::quiet_panics();
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Model { command } => match command {
@@ -117,6 +122,12 @@ fn main() -> ExitCode {
                 out,
             } => cmd::model::export(&checkpoint, &tower, vocab, &out),
         },
+        Command::Doctor => {
+            for line in devices::report() {
+                println!("{line}");
+            }
+            Ok(())
+        }
         Command::Train(args) => cmd::train::run(args),
         Command::Finetune(args) => cmd::finetune::run(args),
         Command::Ablate(args) => cmd::ablate::run(args),

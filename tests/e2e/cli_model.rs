@@ -187,3 +187,68 @@ fn bench_train_step_reports_json() {
         assert!(v["tokens_per_second"].as_f64().unwrap() > 0.0);
     }
 }
+
+/// A device that is not there is one line on stderr and a non-zero exit, never a panic or a
+/// backtrace (this machine has no GPU; CI has lavapipe's software Vulkan adapter, which is not a
+/// discrete GPU).
+#[test]
+fn missing_devices_are_one_line_errors() {
+    let doctor = run_ok(pali().arg("doctor"));
+    assert!(doctor.contains("backends compiled in: cpu"), "{doctor}");
+    let no_driver = doctor.contains("cuda: no CUDA driver");
+    let bench = |device: &str| {
+        let mut c = pali();
+        c.args(["bench", "train-step", "--preset", "tiny", "--batch", "2"])
+            .args([
+                "--text-len",
+                "8",
+                "--steps",
+                "1",
+                "--warmup",
+                "0",
+                "--device",
+                device,
+            ]);
+        c
+    };
+    let one_line = |e: &str, want: &str| {
+        // Mesa's Vulkan loader complains about the sandbox's environment on its own.
+        let ours: Vec<&str> = e
+            .trim()
+            .lines()
+            .filter(|l| !l.contains("XDG_RUNTIME_DIR"))
+            .collect();
+        assert_eq!(ours.len(), 1, "{e}");
+        assert!(e.contains(want), "{e}");
+        assert!(!e.contains("panicked") && !e.contains("backtrace"), "{e}");
+    };
+    let cuda = cfg!(feature = "cuda");
+    if cuda && no_driver {
+        let e = run_err(&mut bench("cuda"));
+        one_line(&e, "device cuda:0: no CUDA driver: libcuda.so.1 not found");
+    }
+    if cuda {
+        // With a driver: "this machine has N CUDA devices"; without: the driver is missing.
+        one_line(&run_err(&mut bench("cuda:7")), "device cuda:7: ");
+    } else {
+        one_line(
+            &run_err(&mut bench("cuda:7")),
+            "rebuild with `--features cuda`",
+        );
+    }
+    if cfg!(feature = "wgpu") {
+        one_line(&run_err(&mut bench("wgpu:5")), "device wgpu:5: ");
+        let quickstart =
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("configs/quickstart.toml");
+        let e = run_err(
+            pali()
+                .arg("train")
+                .arg(&quickstart)
+                .args(["--device", "wgpu:0,wgpu:1"]),
+        );
+        one_line(
+            &e,
+            "Burn's wgpu backend cannot copy tensors between devices",
+        );
+    }
+}
