@@ -18,8 +18,10 @@ pub fn probe(devices: &Devices) -> Result<()> {
         DeviceSpec::Wgpu(_) => {
             if d.len() > 1 {
                 anyhow::bail!(
-                    "device list `{}`: Burn's wgpu backend cannot copy tensors between devices, \
-                     so it cannot train data-parallel; use one wgpu device, or CUDA devices",
+                    "device list `{}`: data parallelism on wgpu is not supported (Burn 0.21's \
+                     wgpu backend has no device-to-device path: tensors would go through the \
+                     host, and its collectives are unimplemented); use one wgpu device, or CUDA \
+                     devices",
                     names(devices)
                 );
             }

@@ -246,9 +246,6 @@ fn missing_devices_are_one_line_errors() {
                 .arg(&quickstart)
                 .args(["--device", "wgpu:0,wgpu:1"]),
         );
-        one_line(
-            &e,
-            "Burn's wgpu backend cannot copy tensors between devices",
-        );
+        one_line(&e, "data parallelism on wgpu is not supported");
     }
 }
