@@ -1006,3 +1006,47 @@ fn data_parallel_matches_gradient_accumulation() {
         "{e}"
     );
 }
+
+/// Training runs on a GPU backend's kernels (forward, backward, optimizer): 3 steps on wgpu
+/// (lavapipe in CI) and on the CPU from the same checkpoint give the same losses and nearly the
+/// same weights.
+#[cfg(feature = "wgpu")]
+#[test]
+fn wgpu_training_matches_cpu() {
+    let d = tempfile::tempdir().unwrap();
+    let cfg = config(d.path(), "");
+    // One start for both: random initialisation differs between backends' generators.
+    train_s1(
+        &cfg,
+        "init",
+        &["stage.s1.steps=1", "stage.s1.checkpoint_every=1"],
+    );
+    let ck = d.path().join("init/out/checkpoints/step-00000001");
+    let init = format!("model.init_hf=\"{}\"", ck.display());
+    train_s1(&cfg, "cpu", &["stage.s1.steps=3", &init]);
+    train_s1(
+        &cfg,
+        "wgpu",
+        &["stage.s1.steps=3", &init, r#"run.device="wgpu""#],
+    );
+    let losses = |run: &str| -> Vec<f64> {
+        metrics(&d.path().join(run))
+            .iter()
+            .filter_map(|m| m["loss"].as_f64())
+            .collect()
+    };
+    let (cpu, gpu) = (losses("cpu"), losses("wgpu"));
+    assert_eq!((cpu.len(), gpu.len()), (3, 3));
+    let rel = cpu
+        .iter()
+        .zip(&gpu)
+        .map(|(a, b)| ((a - b) / a).abs())
+        .fold(0f64, f64::max);
+    let w = max_diff(
+        &final_model(&d.path().join("cpu")),
+        &final_model(&d.path().join("wgpu")),
+    );
+    eprintln!("wgpu vs cpu: losses {cpu:?} vs {gpu:?} (max relative {rel:.2e}), weights {w:.2e}");
+    assert!(rel <= 1e-4, "{cpu:?} vs {gpu:?}");
+    assert!(w <= 1e-4, "largest weight difference {w}");
+}
