@@ -181,7 +181,7 @@ fn steps<AD: AutodiffBackend>(
     for step in 0..a.warmup + a.steps {
         let mut b = batch.clone();
         let start = Instant::now();
-        let inputs = step_inputs::<AD>(&mut b, c, Attention::PrefixLm, LossOn::Suffix, &device);
+        let inputs = step_inputs::<AD>(&mut b, c, Attention::PrefixLm, LossOn::Suffix, &device)?;
         if a.forward_only {
             let _ = batch_loss(&model, inputs, &loss)?.into_scalar();
         } else {

@@ -1050,3 +1050,52 @@ fn wgpu_training_matches_cpu() {
     assert!(rel <= 1e-4, "{cpu:?} vs {gpu:?}");
     assert!(w <= 1e-4, "largest weight difference {w}");
 }
+
+/// A step whose loss or gradients are not finite leaves the weights as they were, on the
+/// device (no read per step); the run stops at the next logging step or checkpoint, naming the
+/// step, and no checkpoint ever holds a non-finite weight.
+#[test]
+fn non_finite_steps_are_skipped_and_stop_the_run() {
+    let d = tempfile::tempdir().unwrap();
+    let cfg = config(d.path(), "");
+    // An absurd learning rate: the first update is finite, the next forward overflows.
+    let mut c = pali();
+    c.args(["train", "--quiet"]).arg(&cfg).args([
+        "--set",
+        r#"run.stages=["s1"]"#,
+        "--set",
+        "stage.s1.optim.lr=1e30",
+        "--set",
+        "stage.s1.log_every=100",
+        "--set",
+        "stage.s1.checkpoint_every=1",
+    ]);
+    let e = run_err(&mut c);
+    assert!(
+        e.contains("became non-finite") && e.contains("the last good checkpoint is kept"),
+        "{e}"
+    );
+    let step: u64 = e
+        .split("step ")
+        .nth(1)
+        .and_then(|s| s.split(':').next())
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("no step in {e}"));
+    assert!(step >= 1, "{e}");
+    // Every checkpoint written holds finite weights only, and none comes after the bad step.
+    let ck = d.path().join("out/checkpoints");
+    for entry in std::fs::read_dir(&ck).into_iter().flatten() {
+        let dir = entry.unwrap().path();
+        let n: u64 = dir.file_name().unwrap().to_str().unwrap()[5..]
+            .parse()
+            .unwrap();
+        assert!(n <= step, "checkpoint {n} after the skipped step {step}");
+        for (name, _, v) in all_f32(&open(&dir.join("model.safetensors"))) {
+            assert!(
+                v.iter().all(|x| x.is_finite()),
+                "{name} in {}",
+                dir.display()
+            );
+        }
+    }
+}

@@ -64,6 +64,10 @@ pub struct ForwardOptions<'a, B: Backend> {
     pub all_vocab_rows: bool,
     /// Records intermediate activations here.
     pub trace: Option<&'a mut Trace<B>>,
+    /// Check that each row has as many image tokens as the images give features (a host read
+    /// of the ids). Off only for inputs whose layout is built to match (training steps), so a
+    /// step needs no device-to-host transfer.
+    pub check_image_tokens: bool,
 }
 
 impl<B: Backend> Default for ForwardOptions<'_, B> {
@@ -72,6 +76,7 @@ impl<B: Backend> Default for ForwardOptions<'_, B> {
             logits_from: 0,
             all_vocab_rows: false,
             trace: None,
+            check_image_tokens: true,
         }
     }
 }
@@ -90,6 +95,14 @@ impl<'a, B: Backend> ForwardOptions<'a, B> {
         Self {
             all_vocab_rows: true,
             ..Self::default()
+        }
+    }
+
+    /// Without the image-token check (inputs built with one image slot per feature).
+    pub fn unchecked(self) -> Self {
+        Self {
+            check_image_tokens: false,
+            ..self
         }
     }
 
@@ -180,10 +193,9 @@ impl<B: Backend> PaliGemma<B> {
         ids: Tensor<B, 2, Int>,
         image_features: Tensor<B, 3>,
     ) -> Result<Tensor<B, 3>> {
-        let [b, s] = ids.dims();
-        let [_, m, d] = image_features.dims();
+        let m = image_features.dims()[1];
         let is_img = ids.clone().equal_elem(self.image_token_id as i64); // [B, S]
-        let counts = is_img.clone().int().sum_dim(1).into_data(); // host sync: a cheap check
+        let counts = is_img.int().sum_dim(1).into_data(); // host sync: a cheap check
         let counts = counts.iter::<i64>().collect::<Vec<_>>();
         if let Some((row, &n)) = counts.iter().enumerate().find(|(_, &n)| n as usize != m) {
             return Err(Error::Input(format!(
@@ -192,10 +204,23 @@ impl<B: Backend> PaliGemma<B> {
                 self.image_token_id
             )));
         }
-        // Ids of image slots are replaced by 0 before the lookup (their rows are overwritten).
+        Ok(self.embed_unchecked(ids, image_features))
+    }
+
+    /// [`Self::embed`] without the check that every row has one image token per feature (no
+    /// device-to-host transfer); for inputs built that way.
+    pub fn embed_unchecked(
+        &self,
+        ids: Tensor<B, 2, Int>,
+        image_features: Tensor<B, 3>,
+    ) -> Tensor<B, 3> {
+        let [b, s] = ids.dims();
+        let [_, m, d] = image_features.dims();
+        let is_img = ids.clone().equal_elem(self.image_token_id as i64); // [B, S]
+                                                                         // Ids of image slots are replaced by 0 before the lookup (their rows are overwritten).
         let text = self.language_model.embed(ids.mask_fill(is_img.clone(), 0)); // [B, S, D]
         if m == 0 {
-            return Ok(text);
+            return text;
         }
         // Gather from cat([text, image]): slot t takes text row t, or image row S + rank.
         let is_img = is_img.int();
@@ -205,7 +230,7 @@ impl<B: Backend> PaliGemma<B> {
             .expand([b, s]);
         let idx = pos.clone() + is_img * (rank + (s as i64) - pos); // [B, S]
         let all = Tensor::cat(vec![text, image_features], 1); // [B, S + M, D]
-        Ok(all.gather(1, idx.reshape([b, s, 1]).expand([b, s, d])))
+        all.gather(1, idx.reshape([b, s, 1]).expand([b, s, d]))
     }
 
     /// Full forward pass; `opts` chooses which logits to compute and whether to record a trace.
@@ -218,9 +243,14 @@ impl<B: Backend> PaliGemma<B> {
             logits_from,
             all_vocab_rows,
             mut trace,
+            check_image_tokens,
         } = opts;
         let image_features = self.encode_images(input.pixel_values, trace.as_deref_mut());
-        let x = self.embed(input.input_ids, image_features.clone())?;
+        let x = if check_image_tokens {
+            self.embed(input.input_ids, image_features.clone())?
+        } else {
+            self.embed_unchecked(input.input_ids, image_features.clone())
+        };
         let h = self.language_model.forward_embeds(
             x,
             input.positions,

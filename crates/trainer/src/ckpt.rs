@@ -6,9 +6,9 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
-use burn::module::Module;
+use burn::module::{Module, ModuleVisitor, Param};
 use burn::tensor::backend::Backend;
-use burn::tensor::{Tensor, TensorData};
+use burn::tensor::{ElementConversion, Int, Tensor, TensorData};
 use pali_data::mixture::MixtureState;
 use pali_model::checkpoint::TensorFile;
 use serde::{Deserialize, Serialize};
@@ -60,6 +60,33 @@ pub struct HfExtras<'a> {
     pub tokenizer: &'a Path,
 }
 
+/// How many values of the model and the Adam moments are not finite (one read from the device).
+fn non_finite<B: Backend, M: Module<B>>(model: &M, adam: &AdamState<B>) -> i64 {
+    struct Count<B: Backend>(Option<Tensor<B, 1, Int>>);
+    impl<B: Backend> Count<B> {
+        fn add<const D: usize>(&mut self, t: Tensor<B, D>) {
+            let n = t.is_finite().bool_not().int().sum();
+            self.0 = Some(match self.0.take() {
+                Some(a) => a + n,
+                None => n,
+            });
+        }
+    }
+    impl<B: Backend> ModuleVisitor<B> for Count<B> {
+        fn visit_float<const D: usize>(&mut self, p: &Param<Tensor<B, D>>) {
+            self.add(p.val());
+        }
+    }
+    let mut c = Count::<B>(None);
+    model.visit(&mut c);
+    for t in adam.m.values().chain(adam.v.values()) {
+        c.add(t.clone());
+    }
+    c.0.map_or(0, |n| n.into_scalar().elem::<i64>())
+}
+
+/// Writes a checkpoint directory atomically (a temporary directory renamed into place), then
+/// drops the oldest beyond `keep`. Refuses a model or optimizer state with a non-finite value.
 pub fn save<B: Backend, M: Module<B>>(
     out_dir: &Path,
     model: &M,
@@ -68,6 +95,14 @@ pub fn save<B: Backend, M: Module<B>>(
     keep: usize,
     extras: Option<HfExtras>,
 ) -> Result<PathBuf> {
+    let bad = non_finite(model, adam);
+    if bad > 0 {
+        return Err(Error::Train(format!(
+            "step {}: {bad} weights or optimizer moments are not finite (NaN or infinite); no \
+             checkpoint is written, the last good one is kept",
+            state.global_step
+        )));
+    }
     let root = out_dir.join("checkpoints");
     std::fs::create_dir_all(&root).map_err(io(&root))?;
     let final_dir = root.join(format!("step-{:08}", state.global_step));

@@ -144,7 +144,7 @@ pub fn batch_nll<B: Backend>(
     device: &B::Device,
 ) -> Result<(Vec<(f64, f64)>, usize)> {
     let mut batch = builder.build(rows, Vec::new())?;
-    let inputs = step_inputs::<B>(&mut batch, cfg, attention, loss_on, device);
+    let inputs = step_inputs::<B>(&mut batch, cfg, attention, loss_on, device)?;
     let nll = row_nll(
         model,
         inputs.input,

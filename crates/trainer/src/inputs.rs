@@ -81,14 +81,15 @@ impl<B: Backend> StepInputs<B> {
 }
 
 /// Turns a host batch into the tensors of a training step (also what validation perplexity
-/// uses, so both see the same masks).
+/// uses, so both see the same masks). Every row gets exactly one image slot per image feature,
+/// checked here on the host so the forward pass need not read the ids back.
 pub fn step_inputs<B: Backend>(
     b: &mut Batch,
     cfg: &PaliGemmaConfig,
     attention: Attention,
     loss_on: LossOn,
     device: &B::Device,
-) -> StepInputs<B> {
+) -> Result<StepInputs<B>> {
     let (bs, t1, f, r) = (b.batch_size, b.seq_len, b.frames, b.resolution);
     let t = t1 - 1;
     let n_img = f * cfg.num_image_tokens();
@@ -102,6 +103,15 @@ pub fn step_inputs<B: Backend>(
         let mar = &b.mask_ar[row * t1..(row + 1) * t1];
         let mloss = &b.mask_loss[row * t1..(row + 1) * t1];
         let minp = &b.mask_input[row * t1..(row + 1) * t1];
+        if text[..t].contains(&(cfg.image_token_id as i64)) {
+            return Err(pali_data::Error::Invalid(format!(
+                "example `{}`: its text holds the `<image>` token (id {}), which only image \
+                 slots may use",
+                b.ids.get(row).map_or("?", String::as_str),
+                cfg.image_token_id
+            ))
+            .into());
+        }
         ids.extend(std::iter::repeat_n(cfg.image_token_id as i64, n_img));
         ids.extend(&text[..t]);
         let img_ar = i64::from(attention == Attention::CausalAll);
@@ -132,7 +142,7 @@ pub fn step_inputs<B: Backend>(
         TensorData::new(std::mem::take(&mut b.pixel_values), [bs, f, 3, r, r]),
         device,
     );
-    StepInputs {
+    Ok(StepInputs {
         input: ModelInput {
             pixel_values,
             input_ids: int(ids, [bs, s]),
@@ -143,7 +153,7 @@ pub fn step_inputs<B: Backend>(
         weights: Tensor::from_data(TensorData::new(w, [bs, t]), device),
         n_img,
         tokens: bs * s,
-    }
+    })
 }
 
 /// The loss of `inputs` under `loss` (a scalar on the model's device).
@@ -152,7 +162,9 @@ pub fn batch_loss<B: Backend>(
     inputs: StepInputs<B>,
     loss: &LossSection,
 ) -> Result<Tensor<B, 1>> {
-    let out = model.forward(inputs.input, ForwardOptions::logits_from(inputs.n_img))?;
+    // `step_inputs` placed the image slots: no need to check them on the device.
+    let opts = ForwardOptions::logits_from(inputs.n_img).unchecked();
+    let out = model.forward(inputs.input, opts)?;
     let tok_loss = token_nll(out.logits, inputs.targets, loss.label_smoothing);
     Ok(reduce(tok_loss, inputs.weights, loss.reduction))
 }

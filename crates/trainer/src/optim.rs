@@ -15,7 +15,7 @@ use std::collections::HashMap;
 
 use burn::module::{AutodiffModule, ModuleMapper, ModuleVisitor, Param};
 use burn::tensor::backend::{AutodiffBackend, Backend};
-use burn::tensor::Tensor;
+use burn::tensor::{Bool, Tensor};
 use pali_model::checkpoint::PathStack;
 
 use crate::config::{Group, Optim, Parsed, Pattern, Stage};
@@ -204,6 +204,8 @@ pub struct StepStats<B: Backend> {
     pub grad_norm: Tensor<B, 1>,
     pub param_norm: Tensor<B, 1>,
     pub update_norm: Tensor<B, 1>,
+    /// Whether the loss and the gradients were finite, so the update was applied.
+    pub applied: Tensor<B, 1, Bool>,
 }
 
 fn accumulate<B: Backend>(acc: &mut Option<Tensor<B, 1>>, x: Tensor<B, 1>) {
@@ -259,13 +261,18 @@ pub fn add_gradients<B: Backend>(acc: &mut Grads<B>, more: Grads<B>) {
     }
 }
 
-/// One optimizer step on `model` with gradients `grads` ([`gradients`]). Parameter and update
-/// norms are zero unless `cfg.norms`.
+/// One optimizer step on `model` with gradients `grads` ([`gradients`]) of a batch whose loss
+/// is `loss`. Parameter and update norms are zero unless `cfg.norms`.
+///
+/// When the loss or a gradient is not finite, every parameter keeps its value (optax's
+/// `apply_if_finite`), decided on the device: no host read. `StepStats::applied` says so; the
+/// Adam moments are then not to be used again (the trainer stops at its next read of the flag).
 pub fn step<AD: AutodiffBackend, M: AutodiffModule<AD>>(
     model: M,
     grads: Grads<AD::InnerBackend>,
     state: &mut AdamState<AD::InnerBackend>,
     cfg: &StepConfig,
+    loss: Tensor<AD::InnerBackend, 1>,
 ) -> (M, StepStats<AD::InnerBackend>) {
     type Inner<AD> = <AD as AutodiffBackend>::InnerBackend;
     struct ParamNorm<AD: AutodiffBackend> {
@@ -294,6 +301,7 @@ pub fn step<AD: AutodiffBackend, M: AutodiffModule<AD>>(
     let zero = || Tensor::<Inner<AD>, 1>::zeros([1], &device);
     let grad_norm = sq.unwrap_or_else(zero).sqrt();
     let param_norm = pn.psq.take().unwrap_or_else(zero).sqrt();
+    let applied = loss.is_finite().bool_and(grad_norm.clone().is_finite());
     // min(1, clip / ‖g‖), computed on the device (no sync).
     let coef = if cfg.optim.grad_clip > 0.0 {
         grad_norm
@@ -313,6 +321,7 @@ pub fn step<AD: AutodiffBackend, M: AutodiffModule<AD>>(
         state: &'a mut AdamState<Inner<AD>>,
         cfg: &'a StepConfig<'a>,
         coef: Tensor<Inner<AD>, 1>,
+        applied: Tensor<Inner<AD>, 1, Bool>,
         usq: Option<Tensor<Inner<AD>, 1>>,
     }
     impl<AD: AutodiffBackend> ModuleMapper<AD> for Apply<'_, AD> {
@@ -364,7 +373,8 @@ pub fn step<AD: AutodiffBackend, M: AutodiffModule<AD>>(
             if cfg.norms {
                 accumulate(&mut self.usq, update.clone().powi_scalar(2).sum());
             }
-            let new = (flat - update).reshape(dims);
+            let keep = self.applied.clone().bool_not().expand([n]);
+            let new = (flat.clone() - update).mask_where(keep, flat).reshape(dims);
             self.state.m.insert(path.clone(), m);
             self.state.v.insert(path.clone(), v);
             self.state.t.insert(path, t);
@@ -378,6 +388,7 @@ pub fn step<AD: AutodiffBackend, M: AutodiffModule<AD>>(
         state,
         cfg,
         coef,
+        applied: applied.clone(),
         usq: None,
     };
     let model = model.map(&mut a);
@@ -388,6 +399,7 @@ pub fn step<AD: AutodiffBackend, M: AutodiffModule<AD>>(
             grad_norm,
             param_norm,
             update_norm,
+            applied,
         },
     )
 }

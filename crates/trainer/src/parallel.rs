@@ -13,7 +13,7 @@
 
 use burn::module::Module;
 use burn::tensor::backend::{AutodiffBackend, Backend};
-use burn::tensor::{ElementConversion, Tensor};
+use burn::tensor::Tensor;
 use pali_model::loss::Reduction;
 use pali_model::PaliGemma;
 
@@ -21,6 +21,9 @@ use crate::config::LossSection;
 use crate::error::{Error, Result};
 use crate::inputs::{batch_loss, StepInputs};
 use crate::optim::{self, Grads};
+
+/// A batch's loss (on the device) and its gradients.
+pub type LossAndGrads<B> = (Tensor<B, 1>, Grads<B>);
 
 /// How one batch is split.
 pub struct Split<'a, AD: Backend> {
@@ -31,13 +34,14 @@ pub struct Split<'a, AD: Backend> {
     pub dropout_seed: Option<u64>,
 }
 
-/// The batch's loss (the value the optimizer minimises) and its gradients on the main device.
+/// The batch's loss (the value the optimizer minimises, left on the main device: reading it
+/// would wait for the step) and its gradients on the main device.
 pub fn batch_gradients<AD: AutodiffBackend>(
     model: &PaliGemma<AD>,
     inputs: StepInputs<AD>,
     loss: &LossSection,
     split: &Split<AD>,
-) -> Result<(f64, Grads<AD::InnerBackend>)> {
+) -> Result<LossAndGrads<AD::InnerBackend>> {
     let (k, n_dev) = (split.grad_accum.max(1), split.devices.len());
     let rows = inputs.targets.dims()[0];
     let total_w = inputs.weights.clone().sum();
@@ -80,7 +84,7 @@ pub fn batch_gradients<AD: AutodiffBackend>(
             let (v, g) = w
                 .join()
                 .map_err(|_| Error::Train("a data-parallel worker panicked".into()))??;
-            value += v;
+            value = value + v.to_device(main);
             optim::add_gradients(
                 &mut grads,
                 g.into_iter().map(|(p, t)| (p, t.to_device(main))).collect(),
@@ -98,8 +102,8 @@ fn device_gradients<AD: AutodiffBackend>(
     loss: &LossSection,
     rows: usize,
     total_w: Tensor<AD, 1>,
-) -> Result<(f64, Grads<AD::InnerBackend>)> {
-    let (mut value, mut grads) = (0.0, None);
+) -> Result<LossAndGrads<AD::InnerBackend>> {
+    let (mut value, mut grads) = (None::<Tensor<AD::InnerBackend, 1>>, None);
     for sub in micro {
         let n = sub.targets.dims()[0];
         let w = sub.weights.clone();
@@ -110,12 +114,17 @@ fn device_gradients<AD: AutodiffBackend>(
                 Reduction::PerToken => l * (w.sum() / total_w.clone().clamp_min(1.0)),
             };
         }
-        value += l.clone().into_scalar().elem::<f64>();
+        let v = l.clone().inner();
+        value = Some(match value {
+            Some(acc) => acc + v,
+            None => v,
+        });
         let g = optim::gradients(model, &l.backward());
         match &mut grads {
             None => grads = Some(g),
             Some(acc) => optim::add_gradients(acc, g),
         }
     }
-    Ok((value, grads.expect("at least one micro-batch")))
+    let none = "at least one micro-batch";
+    Ok((value.expect(none), grads.expect(none)))
 }

@@ -3,10 +3,11 @@
 //! chain ([`optim::step`]).
 
 use burn::tensor::backend::AutodiffBackend;
+use burn::tensor::Tensor;
 use pali_model::PaliGemma;
 
 use crate::config::{LossSection, Optim};
-use crate::error::{Error, Result};
+use crate::error::Result;
 use crate::inputs::StepInputs;
 use crate::optim::{self, AdamState, Groups, StepConfig, StepStats};
 use crate::parallel::{self, Split};
@@ -21,19 +22,21 @@ pub struct StepSettings<'a, D> {
     pub devices: &'a [D],
 }
 
-/// What a step did.
+/// What a step did, on the device: nothing in a step waits for the device, so a GPU runs
+/// ahead; read these only on logging steps.
 pub struct StepResult<B: burn::tensor::backend::Backend> {
     /// The batch's loss, the value the optimizer minimises.
-    pub loss: f64,
+    pub loss: Tensor<B, 1>,
     /// Tokens of the batch (image slots included).
     pub tokens: usize,
-    /// Norms of the update (device scalars; parameter and update norms only when asked for).
+    /// Norms of the update (parameter and update norms only when asked for), and whether it
+    /// was applied (a non-finite loss or gradient skips it).
     pub stats: StepStats<B>,
 }
 
 /// One optimizer step on `inputs`. `sched` is each group's schedule value at this step;
 /// `dropout_seed` seeds the dropout masks; `norms` also computes parameter and update norms.
-/// A non-finite loss is an error and leaves `adam` untouched (the model is dropped).
+/// A non-finite loss or gradient leaves the weights as they were (see [`optim::step`]).
 #[allow(clippy::too_many_arguments)]
 pub fn train_step<AD: AutodiffBackend>(
     model: PaliGemma<AD>,
@@ -51,16 +54,13 @@ pub fn train_step<AD: AutodiffBackend>(
         dropout_seed,
     };
     let (loss, grads) = parallel::batch_gradients(&model, inputs, s.loss, &split)?;
-    if !loss.is_finite() {
-        return Err(Error::Train(format!("loss became {loss}")));
-    }
     let cfg = StepConfig {
         optim: s.optim,
         groups: s.groups,
         sched,
         norms,
     };
-    let (model, stats) = optim::step(model, grads, adam, &cfg);
+    let (model, stats) = optim::step(model, grads, adam, &cfg, loss.clone());
     Ok((
         model,
         StepResult {

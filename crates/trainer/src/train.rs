@@ -19,7 +19,7 @@ use burn::backend::autodiff::checkpoint::strategy::{
 use burn::backend::Autodiff;
 use burn::module::AutodiffModule;
 use burn::tensor::backend::{AutodiffBackend, Backend};
-use burn::tensor::{ElementConversion, Tensor};
+use burn::tensor::{Bool, ElementConversion, Tensor};
 use pali_data::batch::{Batch, Loader};
 use pali_model::checkpoint::{load_into, TensorFile, Tower};
 use pali_model::PaliGemma;
@@ -32,10 +32,10 @@ use crate::evaluate::{evaluate, Eval};
 pub use crate::events::StageSummary;
 use crate::events::{Event, Observer, Silent, StepLog};
 use crate::inputs::step_inputs;
-use crate::optim::{self, AdamState, StepStats};
+use crate::optim::{self, AdamState};
 use crate::posemb::set_resolution;
 use crate::stage::{model_config, RunPlan, StagePlan};
-use crate::step::{train_step, StepSettings};
+use crate::step::{train_step, StepResult, StepSettings};
 
 /// Options that are not part of the config.
 #[derive(Clone, Copy)]
@@ -146,6 +146,7 @@ fn train_with<B: Backend, C: CheckpointStrategy>(
         let started = Instant::now();
         let (mut first_loss, mut last_loss) = (f64::NAN, f64::NAN);
         let mut window = LogWindow::new();
+        let mut guard = Guard::new(device);
 
         for step in start_step..stage.steps {
             // Mid-stage evaluations every `eval.every` steps, the first before step 0: where a
@@ -171,7 +172,7 @@ fn train_with<B: Backend, C: CheckpointStrategy>(
                 stage.attention,
                 stage.loss.on,
                 device,
-            );
+            )?;
             window.count(&batch);
             let done = step + 1;
             let log = done % stage.log_every == 0 || done == stage.steps || step == start_step;
@@ -197,28 +198,36 @@ fn train_with<B: Backend, C: CheckpointStrategy>(
             model = m;
             global_step += 1;
             window.tokens += out.tokens;
-            if first_loss.is_nan() {
-                first_loss = out.loss;
-            }
-            last_loss = out.loss;
+            guard.record(step, &out.stats.applied);
+            let checkpoint = done % stage.checkpoint_every == 0 || done == stage.steps;
             let logged = if log {
+                // The one device-to-host transfer of a logging step.
+                let r = Readout::of(&out, &guard);
+                guard.check(&stage.name, r.first_skipped)?;
+                if first_loss.is_nan() {
+                    first_loss = r.loss;
+                }
+                last_loss = r.loss;
                 let record = LogRecord {
                     stage: sp,
                     global_step,
                     done,
-                    loss: out.loss,
                     sched: &sched,
                     batch: &batch,
                 };
-                Some(log_step(&record, out.stats, &mut window, &metrics)?)
+                Some(log_step(&record, &r, &mut window, &metrics)?)
             } else {
+                if checkpoint {
+                    // No skipped update may reach a checkpoint.
+                    guard.check(&stage.name, guard.read())?;
+                }
                 None
             };
             obs.on(Event::Step {
                 done,
                 log: logged.as_ref(),
             });
-            if done % stage.checkpoint_every == 0 || done == stage.steps {
+            if checkpoint {
                 let at = Position {
                     global_step,
                     done,
@@ -499,30 +508,91 @@ struct LogRecord<'a> {
     global_step: u64,
     /// Steps of the stage done.
     done: u64,
-    loss: f64,
     sched: &'a [f64],
     batch: &'a Batch,
 }
 
-/// Reads the step's norms (the one host read of a logging step), stops on a non-finite
-/// gradient or update, and appends the step to metrics.jsonl.
-fn log_step<B: Backend>(
+/// The device scalars a logging step reads, in one transfer.
+struct Readout {
+    loss: f64,
+    grad_norm: f64,
+    param_norm: f64,
+    update_norm: f64,
+    /// The first stage step whose update was skipped (+∞: none).
+    first_skipped: f64,
+}
+
+impl Readout {
+    fn of<B: Backend>(out: &StepResult<B>, guard: &Guard<B>) -> Self {
+        let s = &out.stats;
+        let all = Tensor::cat(
+            vec![
+                out.loss.clone(),
+                s.grad_norm.clone(),
+                s.param_norm.clone(),
+                s.update_norm.clone(),
+                guard.first_skipped.clone(),
+            ],
+            0,
+        );
+        let v: Vec<f64> = all.into_data().iter::<f64>().collect();
+        Self {
+            loss: v[0],
+            grad_norm: v[1],
+            param_norm: v[2],
+            update_norm: v[3],
+            first_skipped: v[4],
+        }
+    }
+}
+
+/// Remembers, on the device, the first step whose update was skipped because its loss or a
+/// gradient was not finite; read on logging steps and before every checkpoint.
+struct Guard<B: Backend> {
+    first_skipped: Tensor<B, 1>,
+}
+
+impl<B: Backend> Guard<B> {
+    fn new(device: &B::Device) -> Self {
+        Self {
+            first_skipped: Tensor::full([1], f32::INFINITY, device),
+        }
+    }
+
+    fn record(&mut self, step: u64, applied: &Tensor<B, 1, Bool>) {
+        let device = self.first_skipped.device();
+        let this = Tensor::full([1], step as f32, &device)
+            .mask_where(applied.clone(), Tensor::full([1], f32::INFINITY, &device));
+        self.first_skipped = self.first_skipped.clone().min_pair(this);
+    }
+
+    fn read(&self) -> f64 {
+        self.first_skipped.clone().into_scalar().elem::<f64>()
+    }
+
+    /// Stops the run if an update was skipped.
+    fn check(&self, stage: &str, first_skipped: f64) -> Result<()> {
+        if first_skipped.is_finite() {
+            let step = first_skipped as u64;
+            let e = Error::Train(
+                "the loss or a gradient became non-finite (NaN or infinite); that update and \
+                 every later one were skipped"
+                    .into(),
+            );
+            return Err(stopped(stage, step, e));
+        }
+        Ok(())
+    }
+}
+
+/// Appends a logging step to metrics.jsonl.
+fn log_step(
     r: &LogRecord,
-    stats: StepStats<B>,
+    read: &Readout,
     window: &mut LogWindow,
     metrics: &Metrics,
 ) -> Result<StepLog> {
     let stage = r.stage.stage;
-    let scalar = |t: Tensor<B, 1>| t.into_scalar().elem::<f64>();
-    let (gn, pn, un) = (
-        scalar(stats.grad_norm),
-        scalar(stats.param_norm),
-        scalar(stats.update_norm),
-    );
-    if !gn.is_finite() || !un.is_finite() {
-        let e = Error::Train(format!("gradient norm {gn}, update norm {un}"));
-        return Err(stopped(&stage.name, r.done - 1, e));
-    }
     let tps = window.tokens as f64 / window.since.elapsed().as_secs_f64();
     let lrs: serde_json::Map<String, serde_json::Value> = r
         .stage
@@ -542,14 +612,14 @@ fn log_step<B: Backend>(
         .map(|s| s.sources.iter().map(|x| x.seen).collect())
         .unwrap_or_default();
     metrics.append(&json!({
-        "step": r.global_step, "stage": stage.name, "stage_step": r.done, "loss": r.loss,
-        "lr": lrs, "grad_norm": gn, "param_norm": pn, "update_norm": un,
-        "tokens_per_s": tps, "seen": seen, "truncated": window.truncated,
-        "eos_cut": window.eos_cut, "skipped": window.skipped,
+        "step": r.global_step, "stage": stage.name, "stage_step": r.done, "loss": read.loss,
+        "lr": lrs, "grad_norm": read.grad_norm, "param_norm": read.param_norm,
+        "update_norm": read.update_norm, "tokens_per_s": tps, "seen": seen,
+        "truncated": window.truncated, "eos_cut": window.eos_cut, "skipped": window.skipped,
     }))?;
     *window = LogWindow::new();
     Ok(StepLog {
-        loss: r.loss,
+        loss: read.loss,
         lr: stage.optim.lr * r.sched[0],
         tokens_per_s: tps,
         extra: None,
