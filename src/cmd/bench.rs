@@ -18,7 +18,7 @@ use pali_model::presets::{count_params, preset};
 use pali_model::{hf, ImageEncoder, PaliGemmaConfig};
 use pali_trainer::config::{Attention, LossOn, LossSection, Optim};
 use pali_trainer::inputs::{batch_loss, step_inputs};
-use pali_trainer::optim::{AdamState, Groups};
+use pali_trainer::optim::{self, AdamState, Groups};
 use pali_trainer::step::{train_step, StepSettings};
 
 use crate::backend::{dispatch, Job};
@@ -67,13 +67,14 @@ pub fn run(args: Args) -> Result<()> {
     };
     let device = args.device.spec()?;
     let device_name = format!("{device:?}");
-    let stats = dispatch(
+    let measured = dispatch(
         device,
         BenchJob {
             args: &args,
             config: &config,
         },
     )?;
+    let stats = measured.times;
     let n = count_params(&config).total();
     let tokens = (args.batch * (config.num_image_tokens() + args.text_len)) as f64;
     let mut times = stats.clone();
@@ -97,6 +98,10 @@ pub fn run(args: Args) -> Result<()> {
         "achieved_tflops": flops / median / 1e12,
         "mfu": args.peak_tflops.map(|p| flops / median / (p * 1e12)),
         "peak_rss_mib": peak_rss_mib(),
+        "breakdown": measured.breakdown.map(|b| serde_json::json!({
+            "inputs_s": b.inputs_s, "forward_s": b.forward_s, "backward_s": b.backward_s,
+            "optimizer_s": b.optimizer_s, "host_sync_s": b.host_sync_s,
+        })),
     });
     println!("{}", serde_json::to_string_pretty(&json)?);
     Ok(())
@@ -136,8 +141,8 @@ struct BenchJob<'a> {
 }
 
 impl Job for BenchJob<'_> {
-    type Output = Vec<f64>;
-    fn run<B: Backend>(self, device: B::Device) -> Result<Vec<f64>> {
+    type Output = Measured;
+    fn run<B: Backend>(self, device: B::Device) -> Result<Measured> {
         use burn::backend::autodiff::checkpoint::strategy::{
             BalancedCheckpointing, NoCheckpointing,
         };
@@ -156,7 +161,7 @@ fn steps<AD: AutodiffBackend>(
     a: &Args,
     c: &PaliGemmaConfig,
     device: AD::Device,
-) -> Result<Vec<f64>> {
+) -> Result<Measured> {
     if !a.dtype.supported::<AD>(&device) {
         bail!("--dtype {}: device {device:?} does not support it", a.dtype);
     }
@@ -195,7 +200,98 @@ fn steps<AD: AutodiffBackend>(
             times.push(start.elapsed().as_secs_f64());
         }
     }
-    Ok(times)
+    let breakdown = if a.forward_only {
+        None
+    } else {
+        Some(phases(
+            model,
+            &batch,
+            c,
+            &settings,
+            &mut adam,
+            &device,
+            a.steps.max(1),
+        )?)
+    };
+    Ok(Measured { times, breakdown })
+}
+
+/// What the timed steps measured, and where a step's time goes.
+struct Measured {
+    times: Vec<f64>,
+    breakdown: Option<Breakdown>,
+}
+
+/// Median seconds of each phase of a step, measured in separate steps that wait for the device
+/// after each phase (so they add up to a little more than an unsynchronised step).
+struct Breakdown {
+    /// Host batch → device tensors (masks, ids, pixels): what the data side costs a step.
+    inputs_s: f64,
+    forward_s: f64,
+    /// Backward pass and gradient collection.
+    backward_s: f64,
+    /// The optimizer chain (clip, Adam, weight decay, schedule, non-finite guard).
+    optimizer_s: f64,
+    /// One device-to-host read of a scalar once the device is idle: what a logging step adds
+    /// (`pali train` reads nothing back on other steps).
+    host_sync_s: f64,
+}
+
+#[allow(clippy::too_many_arguments)]
+fn phases<AD: AutodiffBackend>(
+    mut model: pali_model::PaliGemma<AD>,
+    batch: &Batch,
+    c: &PaliGemmaConfig,
+    settings: &StepSettings<AD::Device>,
+    adam: &mut AdamState<AD::InnerBackend>,
+    device: &AD::Device,
+    n: usize,
+) -> Result<Breakdown> {
+    use burn::tensor::ElementConversion;
+    let wait = |t: Tensor<AD::InnerBackend, 1>| t.into_scalar().elem::<f64>();
+    let mut t = [Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new()];
+    for _ in 0..n {
+        let mut b = batch.clone();
+        let t0 = Instant::now();
+        let inputs = step_inputs::<AD>(&mut b, c, Attention::PrefixLm, LossOn::Suffix, device)?;
+        wait(inputs.weights.clone().inner().sum());
+        let t1 = Instant::now();
+        let loss = batch_loss(&model, inputs, settings.loss)?;
+        wait(loss.clone().inner());
+        let t2 = Instant::now();
+        let grads = optim::gradients(&model, &loss.clone().backward());
+        wait(grads[0].1.clone().sum());
+        let t3 = Instant::now();
+        let cfg = optim::StepConfig {
+            optim: settings.optim,
+            groups: settings.groups,
+            sched: vec![1.0; settings.groups.groups.len()],
+            norms: false,
+        };
+        let (m, stats) = optim::step(model, grads, adam, &cfg, loss.inner());
+        model = m;
+        wait(model.language_model.norm.weight.val().inner().sum());
+        let t4 = Instant::now();
+        wait(stats.grad_norm);
+        let t5 = Instant::now();
+        for (v, d) in t
+            .iter_mut()
+            .zip([t1 - t0, t2 - t1, t3 - t2, t4 - t3, t5 - t4])
+        {
+            v.push(d.as_secs_f64());
+        }
+    }
+    let med = |v: &mut Vec<f64>| {
+        v.sort_by(|a, b| a.total_cmp(b));
+        v[v.len() / 2]
+    };
+    Ok(Breakdown {
+        inputs_s: med(&mut t[0]),
+        forward_s: med(&mut t[1]),
+        backward_s: med(&mut t[2]),
+        optimizer_s: med(&mut t[3]),
+        host_sync_s: med(&mut t[4]),
+    })
 }
 
 /// A batch as the data stream makes it: `text_len + 1` text tokens per row (inputs are all but

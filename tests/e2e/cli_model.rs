@@ -185,6 +185,18 @@ fn bench_train_step_reports_json() {
         assert_eq!(v["grad_checkpointing"], gc);
         assert_eq!(v["dtype"], dtype);
         assert!(v["tokens_per_second"].as_f64().unwrap() > 0.0);
+        for phase in [
+            "inputs_s",
+            "forward_s",
+            "backward_s",
+            "optimizer_s",
+            "host_sync_s",
+        ] {
+            assert!(
+                v["breakdown"][phase].as_f64().unwrap() > 0.0,
+                "{phase}: {v}"
+            );
+        }
     }
 }
 
