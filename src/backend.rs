@@ -1,8 +1,6 @@
 //! `--device cpu|wgpu|cuda[:N]` → a Burn backend, chosen at run time among those compiled in.
 //! Training takes a list of devices of one kind (`cuda:0,cuda:1`) for data parallelism.
 
-use std::str::FromStr;
-
 use anyhow::{bail, Result};
 use burn::tensor::backend::Backend;
 
@@ -13,56 +11,7 @@ pub type Cpu = burn::backend::NdArray;
 #[cfg(not(any(feature = "flex", feature = "ndarray")))]
 compile_error!("enable a CPU backend: feature `flex` (default) or `ndarray`");
 
-/// Where to compute.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum DeviceSpec {
-    Cpu,
-    Wgpu(usize),
-    Cuda(usize),
-}
-
-impl FromStr for DeviceSpec {
-    type Err = String;
-    fn from_str(s: &str) -> std::result::Result<Self, String> {
-        let (kind, idx) = match s.split_once(':') {
-            Some((k, i)) => (
-                k,
-                i.parse::<usize>()
-                    .map_err(|_| format!("bad device index in `{s}`"))?,
-            ),
-            None => (s, 0),
-        };
-        match kind {
-            "cpu" => Ok(DeviceSpec::Cpu),
-            "wgpu" => Ok(DeviceSpec::Wgpu(idx)),
-            "cuda" => Ok(DeviceSpec::Cuda(idx)),
-            _ => Err(format!(
-                "unknown device `{s}`: expected cpu, wgpu[:N] or cuda[:N]"
-            )),
-        }
-    }
-}
-
-/// One or more devices of one kind, written `cuda:0,cuda:1`.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Devices(pub Vec<DeviceSpec>);
-
-impl FromStr for Devices {
-    type Err = String;
-    fn from_str(s: &str) -> std::result::Result<Self, String> {
-        let d = s
-            .split(',')
-            .map(|x| x.trim().parse())
-            .collect::<std::result::Result<Vec<DeviceSpec>, _>>()?;
-        let kind = std::mem::discriminant(&d[0]);
-        if d.iter().any(|x| std::mem::discriminant(x) != kind) {
-            return Err(format!(
-                "`{s}` mixes kinds of device; list devices of one kind"
-            ));
-        }
-        Ok(Devices(d))
-    }
-}
+pub use crate::devices::{DeviceSpec, Devices};
 
 /// Work that runs on any backend.
 pub trait Job: Sized {

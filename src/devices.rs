@@ -6,9 +6,60 @@
 //! CUDA is probed through the driver's C API (`libcuda.so.1`, loaded with libloading, as
 //! cudarc loads it); wgpu by enumerating adapters as cubecl-wgpu does.
 
+use std::str::FromStr;
+
 use anyhow::Result;
 
-use crate::backend::{DeviceSpec, Devices};
+/// Where to compute.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DeviceSpec {
+    Cpu,
+    Wgpu(usize),
+    Cuda(usize),
+}
+
+impl FromStr for DeviceSpec {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        let (kind, idx) = match s.split_once(':') {
+            Some((k, i)) => (
+                k,
+                i.parse::<usize>()
+                    .map_err(|_| format!("bad device index in `{s}`"))?,
+            ),
+            None => (s, 0),
+        };
+        match kind {
+            "cpu" => Ok(DeviceSpec::Cpu),
+            "wgpu" => Ok(DeviceSpec::Wgpu(idx)),
+            "cuda" => Ok(DeviceSpec::Cuda(idx)),
+            _ => Err(format!(
+                "unknown device `{s}`: expected cpu, wgpu[:N] or cuda[:N]"
+            )),
+        }
+    }
+}
+
+/// One or more devices of one kind, written `cuda:0,cuda:1`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Devices(pub Vec<DeviceSpec>);
+
+impl FromStr for Devices {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        let d = s
+            .split(',')
+            .map(|x| x.trim().parse())
+            .collect::<std::result::Result<Vec<DeviceSpec>, _>>()?;
+        let kind = std::mem::discriminant(&d[0]);
+        if d.iter().any(|x| std::mem::discriminant(x) != kind) {
+            return Err(format!(
+                "`{s}` mixes kinds of device; list devices of one kind"
+            ));
+        }
+        Ok(Devices(d))
+    }
+}
 
 /// Checks that `devices` can be used; the error is one line.
 pub fn probe(devices: &Devices) -> Result<()> {
@@ -68,7 +119,7 @@ mod cuda {
     use anyhow::{bail, Result};
     use libloading::{Library, Symbol};
 
-    use crate::backend::DeviceSpec;
+    use super::DeviceSpec;
 
     /// The CUDA driver, initialised.
     struct Driver {
@@ -263,7 +314,7 @@ mod cuda {
 mod cuda {
     use anyhow::Result;
 
-    use crate::backend::DeviceSpec;
+    use super::DeviceSpec;
 
     pub fn probe(devices: &[DeviceSpec]) -> Result<()> {
         anyhow::bail!(
@@ -282,7 +333,7 @@ mod wgpu {
     use anyhow::{bail, Result};
     use wgpu::{Backends, DeviceType, Instance, InstanceDescriptor};
 
-    use crate::backend::DeviceSpec;
+    use super::DeviceSpec;
 
     /// Every adapter wgpu sees, as cubecl-wgpu enumerates them.
     fn adapters() -> Vec<wgpu::AdapterInfo> {
@@ -349,7 +400,7 @@ mod wgpu {
 mod wgpu {
     use anyhow::Result;
 
-    use crate::backend::DeviceSpec;
+    use super::DeviceSpec;
 
     pub fn probe(d: DeviceSpec) -> Result<()> {
         anyhow::bail!(
