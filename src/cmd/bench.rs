@@ -222,7 +222,7 @@ struct Measured {
     breakdown: Option<Breakdown>,
 }
 
-/// Median seconds of each phase of a step, measured in separate steps that wait for the device
+/// Median seconds of each phase of a step, measured in up to 3 extra steps that wait for the device
 /// after each phase (so they add up to a little more than an unsynchronised step).
 struct Breakdown {
     /// Host batch → device tensors (masks, ids, pixels): what the data side costs a step.
