@@ -210,7 +210,7 @@ fn steps<AD: AutodiffBackend>(
             &settings,
             &mut adam,
             &device,
-            a.steps.max(1),
+            a.steps.clamp(1, 3),
         )?)
     };
     Ok(Measured { times, breakdown })
@@ -222,8 +222,8 @@ struct Measured {
     breakdown: Option<Breakdown>,
 }
 
-/// Median seconds of each phase of a step, measured in up to 3 extra steps that wait for the device
-/// after each phase (so they add up to a little more than an unsynchronised step).
+/// Median seconds of each phase of a step, measured in up to 3 extra steps that wait for the
+/// device after each phase (so they add up to a little more than an unsynchronised step).
 struct Breakdown {
     /// Host batch → device tensors (masks, ids, pixels): what the data side costs a step.
     inputs_s: f64,
