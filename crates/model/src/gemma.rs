@@ -8,11 +8,11 @@
 //!
 //! Field names mirror the HF checkpoint (`layers.{i}.self_attn.q_proj`, `mlp.gate_proj`, …).
 
+use crate::activation::gelu_tanh;
 use burn::module::{Module, Param};
 use burn::nn::{
     Dropout, DropoutConfig, Embedding, EmbeddingConfig, Initializer, Linear, LinearConfig,
 };
-use burn::tensor::activation::gelu_approximate;
 use burn::tensor::backend::Backend;
 use burn::tensor::ops::AttentionModuleOptions;
 use burn::tensor::{Bool, Int, Tensor, TensorData};
@@ -193,7 +193,7 @@ impl<B: Backend> GemmaMlp<B> {
     /// GeGLU: `down(gelu_tanh(gate(x)) · up(x))`.
     pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
         let c = self.compute;
-        let g = gelu_approximate(c.linear(&self.gate_proj, x.clone()));
+        let g = gelu_tanh(c.linear(&self.gate_proj, x.clone()));
         c.linear(&self.down_proj, g * c.linear(&self.up_proj, x))
     }
 }

@@ -1,6 +1,7 @@
 //! The PaliGemma model: SigLIP image encoder → projector → Gemma / Gemma 2 decoder, HF
 //! checkpoint IO, masks and losses. Generic over any Burn `Backend`.
 
+pub mod activation;
 pub mod cache;
 pub mod checkpoint;
 pub mod config;

@@ -3,9 +3,9 @@
 //! `linear` is always the layer that writes into the decoder width, so a checkpoint of the
 //! linear connector and the MLP connector share its name; the MLP adds `hidden` in front.
 
+use crate::activation::gelu_tanh;
 use burn::module::{Module, Param};
 use burn::nn::{Linear, LinearConfig};
-use burn::tensor::activation::gelu_approximate;
 use burn::tensor::backend::Backend;
 use burn::tensor::Tensor;
 
@@ -51,7 +51,7 @@ impl<B: Backend> Projector<B> {
     /// - x: [B, N, Din] → [B, N, D]
     pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
         let x = match &self.hidden {
-            Some(h) => gelu_approximate(self.compute.linear(h, x)),
+            Some(h) => gelu_tanh(self.compute.linear(h, x)),
             None => x,
         };
         self.compute.linear(&self.linear, x)

@@ -5,10 +5,10 @@
 //! Field names mirror the HF checkpoint keys (`embeddings.patch_embedding`, `encoder.layers.{i}
 //! .self_attn.q_proj`, …) so that checkpoint IO needs no remap table.
 
+use crate::activation::gelu_tanh;
 use burn::module::Module;
 use burn::nn::conv::{Conv2d, Conv2dConfig};
 use burn::nn::{Embedding, EmbeddingConfig, LayerNorm, LayerNormConfig, Linear, LinearConfig};
-use burn::tensor::activation::gelu_approximate;
 use burn::tensor::backend::Backend;
 use burn::tensor::ops::AttentionModuleOptions;
 use burn::tensor::Tensor;
@@ -133,7 +133,7 @@ impl<B: Backend> SiglipLayer<B> {
         let x = x.clone() + self.self_attn.forward(self.layer_norm1.forward(x));
         let c = self.mlp.compute;
         let h = c.linear(&self.mlp.fc1, self.layer_norm2.forward(x.clone()));
-        x + c.linear(&self.mlp.fc2, gelu_approximate(h))
+        x + c.linear(&self.mlp.fc2, gelu_tanh(h))
     }
 }
 
