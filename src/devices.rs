@@ -464,19 +464,29 @@ pub fn quiet_panics() {
 /// error naming `device` and the first panic's message.
 pub fn at_device<T>(device: &str, f: impl FnOnce() -> Result<T>) -> Result<T> {
     use std::sync::atomic::Ordering::SeqCst;
+    let slot = || FIRST_PANIC.lock().unwrap_or_else(|e| e.into_inner()).take();
+    slot(); // a panic from before is not this work's
     AT_DEVICE.store(true, SeqCst);
     let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(f));
     AT_DEVICE.store(false, SeqCst);
-    r.unwrap_or_else(|payload| {
-        // The first panic is the cause (a backend thread's); later ones are its echoes.
-        let first = FIRST_PANIC.lock().unwrap_or_else(|e| e.into_inner()).take();
-        let msg = first.unwrap_or_else(|| {
-            payload
-                .downcast_ref::<String>()
-                .cloned()
-                .or_else(|| payload.downcast_ref::<&str>().map(|s| s.to_string()))
-                .unwrap_or_else(|| "a panic".into())
-        });
-        anyhow::bail!("device {device}: the backend failed: {msg}")
-    })
+    let first = slot();
+    match r {
+        Ok(Ok(v)) => Ok(v),
+        // An error that a panic in another thread caused: say so.
+        Ok(Err(e)) => Err(match first {
+            Some(p) => e.context(format!("device {device}: a thread panicked: {p}")),
+            None => e,
+        }),
+        Err(payload) => {
+            // The first panic is the cause (often a backend thread's); later ones its echoes.
+            let msg = first.unwrap_or_else(|| {
+                payload
+                    .downcast_ref::<String>()
+                    .cloned()
+                    .or_else(|| payload.downcast_ref::<&str>().map(|s| s.to_string()))
+                    .unwrap_or_else(|| "a panic".into())
+            });
+            anyhow::bail!("device {device}: panicked while running on it: {msg}")
+        }
+    }
 }

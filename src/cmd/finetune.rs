@@ -27,7 +27,7 @@ pub struct Args {
     /// Training data: big_vision JSONL (`{"image", "prefix", "suffix"}`).
     #[arg(long)]
     pub train: PathBuf,
-    /// Validation JSONL, decoded and scored at the end (up to 256 examples).
+    /// Validation JSONL, decoded and scored at the end (up to forkme.toml's `eval.examples`, 512).
     #[arg(long)]
     pub val: Option<PathBuf>,
     /// Metric of that evaluation: caption, vqa (default), vqav2, docvqa, chartqa, detect or
@@ -166,11 +166,13 @@ pub fn run(a: Args) -> Result<()> {
         .iter()
         .map(|o| format!(" --set '{o}'"))
         .collect();
+    let length = match st.epochs {
+        Some(e) => format!("{n} examples × {e} epochs / batch {} = ", st.batch_size),
+        None => String::new(),
+    };
     let header = format!(
-        "# Written by `pali finetune` from configs/transfer/forkme.toml: {n} examples × {} \
-         epochs / batch {} = {} steps.\n# Re-run with `pali train {}{user_sets}`.\n",
-        st.epochs.unwrap_or_default(),
-        st.batch_size,
+        "# Written by `pali finetune` from configs/transfer/forkme.toml: {length}{} steps.\n\
+         # Re-run with `pali train {}{user_sets}`.\n",
         st.steps,
         path.display()
     );

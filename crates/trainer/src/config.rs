@@ -646,9 +646,9 @@ pub fn apply_override(doc: &mut toml::Value, spec: &str) -> Result<()> {
         .unwrap_or_else(|_| toml::Value::String(value.to_string()));
     let mut parts: Vec<&str> = key.split('.').collect();
     // `stage.1.lr` of older configs is `stage.1.optim.lr` now.
-    if let [first, sel, old] = parts[..] {
+    if let ["stage", sel, old] = parts[..] {
         if let Some((_, section, new)) = MOVED.iter().find(|m| m.0 == old) {
-            parts = vec![first, sel, section, new];
+            parts = vec!["stage", sel, section, new];
         }
     }
     let key = parts.join(".");

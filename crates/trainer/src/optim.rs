@@ -264,9 +264,10 @@ pub fn add_gradients<B: Backend>(acc: &mut Grads<B>, more: Grads<B>) {
 /// One optimizer step on `model` with gradients `grads` ([`gradients`]) of a batch whose loss
 /// is `loss`. Parameter and update norms are zero unless `cfg.norms`.
 ///
-/// When the loss or a gradient is not finite, every parameter keeps its value (optax's
-/// `apply_if_finite`), decided on the device: no host read. `StepStats::applied` says so; the
-/// Adam moments are then not to be used again (the trainer stops at its next read of the flag).
+/// When the loss or a gradient is not finite, every parameter and Adam moment keeps its value
+/// (optax's `apply_if_finite`), decided on the device: no host read. `StepStats::applied` says
+/// so (the trainer stops at its next read of it). The per-parameter update count still
+/// advances.
 pub fn step<AD: AutodiffBackend, M: AutodiffModule<AD>>(
     model: M,
     grads: Grads<AD::InnerBackend>,
@@ -346,17 +347,25 @@ pub fn step<AD: AutodiffBackend, M: AutodiffModule<AD>>(
             let cfg = self.cfg;
             let g = g * self.coef.clone();
             let n = g.dims()[0];
+            // A skipped step (non-finite loss or gradient) keeps the moments as they were too.
+            let keep = self.applied.clone().bool_not().expand([n]);
             let m = match self.state.m.remove(&path) {
-                Some(m) if m.dims()[0] == n => {
-                    m.mul_scalar(cfg.optim.b1) + g.clone().mul_scalar(1.0 - cfg.optim.b1)
-                }
-                _ => g.clone().mul_scalar(1.0 - cfg.optim.b1),
+                Some(m) if m.dims()[0] == n => (m.clone().mul_scalar(cfg.optim.b1)
+                    + g.clone().mul_scalar(1.0 - cfg.optim.b1))
+                .mask_where(keep.clone(), m),
+                _ => g
+                    .clone()
+                    .mul_scalar(1.0 - cfg.optim.b1)
+                    .mask_fill(keep.clone(), 0.0),
             };
             let v = match self.state.v.remove(&path) {
-                Some(v) if v.dims()[0] == n => {
-                    v.mul_scalar(cfg.optim.b2) + g.powi_scalar(2).mul_scalar(1.0 - cfg.optim.b2)
-                }
-                _ => g.powi_scalar(2).mul_scalar(1.0 - cfg.optim.b2),
+                Some(v) if v.dims()[0] == n => (v.clone().mul_scalar(cfg.optim.b2)
+                    + g.powi_scalar(2).mul_scalar(1.0 - cfg.optim.b2))
+                .mask_where(keep.clone(), v),
+                _ => g
+                    .powi_scalar(2)
+                    .mul_scalar(1.0 - cfg.optim.b2)
+                    .mask_fill(keep.clone(), 0.0),
             };
             let t = self.state.t.get(&path).copied().unwrap_or(0) + 1;
             let mhat = m.clone().div_scalar(1.0 - cfg.optim.b1.powi(t as i32));
@@ -373,7 +382,6 @@ pub fn step<AD: AutodiffBackend, M: AutodiffModule<AD>>(
             if cfg.norms {
                 accumulate(&mut self.usq, update.clone().powi_scalar(2).sum());
             }
-            let keep = self.applied.clone().bool_not().expand([n]);
             let new = (flat.clone() - update).mask_where(keep, flat).reshape(dims);
             self.state.m.insert(path.clone(), m);
             self.state.v.insert(path.clone(), v);

@@ -152,6 +152,7 @@ fn train_with<B: Backend, C: CheckpointStrategy>(
             // Mid-stage evaluations every `eval.every` steps, the first before step 0: where a
             // curve starts matters to some ablations (new-token init: the step-0 perplexity).
             if stage.eval.every > 0 && step % stage.eval.every == 0 && sp.evaluates() {
+                guard.check(&stage.name, guard.read())?;
                 log_eval(
                     &model.valid(),
                     sp,
@@ -163,6 +164,7 @@ fn train_with<B: Backend, C: CheckpointStrategy>(
                 )?;
             }
             if opts.max_steps.is_some_and(|m| global_step >= m) {
+                guard.check(&stage.name, guard.read())?;
                 return Ok(summaries);
             }
             let mut batch = loader.recv()?;
@@ -575,8 +577,8 @@ impl<B: Backend> Guard<B> {
         if first_skipped.is_finite() {
             let step = first_skipped as u64;
             let e = Error::Train(
-                "the loss or a gradient became non-finite (NaN or infinite); that update and \
-                 every later one were skipped"
+                "the loss or a gradient became non-finite (NaN or infinite); its update was \
+                 skipped"
                     .into(),
             );
             return Err(stopped(stage, step, e));
