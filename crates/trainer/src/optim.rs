@@ -411,3 +411,63 @@ pub fn step<AD: AutodiffBackend, M: AutodiffModule<AD>>(
         },
     )
 }
+
+#[cfg(test)]
+mod tests {
+    use burn::backend::{Autodiff, Flex};
+    use burn::module::Module;
+
+    use super::*;
+    use crate::config::Optim;
+
+    type AD = Autodiff<Flex>;
+
+    /// A step with a non-finite loss changes neither the weights nor the Adam moments; a
+    /// finite one changes both.
+    #[test]
+    fn a_non_finite_step_keeps_weights_and_moments() {
+        let d = Default::default();
+        let model = pali_model::presets::tiny(300, 299, 16).init::<AD>(&d);
+        let flat = |m: &pali_model::PaliGemma<AD>| -> Vec<f32> {
+            m.valid()
+                .into_record()
+                .language_model
+                .norm
+                .weight
+                .val()
+                .into_data()
+                .to_vec()
+                .unwrap()
+        };
+        let optim = Optim::new(1e-2);
+        let groups = Groups::from_parts(&[], &optim.weight_decay_params);
+        let cfg = StepConfig {
+            optim: &optim,
+            groups: &groups,
+            sched: vec![1.0],
+            norms: false,
+        };
+        let grads = |m: &pali_model::PaliGemma<AD>| -> Grads<Flex> {
+            param_paths::<AD, _>(m)
+                .into_iter()
+                .zip(pali_model::checkpoint::parameter_shapes::<AD, _>(m))
+                .map(|(p, (_, s))| {
+                    let n: usize = s.iter().product();
+                    (p, Tensor::<Flex, 1>::ones([n], &d))
+                })
+                .collect()
+        };
+        let mut adam = AdamState::default();
+        let loss = |v: f32| Tensor::<Flex, 1>::from_floats([v], &d);
+        let (m1, s1) = step(model.clone(), grads(&model), &mut adam, &cfg, loss(1.0));
+        assert!(s1.applied.into_scalar());
+        assert_ne!(flat(&model), flat(&m1), "a finite step updates");
+        let key = adam.m.keys().min().unwrap().clone();
+        let moments: Vec<f32> = adam.m[&key].clone().into_data().to_vec().unwrap();
+        let (m2, s2) = step(m1.clone(), grads(&m1), &mut adam, &cfg, loss(f32::NAN));
+        assert!(!s2.applied.into_scalar());
+        assert_eq!(flat(&m1), flat(&m2), "weights of a skipped step");
+        let after: Vec<f32> = adam.m[&key].clone().into_data().to_vec().unwrap();
+        assert_eq!(moments, after, "moments of a skipped step");
+    }
+}
