@@ -51,7 +51,7 @@ pub fn evaluate<B: Backend>(
                 .filter(|_| stage.sources.iter().any(|x| x.noise_boxes.is_some()))
                 .into_iter()
                 .collect(),
-            seed: plan.seed,
+            seed: plan.seed(),
             use_cache: true,
         },
         text_len: stage.text_len,

@@ -1,7 +1,8 @@
 //! What a run needs before its first step, built once: the tokenizer, the VQ-VAE mask encoders,
 //! and per stage the model config, the parameter groups, the data sources and the one data-stream
-//! recipe (mixture + batch builder) that training, evaluation, `pali data inspect`, `pali bench
-//! data` and `pali eval --task perplexity` all use.
+//! recipe (mixture + batch builder) that training, evaluation, `pali data inspect` and `pali bench
+//! data` all use. (`pali eval --task perplexity` has no run config: it shares the step inputs
+//! and `evaluate::batch_nll`, with a batch builder from its flags.)
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -39,8 +40,6 @@ pub struct StagePlan<'a> {
     pub stage: &'a Stage,
     /// The run it belongs to.
     pub config: &'a RunConfig,
-    /// The run's seed.
-    pub seed: u64,
     /// The model at the stage's resolution.
     pub model: PaliGemmaConfig,
     pub groups: Groups,
@@ -93,11 +92,10 @@ impl<'a> RunPlan<'a> {
                 index,
                 stage,
                 config,
-                seed: config.run.seed,
                 model,
                 groups,
-                train: sources(stage, config.run.seed, 0, &encoders)?,
-                val: validation_sources(stage, config.run.seed, &encoders)?,
+                train: sources(stage, config.run.seed, &encoders)?,
+                val: validation_sources(stage, config.run.seed, &encoders),
                 eval_set,
                 tokenizer: tokenizer.clone(),
             });
@@ -117,18 +115,24 @@ impl StagePlan<'_> {
         Ok(Mixture::new(
             self.train.clone(),
             &weights,
-            self.seed.wrapping_add(self.index as u64),
+            self.stream_seed(),
         )?)
+    }
+
+    /// The run's seed.
+    pub fn seed(&self) -> u64 {
+        self.config.run.seed
+    }
+
+    /// Seeds this stage's data stream and augmentations.
+    fn stream_seed(&self) -> u64 {
+        self.seed().wrapping_add(self.index as u64)
     }
 
     /// Turns the stream's examples into batches (training draws augmentations from it;
     /// evaluation encodes without them).
     pub fn batch_builder(&self) -> BatchBuilder {
-        recipe(
-            self.stage,
-            &self.tokenizer,
-            self.seed.wrapping_add(self.index as u64),
-        )
+        recipe(self.stage, &self.tokenizer, self.stream_seed())
     }
 
     /// Whether the stage evaluates: it asks for examples and has validation data (a synthetic
@@ -145,7 +149,7 @@ impl StagePlan<'_> {
 
 /// The batch builder of `stage`: its text length and truncation, resolution, resize method and
 /// image transforms; `seed` seeds the augmentations.
-pub fn recipe(stage: &Stage, tokenizer: &Arc<PaliTokenizer>, seed: u64) -> BatchBuilder {
+fn recipe(stage: &Stage, tokenizer: &Arc<PaliTokenizer>, seed: u64) -> BatchBuilder {
     let mut seq = SequenceBuilder::new(stage.text_len);
     seq.truncation = stage.truncation;
     BatchBuilder {
@@ -233,55 +237,65 @@ pub fn model_config(
     Ok(c)
 }
 
-/// The datasets of a stage's sources (`split` 0 = train, 1 = validation).
-pub fn sources(
-    stage: &Stage,
-    seed: u64,
-    split: u64,
-    encoders: &MaskEncoders,
-) -> Result<Vec<Arc<dyn Dataset>>> {
+/// The training split of a stage's sources (few-shot subsets applied).
+pub fn sources(stage: &Stage, seed: u64, encoders: &MaskEncoders) -> Result<Vec<Arc<dyn Dataset>>> {
     stage
         .sources
         .iter()
         .map(|s| -> Result<Arc<dyn Dataset>> {
             let d: Arc<dyn Dataset> = match &s.kind {
                 SourceKind::Synth { task, size } => {
-                    let mut d = SynthDataset::new(*task, seed, split, *size, stage.task_prefix);
-                    if let Some(e) = s.vqvae.as_ref().and_then(|p| encoders.get(p)) {
-                        d = d.with_mask_encoder(e.clone());
-                    }
-                    if let Some(n) = s.noise_boxes {
-                        d = d.with_noise_boxes(n);
-                    }
-                    Arc::new(d)
+                    Arc::new(synth(stage, s, *task, *size, seed, 0, encoders))
                 }
                 SourceKind::Jsonl { path } => {
                     Arc::new(JsonlDataset::open(path, stage.on_error, false)?)
                 }
             };
-            // Few-shot subsets apply to the training split; validation stays whole.
             Ok(match s.few_shot {
-                Some(k) if split == 0 => Arc::new(FewShot::new(d, k, seed)?),
-                _ => d,
+                Some(k) => Arc::new(FewShot::new(d, k, seed)?),
+                None => d,
             })
         })
         .collect()
 }
 
-/// The validation split of each synthetic source; a JSONL source has none (its file is
-/// training data).
+/// The validation split of each synthetic source, whole; a JSONL source has none (its file is
+/// training data, and is not opened again).
 fn validation_sources(
     stage: &Stage,
     seed: u64,
     encoders: &MaskEncoders,
-) -> Result<Vec<Option<Arc<dyn Dataset>>>> {
-    let split1 = sources(stage, seed, 1, encoders)?;
-    Ok(stage
+) -> Vec<Option<Arc<dyn Dataset>>> {
+    stage
         .sources
         .iter()
-        .zip(split1)
-        .map(|(s, d)| s.synth_task().map(|_| d))
-        .collect())
+        .map(|s| match &s.kind {
+            SourceKind::Synth { task, size } => {
+                Some(Arc::new(synth(stage, s, *task, *size, seed, 1, encoders)) as Arc<dyn Dataset>)
+            }
+            SourceKind::Jsonl { .. } => None,
+        })
+        .collect()
+}
+
+/// One split of a synthetic source.
+fn synth(
+    stage: &Stage,
+    s: &crate::config::Source,
+    task: SynthTask,
+    size: usize,
+    seed: u64,
+    split: u64,
+    encoders: &MaskEncoders,
+) -> SynthDataset {
+    let mut d = SynthDataset::new(task, seed, split, size, stage.task_prefix);
+    if let Some(e) = s.vqvae.as_ref().and_then(|p| encoders.get(p)) {
+        d = d.with_mask_encoder(e.clone());
+    }
+    if let Some(n) = s.noise_boxes {
+        d = d.with_noise_boxes(n);
+    }
+    d
 }
 
 /// Loads the VQ-VAE of every source that names one (on `device`).
@@ -322,15 +336,15 @@ mod tests {
         )
         .unwrap();
         let c = RunConfig::load(&p, &[]).unwrap();
-        let train = sources(&c.stages[0], 3, 0, &MaskEncoders::new()).unwrap();
-        let val = sources(&c.stages[0], 3, 1, &MaskEncoders::new()).unwrap();
-        assert_eq!((train[0].len(), val[0].len()), (7, 100));
+        let train = sources(&c.stages[0], 3, &MaskEncoders::new()).unwrap();
+        let val = validation_sources(&c.stages[0], 3, &MaskEncoders::new());
+        assert_eq!((train[0].len(), val[0].as_ref().unwrap().len()), (7, 100));
         assert!(
             train[0].name().contains("7-shot, seed 3"),
             "{}",
             train[0].name()
         );
-        let again = sources(&c.stages[0], 3, 0, &MaskEncoders::new()).unwrap();
+        let again = sources(&c.stages[0], 3, &MaskEncoders::new()).unwrap();
         assert_eq!(
             train[0].get(0).unwrap().suffix,
             again[0].get(0).unwrap().suffix

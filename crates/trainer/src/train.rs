@@ -371,7 +371,7 @@ fn enter_stage<AD: AutodiffBackend>(
     let stage = sp.stage;
     if at_start && !stage.reset.is_empty() {
         // Seeded by the stage, so a run resumed at this boundary resets to the same weights.
-        AD::seed(device, sp.seed.wrapping_add(1000 + sp.index as u64));
+        AD::seed(device, sp.seed().wrapping_add(1000 + sp.index as u64));
         let fresh = sp.model.init::<AD>(device);
         for part in &stage.reset {
             match part {
