@@ -168,6 +168,9 @@ pub struct AdamState<B: Backend> {
     pub v: HashMap<String, Tensor<B, 1>>,
     /// Updates applied to each parameter (bias correction).
     pub t: HashMap<String, u64>,
+    /// Set (on the device) once a step was skipped: its non-finite gradient reached the
+    /// moments, so every later update is skipped too, until the trainer reads this and stops.
+    pub skipped: Option<Tensor<B, 1, Bool>>,
 }
 
 impl<B: Backend> AdamState<B> {
@@ -185,6 +188,7 @@ impl<B: Backend> Default for AdamState<B> {
             m: HashMap::new(),
             v: HashMap::new(),
             t: HashMap::new(),
+            skipped: None,
         }
     }
 }
@@ -264,10 +268,11 @@ pub fn add_gradients<B: Backend>(acc: &mut Grads<B>, more: Grads<B>) {
 /// One optimizer step on `model` with gradients `grads` ([`gradients`]) of a batch whose loss
 /// is `loss`. Parameter and update norms are zero unless `cfg.norms`.
 ///
-/// When the loss or a gradient is not finite, every parameter and Adam moment keeps its value
-/// (optax's `apply_if_finite`), decided on the device: no host read. `StepStats::applied` says
-/// so (the trainer stops at its next read of it). The per-parameter update count still
-/// advances.
+/// When the loss or a gradient is not finite, every parameter keeps its value (optax's
+/// `apply_if_finite`), decided on the device: no host read. The moments have taken the
+/// non-finite gradient, so every later step is skipped too (`AdamState::skipped`);
+/// `StepStats::applied` says so, and the trainer stops at its next read of it. Masking the
+/// moments as well cost 50 % more optimizer time (63 M parameters) for steps nobody keeps.
 pub fn step<AD: AutodiffBackend, M: AutodiffModule<AD>>(
     model: M,
     grads: Grads<AD::InnerBackend>,
@@ -302,7 +307,12 @@ pub fn step<AD: AutodiffBackend, M: AutodiffModule<AD>>(
     let zero = || Tensor::<Inner<AD>, 1>::zeros([1], &device);
     let grad_norm = sq.unwrap_or_else(zero).sqrt();
     let param_norm = pn.psq.take().unwrap_or_else(zero).sqrt();
-    let applied = loss.is_finite().bool_and(grad_norm.clone().is_finite());
+    let mut applied = loss.is_finite().bool_and(grad_norm.clone().is_finite());
+    if let Some(skipped) = state.skipped.take() {
+        applied = applied.bool_and(skipped.clone().bool_not());
+    }
+    // Sticky: the moments now hold this step's gradient, finite or not.
+    state.skipped = Some(applied.clone().bool_not());
     // min(1, clip / ‖g‖), computed on the device (no sync).
     let coef = if cfg.optim.grad_clip > 0.0 {
         grad_norm
@@ -347,25 +357,17 @@ pub fn step<AD: AutodiffBackend, M: AutodiffModule<AD>>(
             let cfg = self.cfg;
             let g = g * self.coef.clone();
             let n = g.dims()[0];
-            // A skipped step (non-finite loss or gradient) keeps the moments as they were too.
-            let keep = self.applied.clone().bool_not().expand([n]);
             let m = match self.state.m.remove(&path) {
-                Some(m) if m.dims()[0] == n => (m.clone().mul_scalar(cfg.optim.b1)
-                    + g.clone().mul_scalar(1.0 - cfg.optim.b1))
-                .mask_where(keep.clone(), m),
-                _ => g
-                    .clone()
-                    .mul_scalar(1.0 - cfg.optim.b1)
-                    .mask_fill(keep.clone(), 0.0),
+                Some(m) if m.dims()[0] == n => {
+                    m.mul_scalar(cfg.optim.b1) + g.clone().mul_scalar(1.0 - cfg.optim.b1)
+                }
+                _ => g.clone().mul_scalar(1.0 - cfg.optim.b1),
             };
             let v = match self.state.v.remove(&path) {
-                Some(v) if v.dims()[0] == n => (v.clone().mul_scalar(cfg.optim.b2)
-                    + g.powi_scalar(2).mul_scalar(1.0 - cfg.optim.b2))
-                .mask_where(keep.clone(), v),
-                _ => g
-                    .powi_scalar(2)
-                    .mul_scalar(1.0 - cfg.optim.b2)
-                    .mask_fill(keep.clone(), 0.0),
+                Some(v) if v.dims()[0] == n => {
+                    v.mul_scalar(cfg.optim.b2) + g.powi_scalar(2).mul_scalar(1.0 - cfg.optim.b2)
+                }
+                _ => g.powi_scalar(2).mul_scalar(1.0 - cfg.optim.b2),
             };
             let t = self.state.t.get(&path).copied().unwrap_or(0) + 1;
             let mhat = m.clone().div_scalar(1.0 - cfg.optim.b1.powi(t as i32));
@@ -382,6 +384,7 @@ pub fn step<AD: AutodiffBackend, M: AutodiffModule<AD>>(
             if cfg.norms {
                 accumulate(&mut self.usq, update.clone().powi_scalar(2).sum());
             }
+            let keep = self.applied.clone().bool_not().expand([n]);
             let new = (flat.clone() - update).mask_where(keep, flat).reshape(dims);
             self.state.m.insert(path.clone(), m);
             self.state.v.insert(path.clone(), v);
@@ -422,10 +425,10 @@ mod tests {
 
     type AD = Autodiff<Flex>;
 
-    /// A step with a non-finite loss changes neither the weights nor the Adam moments; a
-    /// finite one changes both.
+    /// A step with a non-finite loss or gradient leaves the weights as they were, and so does
+    /// every later step (its non-finite gradient is in the moments); a finite step updates.
     #[test]
-    fn a_non_finite_step_keeps_weights_and_moments() {
+    fn a_non_finite_step_and_every_later_one_keep_the_weights() {
         let d = Default::default();
         let model = pali_model::presets::tiny(300, 299, 16).init::<AD>(&d);
         let flat = |m: &pali_model::PaliGemma<AD>| -> Vec<f32> {
@@ -447,27 +450,35 @@ mod tests {
             sched: vec![1.0],
             norms: false,
         };
-        let grads = |m: &pali_model::PaliGemma<AD>| -> Grads<Flex> {
+        let grads = |m: &pali_model::PaliGemma<AD>, v: f32| -> Grads<Flex> {
             param_paths::<AD, _>(m)
                 .into_iter()
                 .zip(pali_model::checkpoint::parameter_shapes::<AD, _>(m))
                 .map(|(p, (_, s))| {
                     let n: usize = s.iter().product();
-                    (p, Tensor::<Flex, 1>::ones([n], &d))
+                    (p, Tensor::<Flex, 1>::full([n], v, &d))
                 })
                 .collect()
         };
         let mut adam = AdamState::default();
         let loss = |v: f32| Tensor::<Flex, 1>::from_floats([v], &d);
-        let (m1, s1) = step(model.clone(), grads(&model), &mut adam, &cfg, loss(1.0));
+        let (m1, s1) = step(
+            model.clone(),
+            grads(&model, 1.0),
+            &mut adam,
+            &cfg,
+            loss(1.0),
+        );
         assert!(s1.applied.into_scalar());
         assert_ne!(flat(&model), flat(&m1), "a finite step updates");
-        let key = adam.m.keys().min().unwrap().clone();
-        let moments: Vec<f32> = adam.m[&key].clone().into_data().to_vec().unwrap();
-        let (m2, s2) = step(m1.clone(), grads(&m1), &mut adam, &cfg, loss(f32::NAN));
+        let nan = f32::NAN;
+        let (m2, s2) = step(m1.clone(), grads(&m1, nan), &mut adam, &cfg, loss(nan));
         assert!(!s2.applied.into_scalar());
         assert_eq!(flat(&m1), flat(&m2), "weights of a skipped step");
-        let after: Vec<f32> = adam.m[&key].clone().into_data().to_vec().unwrap();
-        assert_eq!(moments, after, "moments of a skipped step");
+        // Finite again, but the moments hold NaN: still skipped, weights still finite.
+        let (m3, s3) = step(m2.clone(), grads(&m2, 1.0), &mut adam, &cfg, loss(1.0));
+        assert!(!s3.applied.into_scalar());
+        assert_eq!(flat(&m2), flat(&m3), "weights after a skipped step");
+        assert!(flat(&m3).iter().all(|x| x.is_finite()));
     }
 }

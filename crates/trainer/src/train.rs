@@ -577,8 +577,8 @@ impl<B: Backend> Guard<B> {
         if first_skipped.is_finite() {
             let step = first_skipped as u64;
             let e = Error::Train(
-                "the loss or a gradient became non-finite (NaN or infinite); its update was \
-                 skipped"
+                "the loss or a gradient became non-finite (NaN or infinite); that update and \
+                 every later one were skipped"
                     .into(),
             );
             return Err(stopped(stage, step, e));
