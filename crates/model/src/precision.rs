@@ -69,12 +69,21 @@ impl Compute {
     }
 
     /// `l.forward(x)`, with the matmul in this dtype and the bias added in f32.
+    ///
+    /// The leading dimensions are flattened into one so that forward, input gradient and weight
+    /// gradient are each one GEMM. Burn's `linear` on a `[B, T, D]` input runs B matmuls against
+    /// the broadcast weight, and its weight gradient B matmuls of depth T plus a sum over B
+    /// (burn-backend `linear_weight_backward`), which was the largest cost of a CPU step.
     pub fn linear<B: Backend, const D: usize>(
         self,
         l: &Linear<B>,
         x: Tensor<B, D>,
     ) -> Tensor<B, D> {
-        match self {
+        let mut dims = x.dims();
+        let d_in = dims[D - 1];
+        let rows = dims[..D - 1].iter().product::<usize>();
+        let x = x.reshape([rows, d_in]);
+        let y = match self {
             Compute::F32 => l.forward(x),
             Compute::Bf16 => {
                 let y = self.high(linear(self.low(x), self.low(l.weight.val()), None));
@@ -83,7 +92,9 @@ impl Compute {
                     None => y,
                 }
             }
-        }
+        };
+        dims[D - 1] = y.dims()[1];
+        y.reshape(dims)
     }
 
     /// `a.matmul(b)` in this dtype, result in f32.
