@@ -292,9 +292,14 @@ pub fn step<AD: AutodiffBackend, M: AutodiffModule<AD>>(
         }
     }
     let mut sq = None;
-    for (_, g) in &grads {
-        accumulate(&mut sq, g.clone().powi_scalar(2).sum());
-    }
+    let grads: HashMap<String, (Tensor<Inner<AD>, 1>, Tensor<Inner<AD>, 1>)> = grads
+        .into_iter()
+        .map(|(path, g)| {
+            let g2 = g.clone() * g.clone();
+            accumulate(&mut sq, g2.clone().sum());
+            (path, (g, g2))
+        })
+        .collect();
     let mut pn = ParamNorm::<AD> { psq: None };
     if cfg.norms {
         model.visit(&mut pn);
@@ -325,13 +330,22 @@ pub fn step<AD: AutodiffBackend, M: AutodiffModule<AD>>(
         Tensor::ones([1], &device)
     };
 
-    // Pass 2: Adam → ×lr×mult → +wd·p → ×schedule.
+    // The clip coefficient folded into the moments' input scales: (1-b1)·c and (1-b2)·c².
+    let c1 = coef.clone().mul_scalar(1.0 - cfg.optim.b1);
+    let c2 = coef.powi_scalar(2).mul_scalar(1.0 - cfg.optim.b2);
+
+    // Pass 2: Adam → ×lr×mult → +wd·p → ×schedule, as
+    //   p·(1 − s·wd) − α·m / (√v + ε·√bc2),  α = s·lr·mult·√bc2 / bc1,
+    // the same chain with every scalar folded: 12 passes over a parameter's elements instead of
+    // 17 (13 vs 19 with weight decay). The optimizer is memory-bound, and it was 15 % of a
+    // 63 M-parameter CPU step.
     struct Apply<'a, AD: AutodiffBackend> {
         stack: PathStack,
-        grads: HashMap<String, Tensor<Inner<AD>, 1>>,
+        grads: HashMap<String, (Tensor<Inner<AD>, 1>, Tensor<Inner<AD>, 1>)>,
         state: &'a mut AdamState<Inner<AD>>,
         cfg: &'a StepConfig<'a>,
-        coef: Tensor<Inner<AD>, 1>,
+        c1: Tensor<Inner<AD>, 1>,
+        c2: Tensor<Inner<AD>, 1>,
         applied: Tensor<Inner<AD>, 1, Bool>,
         usq: Option<Tensor<Inner<AD>, 1>>,
     }
@@ -344,7 +358,7 @@ pub fn step<AD: AutodiffBackend, M: AutodiffModule<AD>>(
         }
         fn map_float<const D: usize>(&mut self, p: Param<Tensor<AD, D>>) -> Param<Tensor<AD, D>> {
             let path = self.stack.current().0;
-            let Some(g) = self.grads.remove(&path) else {
+            let Some((g, g2)) = self.grads.remove(&path) else {
                 return p;
             };
             let Ok(group) = self.cfg.groups.of(&path) else {
@@ -354,38 +368,39 @@ pub fn step<AD: AutodiffBackend, M: AutodiffModule<AD>>(
             if gcfg.frozen {
                 return p;
             }
-            let cfg = self.cfg;
-            let g = g * self.coef.clone();
+            let o = &self.cfg.optim;
             let n = g.dims()[0];
+            let g = g * self.c1.clone();
             let m = match self.state.m.remove(&path) {
-                Some(m) if m.dims()[0] == n => {
-                    m.mul_scalar(cfg.optim.b1) + g.clone().mul_scalar(1.0 - cfg.optim.b1)
-                }
-                _ => g.clone().mul_scalar(1.0 - cfg.optim.b1),
+                Some(m) if m.dims()[0] == n => m.mul_scalar(o.b1) + g,
+                _ => g,
             };
+            let g2 = g2 * self.c2.clone();
             let v = match self.state.v.remove(&path) {
-                Some(v) if v.dims()[0] == n => {
-                    v.mul_scalar(cfg.optim.b2) + g.powi_scalar(2).mul_scalar(1.0 - cfg.optim.b2)
-                }
-                _ => g.powi_scalar(2).mul_scalar(1.0 - cfg.optim.b2),
+                Some(v) if v.dims()[0] == n => v.mul_scalar(o.b2) + g2,
+                _ => g2,
             };
             let t = self.state.t.get(&path).copied().unwrap_or(0) + 1;
-            let mhat = m.clone().div_scalar(1.0 - cfg.optim.b1.powi(t as i32));
-            let vhat = v.clone().div_scalar(1.0 - cfg.optim.b2.powi(t as i32));
-            let adam = mhat / vhat.sqrt().add_scalar(cfg.optim.eps);
+            let bc1 = 1.0 - o.b1.powi(t as i32);
+            let bc2 = (1.0 - o.b2.powi(t as i32)).sqrt();
+            let sched = self.cfg.sched[group];
+            let alpha = sched * o.lr * gcfg.mult * bc2 / bc1;
+            let step = (m.clone() / v.clone().sqrt().add_scalar(o.eps * bc2)).mul_scalar(alpha);
             let value = p.val();
             let dims = value.dims();
             let flat = value.inner().reshape([n]);
-            let mut update = adam.mul_scalar(cfg.optim.lr * gcfg.mult);
-            if cfg.optim.weight_decay > 0.0 && cfg.groups.wd.is_match(&path) {
-                update = update + flat.clone().mul_scalar(cfg.optim.weight_decay);
-            }
-            let update = update.mul_scalar(cfg.sched[group]);
-            if cfg.norms {
-                accumulate(&mut self.usq, update.clone().powi_scalar(2).sum());
+            let decayed = if o.weight_decay > 0.0 && self.cfg.groups.wd.is_match(&path) {
+                flat.clone().mul_scalar(1.0 - sched * o.weight_decay)
+            } else {
+                flat.clone()
+            };
+            let new = decayed - step;
+            if self.cfg.norms {
+                let update = flat.clone() - new.clone();
+                accumulate(&mut self.usq, update.powi_scalar(2).sum());
             }
             let keep = self.applied.clone().bool_not().expand([n]);
-            let new = (flat.clone() - update).mask_where(keep, flat).reshape(dims);
+            let new = new.mask_where(keep, flat).reshape(dims);
             self.state.m.insert(path.clone(), m);
             self.state.v.insert(path.clone(), v);
             self.state.t.insert(path, t);
@@ -395,10 +410,11 @@ pub fn step<AD: AutodiffBackend, M: AutodiffModule<AD>>(
     }
     let mut a = Apply::<AD> {
         stack: PathStack::default(),
-        grads: grads.into_iter().collect(),
+        grads,
         state,
         cfg,
-        coef,
+        c1,
+        c2,
         applied: applied.clone(),
         usq: None,
     };
@@ -480,5 +496,82 @@ mod tests {
         assert!(!s3.applied.into_scalar());
         assert_eq!(flat(&m2), flat(&m3), "weights after a skipped step");
         assert!(flat(&m3).iter().all(|x| x.is_finite()));
+    }
+
+    /// Three steps of the whole chain (clip, Adam, lr, weight decay, schedule) on one parameter
+    /// against the same chain written out in f64 from `big_vision/optax.py`'s order.
+    #[test]
+    fn three_steps_match_the_chain_in_f64() {
+        let d = Default::default();
+        let model = pali_model::presets::tiny(300, 299, 16).init::<AD>(&d);
+        let target = "language_model.layers.0.mlp.up_proj.weight";
+        let value = |m: &pali_model::PaliGemma<AD>| -> Vec<f64> {
+            let p = m.valid().into_record().language_model.layers[0].mlp.up_proj.weight.val();
+            let v: Vec<f32> = p.into_data().to_vec().unwrap();
+            v.into_iter().map(f64::from).collect()
+        };
+        let mut optim = Optim::new(3e-3);
+        optim.weight_decay = 0.1;
+        optim.grad_clip = 0.5;
+        optim.weight_decay_params = Parsed::new(".*up_proj.*").unwrap();
+        let groups = Groups::from_parts(&[], &optim.weight_decay_params);
+        let paths = param_paths::<AD, _>(&model);
+        let shapes = pali_model::checkpoint::parameter_shapes::<AD, _>(&model);
+        // Gradient element i of parameter j at step k; global norm well above the clip.
+        let g = |j: usize, i: usize, k: usize| ((i * 7 + j * 5 + k * 3) % 11) as f64 * 0.02 - 0.1;
+        let grads = |k: usize| -> Grads<Flex> {
+            paths
+                .iter()
+                .zip(&shapes)
+                .enumerate()
+                .map(|(j, (p, (_, s)))| {
+                    let n: usize = s.iter().product();
+                    let v: Vec<f32> = (0..n).map(|i| g(j, i, k) as f32).collect();
+                    (p.clone(), Tensor::<Flex, 1>::from_floats(v.as_slice(), &d))
+                })
+                .collect()
+        };
+        let j = paths.iter().position(|p| p == target).unwrap();
+        let mut want = value(&model);
+        let (mut m, mut v) = (vec![0.0; want.len()], vec![0.0; want.len()]);
+        let mut adam = AdamState::default();
+        let mut model = model;
+        for (k, sched) in [1.0, 0.5, 0.25].into_iter().enumerate() {
+            let norm = paths
+                .iter()
+                .zip(&shapes)
+                .enumerate()
+                .flat_map(|(j, (_, (_, s)))| (0..s.iter().product()).map(move |i| g(j, i, k)))
+                .map(|x| x * x)
+                .sum::<f64>()
+                .sqrt();
+            let coef = (optim.grad_clip / (norm + 1e-12)).min(1.0);
+            let t = (k + 1) as i32;
+            for (i, p) in want.iter_mut().enumerate() {
+                let gi = g(j, i, k) * coef;
+                m[i] = optim.b1 * m[i] + (1.0 - optim.b1) * gi;
+                v[i] = optim.b2 * v[i] + (1.0 - optim.b2) * gi * gi;
+                let mhat = m[i] / (1.0 - optim.b1.powi(t));
+                let vhat = v[i] / (1.0 - optim.b2.powi(t));
+                let adam = mhat / (vhat.sqrt() + optim.eps);
+                *p -= (optim.lr * adam + optim.weight_decay * *p) * sched;
+            }
+            let cfg = StepConfig {
+                optim: &optim,
+                groups: &groups,
+                sched: vec![sched],
+                norms: true,
+            };
+            let loss = Tensor::<Flex, 1>::from_floats([1.0], &d);
+            let (next, stats) = step(model, grads(k), &mut adam, &cfg, loss);
+            let got: f32 = stats.grad_norm.into_scalar();
+            assert!((f64::from(got) - norm).abs() < 1e-4 * norm, "grad norm {got} vs {norm}");
+            model = next;
+        }
+        let got = value(&model);
+        let scale = want.iter().map(|x| x.abs()).fold(0.0, f64::max);
+        for (i, (a, b)) in got.iter().zip(&want).enumerate() {
+            assert!((a - b).abs() < 1e-6 * scale, "element {i}: {a} vs {b}");
+        }
     }
 }
