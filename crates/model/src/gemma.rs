@@ -49,17 +49,35 @@ impl<B: Backend> RmsNorm<B> {
 }
 
 /// Rotary tables for one forward pass: `cos` and `sin` of `position · inv_freq`, duplicated
-/// over the two halves of the head (`cat(freqs, freqs)` as HF).
+/// over the two halves of the head (`cat(freqs, freqs)` as HF), one pair for the query heads
+/// and one for the key heads.
 #[derive(Clone, Debug)]
 pub struct Rope<B: Backend> {
-    pub cos: Tensor<B, 4>, // [B, 1, S, Dh]
-    pub sin: Tensor<B, 4>, // [B, 1, S, Dh]
+    pub q: RopeTables<B>,
+    pub k: RopeTables<B>,
+}
+
+/// `cos` and `sin` materialised at the shape of the heads they rotate, [B, S, H, Dh], with the
+/// sign of `rotate_half` folded into `sin` (its first half negated): every product is then
+/// between two contiguous tensors of one shape, which CPU backends run as a SIMD loop instead
+/// of a strided broadcast. The values are the same products as HF's
+/// `q·cos + rotate_half(q)·sin`, bit for bit.
+#[derive(Clone, Debug)]
+pub struct RopeTables<B: Backend> {
+    pub cos: Tensor<B, 4>,
+    pub signed_sin: Tensor<B, 4>,
 }
 
 impl<B: Backend> Rope<B> {
     /// # Shapes
-    /// - positions: [B, S] → tables [B, 1, S, Dh]
-    pub fn new(positions: Tensor<B, 2, Int>, head_dim: usize, theta: f64) -> Self {
+    /// - positions: [B, S] → tables [B, S, heads, Dh] and [B, S, kv_heads, Dh]
+    pub fn new(
+        positions: Tensor<B, 2, Int>,
+        head_dim: usize,
+        theta: f64,
+        heads: usize,
+        kv_heads: usize,
+    ) -> Self {
         let device = positions.device();
         let [b, s] = positions.dims();
         let half = head_dim / 2;
@@ -70,21 +88,34 @@ impl<B: Backend> Rope<B> {
         let inv =
             Tensor::<B, 1>::from_data(TensorData::new(inv, [half]), &device).reshape([1, 1, half]);
         let freqs = positions.float().reshape([b, s, 1]) * inv; // [B, S, Dh/2]
-        let emb = Tensor::cat(vec![freqs.clone(), freqs], 2).unsqueeze_dim::<4>(1); // [B, 1, S, Dh]
-        Self {
-            cos: emb.clone().cos(),
-            sin: emb.sin(),
-        }
+        let (cos, sin) = (freqs.clone().cos(), freqs.sin());
+        let cos = Tensor::cat(vec![cos.clone(), cos], 2).unsqueeze_dim::<4>(2); // [B, S, 1, Dh]
+        let sin = Tensor::cat(vec![sin.clone().neg(), sin], 2).unsqueeze_dim::<4>(2);
+        let tables = |h: usize| RopeTables {
+            cos: cos.clone().repeat_dim(2, h),
+            signed_sin: sin.clone().repeat_dim(2, h),
+        };
+        let q = tables(heads);
+        let k = if kv_heads == heads {
+            q.clone()
+        } else {
+            tables(kv_heads)
+        };
+        Self { q, k }
     }
+}
 
+impl<B: Backend> RopeTables<B> {
+    /// `x·cos + rotate_half(x)·sin`, where `rotate_half(x) = cat(−x2, x1)`.
+    ///
     /// # Shapes
-    /// - x: [B, H, S, Dh] → [B, H, S, Dh]
+    /// - x: [B, S, H, Dh] → [B, S, H, Dh]
     pub fn apply(&self, x: Tensor<B, 4>) -> Tensor<B, 4> {
-        let [b, h, s, d] = x.dims();
-        let x1 = x.clone().slice([0..b, 0..h, 0..s, 0..d / 2]);
-        let x2 = x.clone().slice([0..b, 0..h, 0..s, d / 2..d]);
-        let rotated = Tensor::cat(vec![x2.neg(), x1], 3);
-        x * self.cos.clone() + rotated * self.sin.clone()
+        let [b, s, h, d] = x.dims();
+        let x1 = x.clone().slice([0..b, 0..s, 0..h, 0..d / 2]);
+        let x2 = x.clone().slice([0..b, 0..s, 0..h, d / 2..d]);
+        let swapped = Tensor::cat(vec![x2, x1], 3);
+        x * self.cos.clone() + swapped * self.signed_sin.clone()
     }
 }
 
@@ -95,6 +126,31 @@ pub struct AttentionMasks<B: Backend> {
     pub full: Tensor<B, 3, Bool>,
     /// Used by sliding-window layers: [B, Sq, Sk]; `None` when no layer slides.
     pub sliding: Option<Tensor<B, 3, Bool>>,
+}
+
+/// [`AttentionMasks`] as each layer takes them: negated (`true` = blocked) and repeated over the
+/// query heads, [B, H, Sq, Sk], once per forward pass instead of once per layer. A mask that is
+/// only broadcast over the heads is copied to contiguous memory by CPU backends at every
+/// masking, forward and backward.
+#[derive(Clone, Debug)]
+pub struct BlockedMasks<B: Backend> {
+    pub full: Tensor<B, 4, Bool>,
+    pub sliding: Option<Tensor<B, 4, Bool>>,
+}
+
+impl<B: Backend> BlockedMasks<B> {
+    pub fn new(masks: &AttentionMasks<B>, heads: usize) -> Self {
+        let blocked = |m: &Tensor<B, 3, Bool>| {
+            m.clone()
+                .bool_not()
+                .unsqueeze_dim::<4>(1)
+                .repeat_dim(1, heads)
+        };
+        Self {
+            full: blocked(&masks.full),
+            sliding: masks.sliding.as_ref().map(blocked),
+        }
+    }
 }
 
 /// Cached keys and values of one layer: [B, Hkv, S, Dh] each.
@@ -121,27 +177,25 @@ impl<B: Backend> GemmaAttention<B> {
         &self,
         x: Tensor<B, 3>,
         rope: &Rope<B>,
-        allowed: Tensor<B, 3, Bool>,
+        blocked: Tensor<B, 4, Bool>,
         cache: Option<&mut LayerCache<B>>,
     ) -> Tensor<B, 3> {
         let [b, s, _] = x.dims();
         let (h, hkv, dh) = (self.num_heads, self.num_kv_heads, self.head_dim);
         let c = self.compute;
-        let q = c
-            .linear(&self.q_proj, x.clone())
-            .reshape([b, s, h, dh])
+        // RoPE on the projections' own layout, [B, Sq, H, Dh], then heads first.
+        let q = rope
+            .q
+            .apply(c.linear(&self.q_proj, x.clone()).reshape([b, s, h, dh]))
             .swap_dims(1, 2); // [B, H, Sq, Dh]
-        let k = c
-            .linear(&self.k_proj, x.clone())
-            .reshape([b, s, hkv, dh])
+        let mut k = rope
+            .k
+            .apply(c.linear(&self.k_proj, x.clone()).reshape([b, s, hkv, dh]))
             .swap_dims(1, 2); // [B, Hkv, Sq, Dh]
-        let v = c
+        let mut v = c
             .linear(&self.v_proj, x)
             .reshape([b, s, hkv, dh])
             .swap_dims(1, 2); // [B, Hkv, Sq, Dh]
-        let q = rope.apply(q);
-        let mut k = rope.apply(k);
-        let mut v = v;
         if let Some(cache) = cache {
             if let Some((k0, v0)) = cache.take() {
                 k = Tensor::cat(vec![k0, k], 2);
@@ -150,11 +204,11 @@ impl<B: Backend> GemmaAttention<B> {
             *cache = Some((k.clone(), v.clone()));
         }
         let sk = k.dims()[2];
-        let [mb, mq, mk] = allowed.dims();
+        let [mb, mh, mq, mk] = blocked.dims();
         assert!(
-            mb == b && mq == s && mk == sk,
+            mb == b && mh == h && mq == s && mk == sk,
             "attention mask has shape {:?} but q is [{b}, {h}, {s}, {dh}] and k is [{b}, {hkv}, {sk}, {dh}]",
-            allowed.dims()
+            blocked.dims()
         );
         // GQA/MQA: kv head j serves query heads j·rep … (j+1)·rep−1 (HF `repeat_kv`).
         let rep = h / hkv;
@@ -167,16 +221,12 @@ impl<B: Backend> GemmaAttention<B> {
                     .reshape([b, h, sk, dh])
             }
         };
-        let masked = allowed
-            .bool_not()
-            .unsqueeze_dim::<4>(1)
-            .expand([b, h, s, sk]);
         let opts = AttentionModuleOptions {
             scale: Some(self.scale),
             softcap: self.softcap,
             is_causal: false,
         };
-        let o = c.attention(q, expand(k), expand(v), Some(masked), opts); // [B, H, Sq, Dh]
+        let o = c.attention(q, expand(k), expand(v), Some(blocked), opts); // [B, H, Sq, Dh]
         c.linear(&self.o_proj, o.swap_dims(1, 2).reshape([b, s, h * dh]))
     }
 }
@@ -218,17 +268,17 @@ impl<B: Backend> GemmaLayer<B> {
         &self,
         x: Tensor<B, 3>,
         rope: &Rope<B>,
-        masks: &AttentionMasks<B>,
+        masks: &BlockedMasks<B>,
         cache: Option<&mut LayerCache<B>>,
     ) -> Tensor<B, 3> {
-        let allowed = match (&masks.sliding, self.sliding) {
+        let blocked = match (&masks.sliding, self.sliding) {
             (Some(m), true) => m.clone(),
             _ => masks.full.clone(),
         };
         let a = self.self_attn.forward(
             self.input_layernorm.forward(x.clone()),
             rope,
-            allowed,
+            blocked,
             cache,
         );
         match (
@@ -350,7 +400,11 @@ impl<B: Backend> Gemma<B> {
         mut cache: Option<&mut Vec<LayerCache<B>>>,
         mut hidden: Option<&mut Vec<Tensor<B, 3>>>,
     ) -> Tensor<B, 3> {
-        let rope = Rope::new(positions, self.head_dim, self.rope_theta);
+        let heads = self.layers.first().map_or((1, 1), |l| {
+            (l.self_attn.num_heads, l.self_attn.num_kv_heads)
+        });
+        let rope = Rope::new(positions, self.head_dim, self.rope_theta, heads.0, heads.1);
+        let masks = BlockedMasks::new(masks, heads.0);
         let mut x = x;
         if let Some(c) = cache.as_deref_mut() {
             c.resize_with(self.layers.len(), || None);
@@ -360,7 +414,7 @@ impl<B: Backend> Gemma<B> {
                 h.push(x.clone());
             }
             let c = cache.as_deref_mut().map(|c| &mut c[i]);
-            x = layer.forward(x, &rope, masks, c);
+            x = layer.forward(x, &rope, &masks, c);
         }
         if let Some(h) = &mut hidden {
             h.push(x.clone());

@@ -506,7 +506,11 @@ mod tests {
         let model = pali_model::presets::tiny(300, 299, 16).init::<AD>(&d);
         let target = "language_model.layers.0.mlp.up_proj.weight";
         let value = |m: &pali_model::PaliGemma<AD>| -> Vec<f64> {
-            let p = m.valid().into_record().language_model.layers[0].mlp.up_proj.weight.val();
+            let p = m.valid().into_record().language_model.layers[0]
+                .mlp
+                .up_proj
+                .weight
+                .val();
             let v: Vec<f32> = p.into_data().to_vec().unwrap();
             v.into_iter().map(f64::from).collect()
         };
@@ -565,7 +569,10 @@ mod tests {
             let loss = Tensor::<Flex, 1>::from_floats([1.0], &d);
             let (next, stats) = step(model, grads(k), &mut adam, &cfg, loss);
             let got: f32 = stats.grad_norm.into_scalar();
-            assert!((f64::from(got) - norm).abs() < 1e-4 * norm, "grad norm {got} vs {norm}");
+            assert!(
+                (f64::from(got) - norm).abs() < 1e-4 * norm,
+                "grad norm {got} vs {norm}"
+            );
             model = next;
         }
         let got = value(&model);
