@@ -9,14 +9,14 @@
 use std::path::PathBuf;
 use std::time::Instant;
 
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
 use burn::backend::Autodiff;
 use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::{Distribution, Tensor};
 use pali_data::batch::Batch;
 use pali_model::presets::{count_params, preset};
 use pali_model::{hf, ImageEncoder, PaliGemmaConfig};
-use pali_trainer::config::{Attention, LossOn, LossSection, Optim};
+use pali_trainer::config::{Attention, LossOn, LossSection, Optim, RunConfig};
 use pali_trainer::inputs::{batch_loss, step_inputs};
 use pali_trainer::optim::{self, AdamState, Groups};
 use pali_trainer::step::{train_step, StepSettings};
@@ -30,8 +30,20 @@ pub struct Args {
     #[arg(long, conflicts_with = "config")]
     pub preset: Option<String>,
     /// HF PaliGemma config.json (same shapes as a PyTorch run of that config).
-    #[arg(long)]
+    #[arg(long, conflicts_with = "run")]
     pub config: Option<PathBuf>,
+    /// A run config (`pali train`'s TOML): time the first steps of its first stage exactly as
+    /// `pali train` takes them (its model, data, optimizer settings, schedule and seeds);
+    /// `--warmup` + `--steps` steps in all. `--batch`, `--text-len` and `--dtype` come from it.
+    #[arg(long, conflicts_with = "preset")]
+    pub run: Option<PathBuf>,
+    /// With `--run`: override a config key, as `pali train --set`.
+    #[arg(long = "set", value_name = "KEY=VALUE", requires = "run")]
+    pub overrides: Vec<String>,
+    /// With `--run`: write the weights after the last step (safetensors, as a checkpoint's
+    /// `model.safetensors`).
+    #[arg(long, requires = "run")]
+    pub save_weights: Option<PathBuf>,
     #[arg(long, default_value_t = 2)]
     pub batch: usize,
     /// Text tokens per example (after the image tokens).
@@ -60,10 +72,13 @@ pub struct Args {
 }
 
 pub fn run(args: Args) -> Result<()> {
+    if let Some(path) = &args.run {
+        return run_config(&args, path);
+    }
     let config = match (&args.preset, &args.config) {
         (Some(p), None) => preset(p)?,
         (None, Some(c)) => hf::parse_config(c)?,
-        _ => bail!("give --preset NAME or --config HF_CONFIG.json"),
+        _ => bail!("give --preset NAME, --config HF_CONFIG.json or --run RUN.toml"),
     };
     let device = args.device.spec()?;
     let device_name = format!("{device:?}");
@@ -105,6 +120,76 @@ pub fn run(args: Args) -> Result<()> {
     });
     println!("{}", serde_json::to_string_pretty(&json)?);
     Ok(())
+}
+
+/// `--run`: the first steps of a run config's first stage, as `pali train` takes them.
+fn run_config(args: &Args, path: &std::path::Path) -> Result<()> {
+    if args.forward_only {
+        bail!("--forward-only times a synthetic batch; it does not combine with --run");
+    }
+    let config = RunConfig::load(path, &args.overrides)
+        .with_context(|| format!("loading {}", path.display()))?;
+    let device = args.device.spec()?;
+    let device_name = format!("{device:?}");
+    let (times, tokens) = dispatch(
+        device,
+        ReplayJob {
+            args,
+            config: &config,
+        },
+    )?;
+    let mut sorted = times.clone();
+    sorted.sort_by(|a, b| a.total_cmp(b));
+    let median = sorted[sorted.len() / 2];
+    let stage = &config.stages[0];
+    let json = serde_json::json!({
+        "what": "train step (forward+backward+optimizer chain) of a run config's first stage",
+        "run": path.display().to_string(),
+        "stage": stage.name,
+        "device": device_name,
+        "dtype": config.run.dtype.to_string(),
+        "grad_checkpointing": config.run.gradient_checkpointing,
+        "batch": stage.batch_size,
+        "steps": times.len(),
+        "step_seconds_median": median,
+        "step_seconds_min": sorted[0],
+        "tokens_per_second": tokens as f64 / times.len() as f64 / median,
+        "peak_rss_mib": peak_rss_mib(),
+        "weights": args.save_weights.as_ref().map(|p| p.display().to_string()),
+    });
+    println!("{}", serde_json::to_string_pretty(&json)?);
+    Ok(())
+}
+
+struct ReplayJob<'a> {
+    args: &'a Args,
+    config: &'a RunConfig,
+}
+
+impl Job for ReplayJob<'_> {
+    /// Seconds of each timed step, and the tokens of those steps.
+    type Output = (Vec<f64>, usize);
+    fn run<B: Backend>(self, device: B::Device) -> Result<Self::Output> {
+        let warmup = self.args.warmup as u64;
+        let total = warmup + self.args.steps as u64;
+        let (mut times, mut tokens) = (Vec::new(), 0);
+        let mut last = Instant::now();
+        let model =
+            pali_trainer::train::replay::<B>(self.config, &device, total, &mut |step, n| {
+                if step >= warmup {
+                    times.push(last.elapsed().as_secs_f64());
+                    tokens += n;
+                }
+                last = Instant::now();
+            })?;
+        if let Some(p) = &self.args.save_weights {
+            pali_model::checkpoint::save_safetensors(&model, p)?;
+        }
+        if times.is_empty() {
+            bail!("--steps 0: nothing was timed");
+        }
+        Ok((times, tokens))
+    }
 }
 
 /// Model FLOPs of one step: 2·params·tokens forward (×3 with backward) plus attention scores.

@@ -1099,3 +1099,36 @@ fn non_finite_steps_are_skipped_and_stop_the_run() {
         }
     }
 }
+
+/// `pali bench train-step --run` times the steps `pali train` takes: from one config and seed,
+/// its weights after 3 steps (dropout, two micro-batches, weight decay, cosine schedule) are
+/// the training run's, bit for bit.
+#[test]
+fn bench_replays_the_training_steps_bit_exactly() {
+    let d = tempfile::tempdir().unwrap();
+    let cfg = config(d.path(), "");
+    let sets = [
+        "stage.s1.steps=3",
+        "stage.s1.llm_dropout=0.1",
+        "stage.s1.grad_accum=2",
+        "stage.s1.optim.weight_decay=1e-3",
+    ];
+    train_s1(&cfg, "train", &sets);
+    let trained = final_model(&d.path().join("train"));
+    let w = d.path().join("bench.safetensors");
+    let mut c = pali();
+    c.args(["bench", "train-step", "--run"]).arg(&cfg);
+    c.args(["--warmup", "1", "--steps", "2", "--save-weights"])
+        .arg(&w);
+    c.args(["--set", r#"run.stages=["s1"]"#]);
+    for s in sets {
+        c.args(["--set", s]);
+    }
+    let out: serde_json::Value = serde_json::from_str(&run_ok(&mut c)).unwrap();
+    assert_eq!(out["steps"], 2, "{out}");
+    assert!(out["tokens_per_second"].as_f64().unwrap() > 0.0, "{out}");
+    let benched = all_f32(&open(&w));
+    assert_eq!(trained.len(), benched.len());
+    assert!(trained.iter().zip(&benched).all(|(a, b)| a.0 == b.0));
+    assert_eq!(max_diff(&trained, &benched), 0.0);
+}

@@ -178,22 +178,14 @@ fn train_with<B: Backend, C: CheckpointStrategy>(
             window.count(&batch);
             let done = step + 1;
             let log = done % stage.log_every == 0 || done == stage.steps || step == start_step;
-            let sched: Vec<f64> = (0..sp.groups.groups.len())
-                .map(|g| sp.groups.at(g, stage_start, stage.steps, step))
-                .collect();
-            // Dropout masks from (seed, step): a resumed run draws the same ones.
-            let dropout_seed = (stage.llm_dropout > 0.0).then(|| {
-                (config.run.seed)
-                    .wrapping_mul(1_000_003)
-                    .wrapping_add(global_step)
-            });
+            let sched = schedule_values(sp, stage_start, step);
             let (m, out) = train_step(
                 model,
                 inputs,
                 &mut adam,
                 &settings,
                 sched.clone(),
-                dropout_seed,
+                dropout_seed(config, sp, global_step),
                 log,
             )
             .map_err(|e| stopped(&stage.name, step, e))?;
@@ -272,6 +264,94 @@ fn train_with<B: Backend, C: CheckpointStrategy>(
     std::fs::write(&sp, serde_json::to_string_pretty(&summaries).expect("json"))
         .map_err(io(&sp))?;
     Ok(summaries)
+}
+
+/// Each group's schedule value at `step` of stage `sp`, which starts after `stage_start` steps.
+fn schedule_values(sp: &StagePlan, stage_start: u64, step: u64) -> Vec<f64> {
+    (0..sp.groups.groups.len())
+        .map(|g| sp.groups.at(g, stage_start, sp.stage.steps, step))
+        .collect()
+}
+
+/// Dropout masks from (seed, step): a resumed run draws the same ones.
+fn dropout_seed(config: &RunConfig, sp: &StagePlan, global_step: u64) -> Option<u64> {
+    (sp.stage.llm_dropout > 0.0).then(|| {
+        (config.run.seed)
+            .wrapping_mul(1_000_003)
+            .wrapping_add(global_step)
+    })
+}
+
+/// The first `steps` optimizer steps of `config`'s first stage, taken as [`train`] takes them
+/// (initial weights, stage entry, data stream, schedule, dropout seeds, [`train_step`]) on one
+/// device, writing nothing: what `pali bench train-step --run` times. After each step has
+/// finished on the device (one weight is read back), `each` gets the step's number and its
+/// tokens (image slots included). Returns the trained weights.
+pub fn replay<B: Backend>(
+    config: &RunConfig,
+    device: &B::Device,
+    steps: u64,
+    each: &mut dyn FnMut(u64, usize),
+) -> Result<PaliGemma<B>> {
+    if config.run.gradient_checkpointing {
+        replay_with::<B, BalancedCheckpointing>(config, device, steps, each)
+    } else {
+        replay_with::<B, NoCheckpointing>(config, device, steps, each)
+    }
+}
+
+fn replay_with<B: Backend, C: CheckpointStrategy>(
+    config: &RunConfig,
+    device: &B::Device,
+    steps: u64,
+    each: &mut dyn FnMut(u64, usize),
+) -> Result<PaliGemma<B>> {
+    let plan = RunPlan::new::<B>(config, device)?;
+    let sp = &plan.stages[0];
+    let stage = sp.stage;
+    if steps > stage.steps {
+        return Err(Error::Config(format!(
+            "stage `{}` has {} steps, fewer than the {steps} asked for",
+            stage.name, stage.steps
+        )));
+    }
+    let opts = TrainOptions::default();
+    let (model, adam, _) = start::<Autodiff<B, C>>(&plan, &opts, device)?;
+    let (mut model, mut adam) =
+        enter_stage(model, adam, sp, true, config.run.dtype, device, &Silent)?;
+    let mut loader = Loader::spawn(
+        sp.mixture()?,
+        sp.batch_builder(),
+        stage.batch_size,
+        stage.on_error,
+        2,
+    );
+    let devices = [device.clone()];
+    let settings = StepSettings {
+        optim: &stage.optim,
+        loss: &stage.loss,
+        groups: &sp.groups,
+        grad_accum: stage.grad_accum,
+        devices: &devices,
+    };
+    let first = config.run.start_step;
+    for step in 0..steps {
+        let mut batch = loader.recv()?;
+        let inputs = step_inputs::<Autodiff<B, C>>(
+            &mut batch,
+            &sp.model,
+            stage.attention,
+            stage.loss.on,
+            device,
+        )?;
+        let sched = schedule_values(sp, first, step);
+        let seed = dropout_seed(config, sp, first + step);
+        let (m, out) = train_step(model, inputs, &mut adam, &settings, sched, seed, false)?;
+        model = m;
+        let _ = model.language_model.norm.weight.val().sum().into_scalar();
+        each(step, out.tokens);
+    }
+    Ok(model.valid())
 }
 
 /// The main device, after checking that every stage's batch splits over the devices and that
