@@ -9,6 +9,7 @@ use std::path::PathBuf;
 use anyhow::{bail, Context, Result};
 use pali_data::dataset::{Dataset, JsonlDataset, OnError};
 use pali_trainer::config::{apply_override, RunConfig};
+use pali_trainer::rundir::{holds_run, Existing, RunDir};
 
 use super::train::TrainJob;
 use crate::backend::dispatch_many;
@@ -64,8 +65,13 @@ pub struct Args {
     /// Skip unreadable examples instead of stopping.
     #[arg(long)]
     pub skip_bad: bool,
+    /// Continue the fine-tuning run in `--out` from its newest checkpoint.
     #[arg(long)]
     pub resume: bool,
+    /// Move a run already in `--out` aside (to `OUT.old-N`; nothing is deleted) and start
+    /// afresh. Without this or `--resume`, such a directory is refused.
+    #[arg(long, conflicts_with = "resume")]
+    pub overwrite: bool,
     #[arg(long)]
     pub quiet: bool,
     /// Matmul dtype, `f32` or `bf16` (mixed precision; see `run.dtype` in docs/config.md).
@@ -157,6 +163,20 @@ pub fn run(a: Args) -> Result<()> {
     if let Some(run) = doc.get_mut("run").and_then(|r| r.as_table_mut()) {
         run.remove("device");
     }
+    // Before finetune.toml is written: it belongs to the run in `out`.
+    if !a.resume && holds_run(&out) {
+        if !a.overwrite {
+            bail!(
+                "{} already holds a run; pass --resume to continue it, or --overwrite to move it \
+                 aside (nothing is deleted)",
+                out.display()
+            );
+        }
+        let moved = RunDir::open(&out, Existing::Overwrite)?.moved_aside;
+        if let Some(aside) = moved {
+            eprintln!("moved the earlier run to {}", aside.display());
+        }
+    }
     let path = out.join("finetune.toml");
     std::fs::write(&path, toml::to_string_pretty(&doc)?)?;
     let config = RunConfig::load(&path, &a.overrides)?;
@@ -183,6 +203,7 @@ pub fn run(a: Args) -> Result<()> {
         TrainJob {
             config,
             resume: a.resume,
+            overwrite: false,
             max_steps: None,
             console: Console::new(!a.quiet),
         },

@@ -21,6 +21,10 @@ pub struct Args {
     /// Continue from the newest checkpoint in the run's output directory.
     #[arg(long)]
     pub resume: bool,
+    /// Move a run already in the output directory aside (to `DIR.old-N`; nothing is deleted)
+    /// and start afresh. Without this or `--resume`, such a directory is refused.
+    #[arg(long, conflicts_with = "resume")]
+    pub overwrite: bool,
     /// Stop after this many optimizer steps in total.
     #[arg(long)]
     pub max_steps: Option<u64>,
@@ -39,6 +43,7 @@ pub fn run(args: Args) -> Result<()> {
         TrainJob {
             config,
             resume: args.resume,
+            overwrite: args.overwrite,
             max_steps: args.max_steps,
             console: Console::new(!args.quiet),
         },
@@ -50,6 +55,7 @@ pub fn run(args: Args) -> Result<()> {
 pub struct TrainJob {
     pub config: RunConfig,
     pub resume: bool,
+    pub overwrite: bool,
     pub max_steps: Option<u64>,
     pub console: Console,
 }
@@ -63,6 +69,7 @@ impl Job for TrainJob {
     fn run_on<B: Backend>(self, devices: Vec<B::Device>) -> Result<()> {
         let opts = TrainOptions {
             resume: self.resume,
+            overwrite: self.overwrite,
             max_steps: self.max_steps,
             observer: &self.console,
         };

@@ -1132,3 +1132,55 @@ fn bench_replays_the_training_steps_bit_exactly() {
     assert!(trained.iter().zip(&benched).all(|(a, b)| a.0 == b.0));
     assert_eq!(max_diff(&trained, &benched), 0.0);
 }
+
+/// A run directory is never replaced, mixed or rewritten: a stop at `--max-steps` off a
+/// checkpoint boundary writes a checkpoint; a second run without `--resume` is refused; a
+/// resume under another seed is refused naming the key, one with another checkpoint interval
+/// is not; after resuming from a checkpoint older than the last logged step, metrics.jsonl
+/// holds every step once and in order and summary.json
+/// every stage, also after resuming a finished run; `--overwrite` moves the run aside.
+#[test]
+fn a_run_directory_is_never_replaced_mixed_or_rewritten() {
+    let d = tempfile::tempdir().unwrap();
+    let cfg = config(d.path(), "");
+    let dir = d.path().join("out");
+    let train = |args: &[&str]| {
+        let mut c = pali();
+        c.args(["train", "--quiet"]).arg(&cfg).args(args);
+        c
+    };
+    run_ok(&mut train(&["--max-steps", "5"]));
+    assert!(dir.join("checkpoints/step-00000005/state.json").is_file());
+    let e = run_err(&mut train(&[]));
+    assert!(
+        e.contains("already holds a run") && e.contains("--overwrite"),
+        "{e}"
+    );
+    let e = run_err(&mut train(&["--resume", "--set", "run.seed=4"]));
+    assert!(e.contains("seed = 3") && e.contains("seed = 4"), "{e}");
+    // As if killed after logging step 5 but before its checkpoint: step 5 is logged again.
+    std::fs::remove_dir_all(dir.join("checkpoints/step-00000005")).unwrap();
+    run_ok(&mut train(&[
+        "--resume",
+        "--set",
+        "stage.s1.checkpoint_every=3",
+    ]));
+    let steps: Vec<u64> = metrics(d.path())
+        .iter()
+        .filter(|v| v.get("loss").is_some())
+        .map(|v| v["step"].as_u64().unwrap())
+        .collect();
+    assert_eq!(steps, (1..=18).collect::<Vec<u64>>());
+    let summary = || std::fs::read_to_string(dir.join("summary.json")).unwrap();
+    let s1 = summary();
+    let stages: serde_json::Value = serde_json::from_str(&s1).unwrap();
+    assert_eq!(stages.as_array().unwrap().len(), 2, "{s1}");
+    run_ok(&mut train(&["--resume"]));
+    assert_eq!(summary(), s1, "resuming a finished run keeps its summary");
+    run_ok(&mut train(&["--overwrite", "--max-steps", "1"]));
+    assert_eq!(
+        std::fs::read_to_string(d.path().join("out.old-1/summary.json")).unwrap(),
+        s1
+    );
+    assert!(!dir.join("summary.json").exists());
+}

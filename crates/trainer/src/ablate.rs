@@ -328,19 +328,10 @@ pub fn check_same_config(dir: &Path, config: &RunConfig) -> Result<()> {
     if &stored == config {
         return Ok(());
     }
-    let (a, b) = (
-        toml::to_string_pretty(&stored).expect("toml"),
-        toml::to_string_pretty(config).expect("toml"),
-    );
-    let diff = a
-        .lines()
-        .zip(b.lines())
-        .find(|(x, y)| x != y)
-        .map(|(x, y)| format!("`{x}` there, `{y}` now"))
-        .unwrap_or_else(|| "a different number of keys".into());
     Err(Error::Config(format!(
-        "{} holds a run made with another config ({diff}); delete that directory to redo it",
-        dir.display()
+        "{} holds a run made with another config ({}); delete that directory to redo it",
+        dir.display(),
+        crate::rundir::first_difference(&stored, config)
     )))
 }
 
@@ -349,15 +340,16 @@ fn resumable(dir: &Path) -> bool {
     !crate::ckpt::checkpoints(dir).is_empty()
 }
 
-/// Trains one run of the grid to its end.
+/// Trains one run of the grid to its end. Its directory holds this config's run or nothing
+/// ([`check_same_config`] ran first), so it is always resumed.
 fn train_run<B: Backend>(
     config: &RunConfig,
-    resume: bool,
     devices: &[B::Device],
     observer: &dyn Observer,
 ) -> Result<()> {
     let opts = TrainOptions {
-        resume,
+        resume: true,
+        overwrite: false,
         max_steps: None,
         observer,
     };
@@ -381,7 +373,7 @@ pub fn run_prepares<B: Backend>(
             let resume = resumable(&p.dir);
             let resuming = if resume { " (resuming)" } else { "" };
             obs.on(Event::Info(&format!("prepare `{}`{resuming}", p.name)));
-            train_run::<B>(&p.config, resume, devices, obs)?;
+            train_run::<B>(&p.config, devices, obs)?;
         }
         if let Some(e) = &p.export {
             let last = crate::ckpt::checkpoints(&p.dir).pop().ok_or_else(|| {
@@ -448,7 +440,7 @@ pub fn run_grid<B: Backend>(
             if resume { " (resuming)" } else { "" }
         );
         obs.on(Event::Info(&line));
-        train_run::<B>(&r.config, resume, devices, obs)?;
+        train_run::<B>(&r.config, devices, obs)?;
         done_now += 1;
     }
     Ok(())

@@ -14,6 +14,7 @@ use pali_model::checkpoint::TensorFile;
 use serde::{Deserialize, Serialize};
 
 use crate::error::{io, Error, Result};
+use crate::events::StageSummary;
 use crate::optim::AdamState;
 
 #[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
@@ -29,6 +30,12 @@ pub struct RunState {
     /// own stream).
     pub mixture: Option<MixtureState>,
     pub adam_t: HashMap<String, u64>,
+    /// Length of metrics.jsonl when this checkpoint was written (a resumed run cuts it back).
+    #[serde(default)]
+    pub metrics_bytes: Option<u64>,
+    /// Summaries of the stages finished before this checkpoint (summary.json gets them all).
+    #[serde(default)]
+    pub stages_done: Vec<StageSummary>,
 }
 
 pub fn checkpoints(out_dir: &Path) -> Vec<PathBuf> {

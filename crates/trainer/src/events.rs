@@ -73,7 +73,7 @@ pub struct Eval {
 }
 
 /// What a finished stage reports.
-#[derive(Debug, Clone, serde::Serialize)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct StageSummary {
     pub name: String,
     pub steps: u64,

@@ -15,6 +15,7 @@ pub mod parallel;
 pub mod plot;
 pub mod posemb;
 pub mod report;
+pub mod rundir;
 pub mod schedule;
 pub mod stage;
 pub mod step;

@@ -21,6 +21,7 @@ use burn::module::AutodiffModule;
 use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::{Bool, ElementConversion, Tensor};
 use pali_data::batch::{Batch, Loader};
+use pali_data::mixture::MixtureState;
 use pali_model::checkpoint::{load_into, TensorFile, Tower};
 use pali_model::PaliGemma;
 use serde_json::json;
@@ -34,13 +35,18 @@ use crate::events::{Event, Observer, Silent, StepLog};
 use crate::inputs::step_inputs;
 use crate::optim::{self, AdamState};
 use crate::posemb::set_resolution;
+use crate::rundir::{check_resume_config, Existing, RunDir};
 use crate::stage::{model_config, RunPlan, StagePlan};
 use crate::step::{train_step, StepResult, StepSettings};
 
 /// Options that are not part of the config.
 #[derive(Clone, Copy)]
 pub struct TrainOptions<'a> {
+    /// Continue the run in `run.out_dir` from its newest checkpoint.
     pub resume: bool,
+    /// Move a run already in `run.out_dir` aside (to `DIR.old-N`) and start afresh. Without
+    /// this or `resume`, a directory that holds a run is refused.
+    pub overwrite: bool,
     /// Stop after this many optimizer steps of the whole run (tests, debugging).
     pub max_steps: Option<u64>,
     /// Receives progress and messages ([`Event`]).
@@ -51,6 +57,7 @@ impl Default for TrainOptions<'static> {
     fn default() -> Self {
         Self {
             resume: false,
+            overwrite: false,
             max_steps: None,
             observer: &Silent,
         }
@@ -80,14 +87,35 @@ fn train_with<B: Backend, C: CheckpointStrategy>(
     let device = check_devices::<B>(config, devices)?;
     let plan = RunPlan::new::<B>(config, device)?;
     let out_dir = &config.run.out_dir;
-    std::fs::create_dir_all(out_dir).map_err(io(out_dir))?;
+    let obs = opts.observer;
+    let existing = match (opts.resume, opts.overwrite) {
+        (true, _) => Existing::Resume,
+        (false, true) => Existing::Overwrite,
+        (false, false) => Existing::Refuse,
+    };
+    let run_dir = RunDir::open(out_dir, existing)?;
+    if let Some(aside) = &run_dir.moved_aside {
+        let line = format!("moved the earlier run to {}", aside.display());
+        obs.on(Event::Info(&line));
+    }
+
+    let (mut model, mut adam, resumed) = start::<Autodiff<B, C>>(&plan, opts, device)?;
+    if opts.resume {
+        check_resume_config(out_dir, config, resumed.as_ref().map_or(0, |s| s.stage))?;
+    }
     let resolved = out_dir.join("config.resolved.toml");
     std::fs::write(&resolved, toml::to_string_pretty(config).expect("toml"))
         .map_err(io(&resolved))?;
     let metrics = Metrics(out_dir.join("metrics.jsonl"));
-    let obs = opts.observer;
-
-    let (mut model, mut adam, resumed) = start::<Autodiff<B, C>>(&plan, opts, device)?;
+    // What the run logged up to its checkpoint; lines after it are logged again.
+    match &resumed {
+        None => metrics.truncate(0)?,
+        Some(st) => {
+            if let Some(n) = st.metrics_bytes {
+                metrics.truncate(n)?;
+            }
+        }
+    }
     let mut resolution = resumed
         .as_ref()
         .map_or(config.stages[0].resolution, |s| s.resolution);
@@ -95,7 +123,10 @@ fn train_with<B: Backend, C: CheckpointStrategy>(
         .as_ref()
         .map_or(config.run.start_step, |s| s.global_step);
     let first_stage = resumed.as_ref().map_or(0, |s| s.stage);
-    let mut summaries = Vec::new();
+    let mut summaries = resumed
+        .as_ref()
+        .map(|s| s.stages_done.clone())
+        .unwrap_or_default();
 
     for sp in plan.stages.iter().skip(first_stage) {
         let (si, stage) = (sp.index, sp.stage);
@@ -148,7 +179,30 @@ fn train_with<B: Backend, C: CheckpointStrategy>(
         let mut window = LogWindow::new();
         let mut guard = Guard::new(device);
 
+        // The step of the newest checkpoint, and the data-stream state after the last batch.
+        let mut saved_at = global_step;
+        let mut mixture_after = None;
         for step in start_step..stage.steps {
+            if opts.max_steps.is_some_and(|m| global_step >= m) {
+                guard.check(&stage.name, guard.read())?;
+                if saved_at < global_step {
+                    let at = Position {
+                        global_step,
+                        done: step,
+                        resolution,
+                    };
+                    save_checkpoint(
+                        &model.valid(),
+                        &adam,
+                        sp,
+                        mixture_after,
+                        &at,
+                        &metrics,
+                        &summaries,
+                    )?;
+                }
+                return Ok(summaries);
+            }
             // Mid-stage evaluations every `eval.every` steps, the first before step 0: where a
             // curve starts matters to some ablations (new-token init: the step-0 perplexity).
             if stage.eval.every > 0 && step % stage.eval.every == 0 && sp.evaluates() {
@@ -162,10 +216,6 @@ fn train_with<B: Backend, C: CheckpointStrategy>(
                     device,
                     obs,
                 )?;
-            }
-            if opts.max_steps.is_some_and(|m| global_step >= m) {
-                guard.check(&stage.name, guard.read())?;
-                return Ok(summaries);
             }
             let mut batch = loader.recv()?;
             let inputs = step_inputs::<Autodiff<B, C>>(
@@ -193,7 +243,9 @@ fn train_with<B: Backend, C: CheckpointStrategy>(
             global_step += 1;
             window.tokens += out.tokens;
             guard.record(step, &out.stats.applied);
-            let checkpoint = done % stage.checkpoint_every == 0 || done == stage.steps;
+            mixture_after = batch.state_after.clone();
+            // The end of a stage is saved after its evaluation (below).
+            let checkpoint = done % stage.checkpoint_every == 0 && done < stage.steps;
             let logged = if log {
                 // The one device-to-host transfer of a logging step.
                 let r = Readout::of(&out, &guard);
@@ -227,7 +279,16 @@ fn train_with<B: Backend, C: CheckpointStrategy>(
                     done,
                     resolution,
                 };
-                save_checkpoint(&model.valid(), &adam, sp, &batch, &at)?;
+                save_checkpoint(
+                    &model.valid(),
+                    &adam,
+                    sp,
+                    mixture_after.clone(),
+                    &at,
+                    &metrics,
+                    &summaries,
+                )?;
+                saved_at = global_step;
             }
         }
         obs.on(Event::End);
@@ -259,6 +320,12 @@ fn train_with<B: Backend, C: CheckpointStrategy>(
         };
         obs.on(Event::StageDone(&s));
         summaries.push(s);
+        let at = Position {
+            global_step,
+            done: stage.steps,
+            resolution,
+        };
+        save_checkpoint(&model.valid(), &adam, sp, None, &at, &metrics, &summaries)?;
     }
     let sp = out_dir.join("summary.json");
     std::fs::write(&sp, serde_json::to_string_pretty(&summaries).expect("json"))
@@ -490,13 +557,16 @@ struct Position {
 }
 
 /// Writes a checkpoint after `at.done` steps of stage `sp`: the model, the optimizer state and
-/// what a resumed run needs to continue exactly (the data stream's state after `batch`).
+/// what a resumed run needs to continue exactly (the data stream's state `mixture` after the
+/// last batch, the length of metrics.jsonl, the summaries of the finished stages).
 fn save_checkpoint<B: Backend>(
     model: &PaliGemma<B>,
     adam: &AdamState<B>,
     sp: &StagePlan,
-    batch: &Batch,
+    mixture: Option<MixtureState>,
     at: &Position,
+    metrics: &Metrics,
+    stages_done: &[StageSummary],
 ) -> Result<()> {
     let config = sp.config;
     let end = at.done == sp.stage.steps;
@@ -505,8 +575,10 @@ fn save_checkpoint<B: Backend>(
         stage: if end { sp.index + 1 } else { sp.index },
         stage_step: if end { 0 } else { at.done },
         resolution: at.resolution,
-        mixture: (!end).then(|| batch.state_after.clone().expect("loader sets the state")),
+        mixture: (!end).then(|| mixture.expect("loader sets the state")),
         adam_t: adam.t.clone(),
+        metrics_bytes: Some(metrics.len()?),
+        stages_done: stages_done.to_vec(),
     };
     let extras = ckpt::HfExtras {
         config: &sp.model,
@@ -544,6 +616,27 @@ fn stopped(stage: &str, step: u64, e: Error) -> Error {
 struct Metrics(std::path::PathBuf);
 
 impl Metrics {
+    /// Bytes written so far (0 before the first line).
+    fn len(&self) -> Result<u64> {
+        match std::fs::metadata(&self.0) {
+            Ok(m) => Ok(m.len()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(0),
+            Err(e) => Err(io(&self.0)(e)),
+        }
+    }
+
+    /// Cuts the file back to its first `n` bytes (a resumed run logs again what came after).
+    fn truncate(&self, n: u64) -> Result<()> {
+        if self.len()? > n {
+            let f = std::fs::OpenOptions::new()
+                .write(true)
+                .open(&self.0)
+                .map_err(io(&self.0))?;
+            f.set_len(n).map_err(io(&self.0))?;
+        }
+        Ok(())
+    }
+
     fn append(&self, v: &serde_json::Value) -> Result<()> {
         use std::io::Write;
         let path: &Path = &self.0;
