@@ -292,7 +292,9 @@ pub fn step<AD: AutodiffBackend, M: AutodiffModule<AD>>(
         }
     }
     let mut sq = None;
-    let grads: HashMap<String, (Tensor<Inner<AD>, 1>, Tensor<Inner<AD>, 1>)> = grads
+    // Each gradient with its square (summed for the norm, reused for the second moment).
+    type WithSquare<AD> = HashMap<String, (Tensor<Inner<AD>, 1>, Tensor<Inner<AD>, 1>)>;
+    let grads: WithSquare<AD> = grads
         .into_iter()
         .map(|(path, g)| {
             let g2 = g.clone() * g.clone();
@@ -341,7 +343,7 @@ pub fn step<AD: AutodiffBackend, M: AutodiffModule<AD>>(
     // 63 M-parameter CPU step.
     struct Apply<'a, AD: AutodiffBackend> {
         stack: PathStack,
-        grads: HashMap<String, (Tensor<Inner<AD>, 1>, Tensor<Inner<AD>, 1>)>,
+        grads: WithSquare<AD>,
         state: &'a mut AdamState<Inner<AD>>,
         cfg: &'a StepConfig<'a>,
         c1: Tensor<Inner<AD>, 1>,
