@@ -4,6 +4,7 @@
 mod common;
 
 mod ablate;
+mod bad_input;
 
 mod checkpoint;
 mod cli_data;

@@ -266,11 +266,7 @@ fn bad_configs_fail_before_training_with_the_reason() {
         "nothing may be trained"
     );
 
-    // --set overrides are typed like the file.
     let cfg = config(d.path(), "");
-    let e = train_err(&cfg, &["--set", "stage.2.steps=many"]);
-    assert!(e.contains("steps"), "{e}");
-
     // A checkpoint made for another tokenizer is refused: the fixture checkpoint with its
     // `<image>` moved to 401, against its own tokenizer (400).
     let fx = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tiny-gemma1");
@@ -297,30 +293,7 @@ fn bad_configs_fail_before_training_with_the_reason() {
         "{e}"
     );
 
-    // A stage subset names existing stages; transforms are checked.
-    for (set, want) in [
-        (
-            r#"run.stages=["s1", "s3"]"#,
-            "run.stages: no stage `s3` (stages: s1, s2)",
-        ),
-        ("stage.s1.window=0", "window and downscale must be > 0"),
-        (
-            "stage.s1.augment.jpeg_quality=[90, 10]",
-            "augment.jpeg_quality: [90, 10]",
-        ),
-        (
-            "stage.s1.augment.crop_min_area=1.5",
-            "crop_min_area: 1.5 is not in (0, 1]",
-        ),
-        (
-            r#"run.device="tpu:0""#,
-            "run.toml: run.device = \"tpu:0\": unknown device `tpu:0`",
-        ),
-        (r#"run.dtype="f16""#, "unknown variant `f16`"),
-    ] {
-        let e = train_err(&cfg, &["--set", set]);
-        assert!(e.contains(want), "{set}: {e}");
-    }
+    // Settings that are wrong on their own: tests/e2e/bad_input.rs.
     let detect = config(d.path(), "");
     let text = std::fs::read_to_string(&detect).unwrap();
     std::fs::write(

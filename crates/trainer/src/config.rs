@@ -313,6 +313,25 @@ pub struct Group {
     pub continues: bool,
 }
 
+impl Group {
+    /// What makes this group's settings meaningless, if anything.
+    pub fn problem(&self) -> Option<String> {
+        if !(0.0..=1.0).contains(&self.warmup_fraction) {
+            return Some(format!(
+                "warmup_fraction {} must be in [0, 1]",
+                self.warmup_fraction
+            ));
+        }
+        if !(self.mult >= 0.0 && self.mult.is_finite()) {
+            return Some(format!("mult {} must be a finite number ≥ 0", self.mult));
+        }
+        if !(self.timescale > 0.0 && self.timescale.is_finite()) {
+            return Some(format!("timescale {} must be > 0", self.timescale));
+        }
+        None
+    }
+}
+
 fn default_timescale() -> f64 {
     10_000.0
 }
@@ -406,6 +425,29 @@ pub struct Optim {
 }
 
 impl Optim {
+    /// What makes these settings meaningless ("key value: why"), if anything.
+    pub fn problem(&self) -> Option<String> {
+        let bad = |key: &str, v: f64, why: &str| Some(format!("{key} {v}: {why}"));
+        if !(self.lr >= 0.0 && self.lr.is_finite()) {
+            return bad("lr", self.lr, "must be a finite number ≥ 0");
+        }
+        for (key, v) in [("b1", self.b1), ("b2", self.b2)] {
+            if !(0.0..1.0).contains(&v) {
+                return bad(key, v, "must be in [0, 1)");
+            }
+        }
+        if !(self.eps > 0.0 && self.eps.is_finite()) {
+            return bad("eps", self.eps, "must be > 0");
+        }
+        if !(self.weight_decay >= 0.0 && self.weight_decay.is_finite()) {
+            return bad("weight_decay", self.weight_decay, "must be ≥ 0");
+        }
+        if !(self.grad_clip >= 0.0 && self.grad_clip.is_finite()) {
+            return bad("grad_clip", self.grad_clip, "must be ≥ 0 (0 = no clipping)");
+        }
+        None
+    }
+
     /// Learning rate `lr` and every other setting at its default.
     pub fn new(lr: f64) -> Self {
         Self {
@@ -695,6 +737,26 @@ pub fn apply_override(doc: &mut toml::Value, spec: &str) -> Result<()> {
     Ok(())
 }
 
+/// A TOML error on one line: `FILE:LINE:COLUMN: message` where the parser knows the place
+/// (`text` is the file's), else `FILE: message in `key`` (errors found after `--set` overrides
+/// were applied name the key, not a line).
+fn toml_error(path: &Path, text: Option<&str>, e: &toml::de::Error) -> Error {
+    if let (Some(text), Some(span)) = (text, e.span()) {
+        let before = &text[..span.start.min(text.len())];
+        let line = before.matches('\n').count() + 1;
+        let col = before.len() - before.rfind('\n').map_or(0, |i| i + 1) + 1;
+        let msg = e.message().trim().replace('\n', " ");
+        return Error::Config(format!("{}:{line}:{col}: {msg}", path.display()));
+    }
+    let full = e.to_string();
+    let msg: Vec<&str> = full
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .collect();
+    Error::Config(format!("{}: {}", path.display(), msg.join(" ")))
+}
+
 impl RunConfig {
     /// Reads, overrides and validates a run config; relative paths are resolved against the
     /// config file's directory.
@@ -746,14 +808,26 @@ impl RunConfig {
         let text = std::fs::read_to_string(path)
             .map_err(|e| Error::Config(format!("{}: {e}", path.display())))?;
         let mut doc: toml::Value =
-            toml::from_str(&text).map_err(|e| Error::Config(format!("{}: {e}", path.display())))?;
+            toml::from_str(&text).map_err(|e| toml_error(path, Some(&text), &e))?;
         move_old_keys(&mut doc).map_err(|e| Error::Config(format!("{}: {e}", path.display())))?;
         for o in overrides {
             apply_override(&mut doc, o)?;
         }
-        let mut c: RunConfig = doc
-            .try_into()
-            .map_err(|e: toml::de::Error| Error::Config(format!("{}: {e}", path.display())))?;
+        let mut c: RunConfig = doc.try_into().map_err(|e: toml::de::Error| {
+            // The same error read from the text itself knows its line (unless the key came
+            // from an override or an old-key migration).
+            match toml::from_str::<RunConfig>(&text) {
+                Err(at) if at.span().is_some() && at.message() == e.message() => {
+                    let key = e.to_string();
+                    let key = key.lines().map(str::trim).find(|l| l.starts_with("in `"));
+                    match (toml_error(path, Some(&text), &at), key) {
+                        (Error::Config(m), Some(k)) => Error::Config(format!("{m} {k}")),
+                        (other, _) => other,
+                    }
+                }
+                _ => toml_error(path, None, &e),
+            }
+        })?;
         let base = path.parent().unwrap_or(Path::new("."));
         c.resolve_paths(base);
         if let Some(keep) = &c.run.stages {
@@ -924,6 +998,24 @@ impl RunConfig {
             }
             if s.log_every == 0 || s.checkpoint_every == 0 {
                 return err(format!("{at}: log_every and checkpoint_every must be > 0"));
+            }
+            if let Some(m) = s.optim.problem() {
+                return err(format!("{at}: optim.{m}"));
+            }
+            if let Some(other) = self.stages[..i].iter().find(|o| o.name == s.name) {
+                return err(format!(
+                    "{at}: stage name `{}` is already used by an earlier stage",
+                    other.name
+                ));
+            }
+            for (j, g) in s.groups.iter().enumerate() {
+                if let Some(m) = g.problem() {
+                    return err(format!(
+                        "{at}: group {} (`{}`): {m}",
+                        j + 1,
+                        g.params.as_str()
+                    ));
+                }
             }
             match (s.steps, s.epochs, s.examples) {
                 (0, None, None) => {

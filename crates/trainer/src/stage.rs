@@ -77,6 +77,19 @@ impl<'a> RunPlan<'a> {
         let mut paths = None;
         for (index, stage) in config.stages.iter().enumerate() {
             let model = model_config(config, &tokenizer, stage.resolution)?;
+            if let ImageEncoder::Siglip(v) = &model.vision {
+                if stage.resolution < v.patch_size || !stage.resolution.is_multiple_of(v.patch_size)
+                {
+                    return Err(Error::Config(format!(
+                        "stage {} (`{}`): resolution {} is not a multiple of the patch size {} \
+                         (pixels past the last whole patch would be dropped)",
+                        index + 1,
+                        stage.name,
+                        stage.resolution,
+                        v.patch_size
+                    )));
+                }
+            }
             // Parameter paths do not depend on the resolution: one probe serves every stage.
             let paths =
                 paths.get_or_insert_with(|| optim::param_paths::<B, _>(&model.init::<B>(device)));
@@ -84,6 +97,17 @@ impl<'a> RunPlan<'a> {
             groups.assign(paths).map_err(|e| {
                 Error::Config(format!("stage {} (`{}`): {e}", index + 1, stage.name))
             })?;
+            for (g, group) in groups.groups.iter().enumerate() {
+                if !paths.iter().any(|p| group.params.is_match(p)) {
+                    return Err(Error::Config(format!(
+                        "stage {} (`{}`): group {} (`{}`) matches no parameter",
+                        index + 1,
+                        stage.name,
+                        g + 1,
+                        group.params.as_str()
+                    )));
+                }
+            }
             let eval_set: Option<Arc<dyn Dataset>> = match &stage.eval.jsonl {
                 Some(p) => Some(Arc::new(JsonlDataset::open(p, stage.on_error, false)?)),
                 None => None,

@@ -1,0 +1,173 @@
+//! Bad input, in one table: each case is a command line and a piece of the one-line error it
+//! must give (a non-zero exit, no panic, nothing trained). Cases that need files of their own
+//! live next to the feature they break (`train::bad_configs_fail_before_training_with_the_reason`,
+//! `cli_data`, `cli_eval`, `cli_model::bad_inputs_fail_with_named_errors`, `vqvae`).
+
+use std::path::Path;
+
+use crate::common::{pali, run_err};
+
+/// A one-stage run on synthetic captions (tiny model, patch size 8).
+fn write_config(dir: &Path) -> std::path::PathBuf {
+    let tok = Path::new(env!("CARGO_MANIFEST_DIR")).join("data/tokenizer/tokenizer.json");
+    let text = format!(
+        r#"
+[run]
+name = "bad"
+out_dir = "out"
+[model]
+preset = "tiny"
+[tokenizer]
+path = "{}"
+
+[[stage]]
+name = "s1"
+resolution = 32
+text_len = 24
+steps = 2
+batch_size = 2
+optim = {{ lr = 1e-3 }}
+source = [{{ kind = "synth", task = "caption", size = 20 }}]
+
+[[stage]]
+name = "s2"
+resolution = 32
+text_len = 24
+steps = 2
+batch_size = 2
+optim = {{ lr = 1e-3 }}
+source = [{{ kind = "synth", task = "caption", size = 20 }}]
+"#,
+        tok.display()
+    );
+    let p = dir.join("run.toml");
+    std::fs::write(&p, text).unwrap();
+    p
+}
+
+#[test]
+fn bad_run_settings_are_one_line_errors() {
+    let d = tempfile::tempdir().unwrap();
+    let cfg = write_config(d.path());
+    let cases: &[(&str, &str)] = &[
+        (
+            "stage.s1.checkpoint_every=0",
+            "log_every and checkpoint_every must be > 0",
+        ),
+        (
+            "stage.s1.log_every=0",
+            "log_every and checkpoint_every must be > 0",
+        ),
+        (
+            "stage.s1.batch_size=0",
+            "batch_size and text_len must be > 0",
+        ),
+        (
+            "stage.s1.grad_accum=3",
+            "grad_accum 3 must be > 0 and divide batch_size 2",
+        ),
+        (
+            "stage.s1.resolution=33",
+            "resolution 33 is not a multiple of the patch size 8",
+        ),
+        (
+            "stage.s1.resolution=4",
+            "resolution 4 is not a multiple of the patch size 8",
+        ),
+        (
+            "stage.s1.optim.lr=-1",
+            "optim.lr -1: must be a finite number ≥ 0",
+        ),
+        ("stage.s1.optim.b1=1.5", "optim.b1 1.5: must be in [0, 1)"),
+        ("stage.s1.optim.b2=1.0", "optim.b2 1: must be in [0, 1)"),
+        ("stage.s1.optim.eps=0", "optim.eps 0: must be > 0"),
+        (
+            "stage.s1.optim.grad_clip=-1",
+            "optim.grad_clip -1: must be ≥ 0",
+        ),
+        (
+            "stage.s1.optim.weight_decay=-0.1",
+            "optim.weight_decay -0.1: must be ≥ 0",
+        ),
+        ("stage.s1.llm_dropout=1.0", "llm_dropout 1 is not in [0, 1)"),
+        (
+            r#"stage.s2.name="s1""#,
+            "stage name `s1` is already used by an earlier stage",
+        ),
+        (
+            r#"stage.s1.group=[{ params = ".*", warmup_fraction = 2.0 }]"#,
+            "group 1 (`.*`): warmup_fraction 2 must be in [0, 1]",
+        ),
+        (
+            r#"stage.s1.group=[{ params = ".*", decay = "rsqrt", timescale = 0.0 }]"#,
+            "group 1 (`.*`): timescale 0 must be > 0",
+        ),
+        (
+            r#"stage.s1.group=[{ params = ".*" }, { params = "nothing" }]"#,
+            "group 2 (`nothing`) matches no parameter",
+        ),
+        (
+            r#"run.stages=["s1", "s3"]"#,
+            "run.stages: no stage `s3` (stages: s1, s2)",
+        ),
+        ("stage.s1.window=0", "window and downscale must be > 0"),
+        (
+            "stage.s1.augment.jpeg_quality=[90, 10]",
+            "augment.jpeg_quality: [90, 10]",
+        ),
+        (
+            "stage.s1.augment.crop_min_area=1.5",
+            "crop_min_area: 1.5 is not in (0, 1]",
+        ),
+        (
+            r#"run.device="tpu:0""#,
+            "run.device = \"tpu:0\": unknown device `tpu:0`",
+        ),
+        (r#"run.dtype="f16""#, "unknown variant `f16`"),
+        ("stage.s2.steps=many", "steps"),
+    ];
+    let mut failed = Vec::new();
+    for (set, want) in cases {
+        let e = run_err(
+            pali()
+                .args(["train", "--quiet"])
+                .arg(&cfg)
+                .args(["--set", set]),
+        );
+        let one_line = e.trim().lines().count() == 1;
+        if !e.contains(want) || !one_line || e.contains("panicked") {
+            failed.push(format!("--set {set}: want `{want}`, got: {e}"));
+        }
+    }
+    assert!(failed.is_empty(), "{}", failed.join("\n"));
+    assert!(
+        !d.path().join("out/metrics.jsonl").exists(),
+        "nothing may be trained"
+    );
+}
+
+#[test]
+fn bad_config_files_are_one_line_errors_with_their_line() {
+    let d = tempfile::tempdir().unwrap();
+    let cases: &[(&str, &str)] = &[
+        ("[run\n", "run.toml:1:5: invalid table header"),
+        (
+            "[run]\nname = \"t\"\nout_dir = \"o\"\nseed = \"x\"\n",
+            "run.toml:4:8: invalid type: string \"x\", expected u64 in `run.seed`",
+        ),
+        (
+            "[run]\nname = \"t\"\nout_dir = \"o\"\nsede = 1\n",
+            "run.toml:4:1: unknown field `sede`",
+        ),
+    ];
+    let mut failed = Vec::new();
+    for (text, want) in cases {
+        let cfg = d.path().join("run.toml");
+        std::fs::write(&cfg, text).unwrap();
+        let e = run_err(pali().args(["train", "--quiet"]).arg(&cfg));
+        if !e.contains(want) || e.trim().lines().count() != 1 {
+            failed.push(format!("{text:?}: want `{want}`, got: {e}"));
+        }
+    }
+    assert!(failed.is_empty(), "{}", failed.join("\n"));
+}
