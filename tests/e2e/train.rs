@@ -1157,3 +1157,40 @@ fn a_run_directory_is_never_replaced_mixed_or_rewritten() {
     );
     assert!(!dir.join("summary.json").exists());
 }
+
+/// A checkpoint whose file was damaged after it was written fails its checksum: `--resume`
+/// names it and continues from the one before, to the same weights as an uninterrupted run.
+#[test]
+fn resume_skips_a_damaged_checkpoint() {
+    let d = tempfile::tempdir().unwrap();
+    let cfg = config(d.path(), "");
+    train_s1(&cfg, "whole", &[]);
+    let whole = final_model(&d.path().join("whole"));
+    let cut = |extra: &[&str]| {
+        let mut c = pali();
+        c.args(["train", "--quiet"]).arg(&cfg).args([
+            "--set",
+            r#"run.out_dir="cut/out""#,
+            "--set",
+            r#"run.stages=["s1"]"#,
+        ]);
+        c.args(extra);
+        c.output().unwrap()
+    };
+    assert!(cut(&["--max-steps", "8"]).status.success());
+    let newest = d
+        .path()
+        .join("cut/out/checkpoints/step-00000008/model.safetensors");
+    let mut bytes = std::fs::read(&newest).unwrap();
+    let n = bytes.len();
+    bytes[n - 1] ^= 1;
+    std::fs::write(&newest, bytes).unwrap();
+    let o = cut(&["--resume"]);
+    let out = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{out}");
+    assert!(
+        out.contains("skipping a damaged checkpoint") && out.contains("checksum mismatch"),
+        "{out}"
+    );
+    assert_eq!(max_diff(&whole, &final_model(&d.path().join("cut"))), 0.0);
+}

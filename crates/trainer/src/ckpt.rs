@@ -36,6 +36,10 @@ pub struct RunState {
     /// Summaries of the stages finished before this checkpoint (summary.json gets them all).
     #[serde(default)]
     pub stages_done: Vec<StageSummary>,
+    /// CRC-32 of every other file of the checkpoint (empty in checkpoints written before
+    /// checksums existed: those are not verified).
+    #[serde(default)]
+    pub files: std::collections::BTreeMap<String, u32>,
 }
 
 pub fn checkpoints(out_dir: &Path) -> Vec<PathBuf> {
@@ -52,8 +56,18 @@ pub fn checkpoints(out_dir: &Path) -> Vec<PathBuf> {
                 .collect()
         })
         .unwrap_or_default();
-    v.sort();
+    // By step number: names stop sorting as text once steps outgrow their 8 digits.
+    v.sort_by_key(|p| step_of(p));
     v
+}
+
+/// The step of a `step-N` checkpoint directory.
+fn step_of(dir: &Path) -> u64 {
+    dir.file_name()
+        .and_then(|n| n.to_str())
+        .and_then(|n| n.strip_prefix("step-"))
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0)
 }
 
 fn f32_bytes(v: &[f32]) -> Vec<u8> {
@@ -116,6 +130,60 @@ pub fn save<B: Backend, M: Module<B>>(
     let tmp = root.join(format!(".tmp-step-{:08}", state.global_step));
     let _ = std::fs::remove_dir_all(&tmp);
     std::fs::create_dir_all(&tmp).map_err(io(&tmp))?;
+    if let Err(e) = write_files(&tmp, model, adam, state, extras) {
+        // A failed save leaves nothing behind; the previous checkpoints are untouched.
+        let _ = std::fs::remove_dir_all(&tmp);
+        return Err(e);
+    }
+    let _ = std::fs::remove_dir_all(&final_dir);
+    std::fs::rename(&tmp, &final_dir).map_err(io(&final_dir))?;
+    sync_dir(&root)?;
+    let all = checkpoints(out_dir);
+    if all.len() > keep.max(1) {
+        for old in &all[..all.len() - keep.max(1)] {
+            let _ = std::fs::remove_dir_all(old);
+        }
+    }
+    Ok(final_dir)
+}
+
+/// Flushes a directory's entries to disk (a rename is durable once its directory is).
+fn sync_dir(dir: &Path) -> Result<()> {
+    std::fs::File::open(dir)
+        .and_then(|f| f.sync_all())
+        .map_err(io(dir))
+}
+
+/// CRC-32 of a file.
+fn crc_of(path: &Path) -> Result<u32> {
+    let bytes = std::fs::read(path).map_err(io(path))?;
+    Ok(crc32fast::hash(&bytes))
+}
+
+/// Checks every file of a checkpoint against the checksums in its `state.json`.
+pub fn verify(dir: &Path) -> Result<RunState> {
+    let st = load_state(dir)?;
+    for (name, want) in &st.files {
+        let p = dir.join(name);
+        if crc_of(&p)? != *want {
+            return Err(Error::Train(format!(
+                "{}: checksum mismatch (the file was changed or damaged after it was written)",
+                p.display()
+            )));
+        }
+    }
+    Ok(st)
+}
+
+/// Writes the files of a checkpoint into `tmp`, each flushed to disk, `state.json` (with the
+/// others' checksums) last.
+fn write_files<B: Backend, M: Module<B>>(
+    tmp: &Path,
+    model: &M,
+    adam: &AdamState<B>,
+    state: &RunState,
+    extras: Option<HfExtras>,
+) -> Result<()> {
     pali_model::checkpoint::save_safetensors(model, &tmp.join("model.safetensors"))?;
     let mut tensors: Vec<(String, Vec<usize>, Vec<u8>)> = Vec::new();
     for (prefix, map) in [("m", &adam.m), ("v", &adam.v)] {
@@ -152,17 +220,27 @@ pub fn save<B: Backend, M: Module<B>>(
         let tp = tmp.join("tokenizer.json");
         std::fs::copy(x.tokenizer, &tp).map_err(io(&tp))?;
     }
-    let sp = tmp.join("state.json");
-    std::fs::write(&sp, serde_json::to_string_pretty(state).expect("json")).map_err(io(&sp))?;
-    let _ = std::fs::remove_dir_all(&final_dir);
-    std::fs::rename(&tmp, &final_dir).map_err(io(&final_dir))?;
-    let all = checkpoints(out_dir);
-    if all.len() > keep.max(1) {
-        for old in &all[..all.len() - keep.max(1)] {
-            let _ = std::fs::remove_dir_all(old);
-        }
+    let mut state = state.clone();
+    state.files.clear();
+    for e in std::fs::read_dir(tmp).map_err(io(tmp))? {
+        let p = e.map_err(io(tmp))?.path();
+        std::fs::File::open(&p)
+            .and_then(|f| f.sync_all())
+            .map_err(io(&p))?;
+        let name = p.file_name().expect("file").to_string_lossy().into_owned();
+        state.files.insert(name, crc_of(&p)?);
     }
-    Ok(final_dir)
+    let sp = tmp.join("state.json");
+    let mut f = std::fs::File::create(&sp).map_err(io(&sp))?;
+    std::io::Write::write_all(
+        &mut f,
+        serde_json::to_string_pretty(&state)
+            .expect("json")
+            .as_bytes(),
+    )
+    .and_then(|()| f.sync_all())
+    .map_err(io(&sp))?;
+    sync_dir(tmp)
 }
 
 pub fn load_state(dir: &Path) -> Result<RunState> {
@@ -198,4 +276,64 @@ pub fn load_adam<B: Backend>(
         };
     }
     Ok(st)
+}
+
+#[cfg(test)]
+mod tests {
+    use burn::backend::Flex;
+
+    use super::*;
+
+    fn state(step: u64) -> RunState {
+        RunState {
+            global_step: step,
+            stage: 0,
+            stage_step: step,
+            resolution: 16,
+            mixture: None,
+            adam_t: HashMap::new(),
+            metrics_bytes: None,
+            stages_done: Vec::new(),
+            files: Default::default(),
+        }
+    }
+
+    /// Retention and resume order by step number, also past 8 digits; a damaged file fails
+    /// its checksum; a failed save leaves no temporary directory.
+    #[test]
+    fn checkpoints_sort_by_step_verify_and_fail_cleanly() {
+        let d = tempfile::tempdir().unwrap();
+        let dev = Default::default();
+        let model = pali_model::presets::tiny(300, 299, 16).init::<Flex>(&dev);
+        let adam = AdamState::<Flex>::default();
+        for step in [99_999_999, 100_000_000] {
+            save(d.path(), &model, &adam, &state(step), 1, None).unwrap();
+        }
+        let all = checkpoints(d.path());
+        assert_eq!(all.len(), 1);
+        assert!(all[0].ends_with("step-100000000"), "{all:?}");
+        let st = verify(&all[0]).unwrap();
+        assert!(st.files.contains_key("model.safetensors"), "{:?}", st.files);
+
+        let p = all[0].join("model.safetensors");
+        let mut bytes = std::fs::read(&p).unwrap();
+        let n = bytes.len();
+        bytes[n - 3] ^= 0x40;
+        std::fs::write(&p, bytes).unwrap();
+        let e = verify(&all[0]).unwrap_err().to_string();
+        assert!(e.contains("model.safetensors: checksum mismatch"), "{e}");
+
+        let cfg = pali_model::presets::tiny(300, 299, 16);
+        let missing = d.path().join("no-tokenizer.json");
+        let extras = HfExtras {
+            config: &cfg,
+            tokenizer: &missing,
+        };
+        assert!(save(d.path(), &model, &adam, &state(7), 3, Some(extras)).is_err());
+        let left: Vec<_> = std::fs::read_dir(d.path().join("checkpoints"))
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        assert_eq!(left, ["step-100000000"]);
+    }
 }

@@ -458,15 +458,32 @@ fn start<AD: AutodiffBackend>(
     device: &AD::Device,
 ) -> Result<(PaliGemma<AD>, AdamState<AD::InnerBackend>, Option<RunState>)> {
     let config = plan.config;
-    let latest = if opts.resume {
-        ckpt::checkpoints(&config.run.out_dir).pop()
-    } else {
-        None
-    };
+    // The newest checkpoint whose files match their checksums; damaged ones are named.
+    let mut latest = None;
+    if opts.resume {
+        for dir in ckpt::checkpoints(&config.run.out_dir).into_iter().rev() {
+            match ckpt::verify(&dir) {
+                Ok(st) => {
+                    latest = Some((dir, st));
+                    break;
+                }
+                Err(e) => {
+                    let line = format!("skipping a damaged checkpoint: {e}");
+                    opts.observer.on(Event::Info(&line));
+                }
+            }
+        }
+    }
+    if opts.resume && latest.is_none() && !ckpt::checkpoints(&config.run.out_dir).is_empty() {
+        return Err(Error::Train(format!(
+            "every checkpoint in {} is damaged; nothing to resume from",
+            config.run.out_dir.join("checkpoints").display()
+        )));
+    }
     AD::seed(device, config.run.seed);
-    let (model, adam, state) = match &latest {
-        Some(dir) => {
-            let st = ckpt::load_state(dir)?;
+    let (model, adam, state) = match latest {
+        Some((dir, st)) => {
+            let dir = &dir;
             let cfg = model_config(config, &plan.tokenizer, st.resolution)?;
             let file = TensorFile::open(&dir.join("model.safetensors"))?;
             let m = load_into(cfg.init::<AD>(device), &file, Tower::All)?;
@@ -579,6 +596,7 @@ fn save_checkpoint<B: Backend>(
         adam_t: adam.t.clone(),
         metrics_bytes: Some(metrics.len()?),
         stages_done: stages_done.to_vec(),
+        files: Default::default(),
     };
     let extras = ckpt::HfExtras {
         config: &sp.model,
