@@ -171,3 +171,70 @@ fn bad_config_files_are_one_line_errors_with_their_line() {
     }
     assert!(failed.is_empty(), "{}", failed.join("\n"));
 }
+
+/// Bad dataset lines: `pali data validate` names file and line of each; the good line is kept.
+#[test]
+fn bad_dataset_lines_are_named_with_file_and_line() {
+    let d = tempfile::tempdir().unwrap();
+    let img = d.path().join("x.png");
+    image::RgbImage::from_pixel(16, 16, image::Rgb([90, 120, 200]))
+        .save(&img)
+        .unwrap();
+    let tok = Path::new(env!("CARGO_MANIFEST_DIR")).join("data/tokenizer/tokenizer.json");
+    let good: &[u8] = br#"{"image": "x.png", "prefix": "caption en", "suffix": "a"}"#;
+    let cases: &[(&[u8], &[(&str, &str)], &str)] = &[
+        (
+            b"{\"image\": \"x.png\", \"prefix\": \"caption \xff\", \"suffix\": \"a\"}",
+            &[],
+            "data.jsonl:2: not UTF-8 (byte 39 of the line)",
+        ),
+        (
+            br#"{"image": "x.png", "prefix": "caption <image> en", "suffix": "a"}"#,
+            &[],
+            "data.jsonl:2: field `prefix`: contains `<image>`",
+        ),
+        (
+            br#"{"image": "x.png", "prefix": "caption en", "suffix": "a <eos> b"}"#,
+            &[],
+            "data.jsonl:2: field `suffix`: contains `<eos>`",
+        ),
+        (
+            br#"{"image": "x.png", "prefix": "caption en"}"#,
+            &[],
+            "data.jsonl:2: missing field `suffix`",
+        ),
+        (
+            br#"{"image": "x.png", "prefix": "caption en", "suffix": "a"}"#,
+            &[("PALI_MAX_MEGAPIXELS", "0.0001")],
+            "data.jsonl:1: field `image`: ",
+        ),
+    ];
+    let mut failed = Vec::new();
+    for (line, env, want) in cases {
+        // A byte-order mark before the first line is accepted.
+        let mut text = b"\xEF\xBB\xBF".to_vec();
+        text.extend_from_slice(good);
+        text.push(b'\n');
+        text.extend_from_slice(line);
+        text.push(b'\n');
+        let data = d.path().join("data.jsonl");
+        std::fs::write(&data, &text).unwrap();
+        let mut c = pali();
+        c.args(["data", "validate", "--tokenizer"])
+            .arg(&tok)
+            .arg(&data);
+        for (k, v) in *env {
+            c.env(k, v);
+        }
+        let o = c.output().unwrap();
+        let e =
+            String::from_utf8_lossy(&o.stdout).into_owned() + &String::from_utf8_lossy(&o.stderr);
+        if o.status.success() || !e.contains(want) || e.contains("panicked") {
+            failed.push(format!(
+                "{}: want `{want}`, got: {e}",
+                String::from_utf8_lossy(line)
+            ));
+        }
+    }
+    assert!(failed.is_empty(), "{}", failed.join("\n"));
+}

@@ -368,38 +368,81 @@ pub(crate) fn parse_line(
             ))
         }
     };
+    let (prefix, suffix) = (text("prefix")?, text("suffix")?);
+    for (field, t) in [("prefix", &prefix), ("suffix", &suffix)] {
+        if let Some(tok) = RESERVED.iter().find(|tok| t.contains(*tok)) {
+            return Err(line_err(
+                path,
+                line_no,
+                format!(
+                    "field `{field}`: contains `{tok}`, which the sequence layout places itself \
+                     (image slots, BOS, EOS, padding); remove it from the text"
+                ),
+            ));
+        }
+    }
     Ok(Example {
         id,
         images,
-        prefix: text("prefix")?,
-        suffix: text("suffix")?,
+        prefix,
+        suffix,
     })
+}
+
+/// Special tokens a prefix or suffix may not spell out: the tokenizer would encode them as the
+/// special ids, shifting the image slots or ending the sequence early.
+const RESERVED: [&str; 4] = ["<image>", "<bos>", "<eos>", "<pad>"];
+
+/// The lines of a JSONL file, each checked for UTF-8 on its own (an invalid byte names its
+/// line), a leading byte-order mark dropped.
+fn utf8_lines(path: &Path, bytes: &[u8]) -> Vec<Result<String>> {
+    let bytes = bytes.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(bytes);
+    bytes
+        .split(|b| *b == b'\n')
+        .enumerate()
+        .map(|(i, l)| {
+            let l = l.strip_suffix(b"\r").unwrap_or(l);
+            String::from_utf8(l.to_vec()).map_err(|e| {
+                line_err(
+                    path,
+                    i + 1,
+                    format!(
+                        "not UTF-8 (byte {} of the line)",
+                        e.utf8_error().valid_up_to() + 1
+                    ),
+                )
+            })
+        })
+        .collect()
 }
 
 impl JsonlDataset {
     /// Reads and checks every line. With `check_images` every image is also opened and decoded
     /// (what `pali data validate` does; training checks images when it loads them).
     pub fn open(path: &Path, on_error: OnError, check_images: bool) -> Result<Self> {
-        let text = std::fs::read_to_string(path).map_err(|source| Error::Io {
+        let bytes = std::fs::read(path).map_err(|source| Error::Io {
             path: path.to_path_buf(),
             source,
         })?;
         let dir = path.parent().unwrap_or(Path::new("."));
         let mut examples = Vec::new();
         let mut skipped = Vec::new();
-        for (i, line) in text.lines().enumerate() {
-            if line.trim().is_empty() {
+        for (i, line) in utf8_lines(path, &bytes).into_iter().enumerate() {
+            if line.as_ref().is_ok_and(|l| l.trim().is_empty()) {
                 continue;
             }
-            match parse_line(path, dir, i + 1, line, check_images) {
+            match line.and_then(|l| parse_line(path, dir, i + 1, &l, check_images)) {
                 Ok(e) => examples.push(e),
                 Err(e) if on_error == OnError::Skip => skipped.push(e.to_string()),
                 Err(e) => return Err(e),
             }
         }
         if examples.is_empty() {
+            let first = skipped
+                .first()
+                .map_or(String::new(), |e| format!(" (the first problem: {e})"));
             return Err(Error::Invalid(format!(
-                "{}: no usable examples",
+                "{}: no usable examples{first}",
                 path.display()
             )));
         }

@@ -61,6 +61,17 @@ pub fn decode(bytes: &[u8], what: &Path) -> Result<Rgb> {
         .with_guessed_format()
         .map_err(|e| bad(e.to_string()))?;
     let mut decoder = reader.into_decoder().map_err(|e| bad(e.to_string()))?;
+    // The header's size is checked before anything is allocated: a small file can claim
+    // 40000×40000 pixels (6.4 GB as f32 RGB).
+    let (w, h) = decoder.dimensions();
+    let limit = max_megapixels();
+    let mp = w as f64 * h as f64 / 1e6;
+    if mp > limit {
+        return Err(bad(format!(
+            "{w}×{h} is {mp:.0} megapixels, over the limit of {limit} (set PALI_MAX_MEGAPIXELS \
+             to raise it)"
+        )));
+    }
     let orientation = decoder.orientation().map_err(|e| bad(e.to_string()))?;
     let mut img = DynamicImage::from_decoder(decoder).map_err(|e| bad(e.to_string()))?;
     img.apply_orientation(orientation);
@@ -70,6 +81,15 @@ pub fn decode(bytes: &[u8], what: &Path) -> Result<Rgb> {
         rgb.height() as usize,
         rgb.as_raw(),
     ))
+}
+
+/// Largest image decoded, in megapixels: `PALI_MAX_MEGAPIXELS`, 100 by default.
+pub fn max_megapixels() -> f64 {
+    std::env::var("PALI_MAX_MEGAPIXELS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .filter(|v: &f64| *v > 0.0)
+        .unwrap_or(100.0)
 }
 
 /// Reads and decodes an image file.

@@ -86,8 +86,18 @@ impl BinaryMask {
 
     /// Reads a PNG/JPEG/… mask: pixels brighter than mid-grey are inside.
     pub fn load(path: &Path) -> Result<Self> {
+        let bad = |e: String| Error::Invalid(format!("{}: cannot read mask: {e}", path.display()));
+        // The header's size first: a small file can claim billions of pixels.
+        let (w, h) = ::image::image_dimensions(path).map_err(|e| bad(e.to_string()))?;
+        let (mp, limit) = (w as f64 * h as f64 / 1e6, crate::image::max_megapixels());
+        if mp > limit {
+            return Err(bad(format!(
+                "{w}×{h} is {mp:.0} megapixels, over the limit of {limit} (set \
+                 PALI_MAX_MEGAPIXELS to raise it)"
+            )));
+        }
         let img = ::image::open(path)
-            .map_err(|e| Error::Invalid(format!("{}: cannot read mask: {e}", path.display())))?
+            .map_err(|e| bad(e.to_string()))?
             .to_luma8();
         Ok(Self {
             width: img.width() as usize,
