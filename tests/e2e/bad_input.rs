@@ -182,7 +182,9 @@ fn bad_dataset_lines_are_named_with_file_and_line() {
         .unwrap();
     let tok = Path::new(env!("CARGO_MANIFEST_DIR")).join("data/tokenizer/tokenizer.json");
     let good: &[u8] = br#"{"image": "x.png", "prefix": "caption en", "suffix": "a"}"#;
-    let cases: &[(&[u8], &[(&str, &str)], &str)] = &[
+    // (line 2 of the file, environment, expected message)
+    type Case<'a> = (&'a [u8], &'a [(&'a str, &'a str)], &'a str);
+    let cases: &[Case] = &[
         (
             b"{\"image\": \"x.png\", \"prefix\": \"caption \xff\", \"suffix\": \"a\"}",
             &[],
