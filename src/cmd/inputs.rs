@@ -62,9 +62,6 @@ pub fn load<B: Backend>(
     };
     let (ids, shape) = int2("input_ids")?.context("inputs need `input_ids` i64 [B,T]")?;
     let [b, t] = shape;
-    let attn = int2("attention_mask")?
-        .map(|x| x.0)
-        .unwrap_or_else(|| vec![1; b * t]);
     let check = |name: &str, s: [usize; 2]| {
         if s != shape {
             bail!(
@@ -73,6 +70,41 @@ pub fn load<B: Backend>(
             )
         }
         Ok(())
+    };
+    if pshape[0] != b {
+        bail!(
+            "{}: `pixel_values` has {} images but `input_ids` {b} rows",
+            path.display(),
+            pshape[0]
+        );
+    }
+    let [c, h, w] = [pshape.len() - 3, pshape.len() - 2, pshape.len() - 1].map(|i| pshape[i]);
+    if let pali_model::ImageEncoder::Siglip(v) = &config.vision {
+        if (c, h, w) != (3, v.image_size, v.image_size) {
+            let (p, n) = (path.display(), v.image_size);
+            bail!("{p}: `pixel_values` images are {c}×{h}×{w}; the checkpoint takes 3×{n}×{n}");
+        }
+    }
+    let vocab = config.text.vocab_size as i64;
+    let out_of_range = |name: &str, v: &[i64], ok: &dyn Fn(i64) -> bool| -> Result<()> {
+        if let Some(i) = v.iter().position(|x| !ok(*x)) {
+            bail!(
+                "{}: `{name}`[{}, {}] = {} is outside the vocabulary (0..{vocab})",
+                path.display(),
+                i / t,
+                i % t,
+                v[i]
+            );
+        }
+        Ok(())
+    };
+    out_of_range("input_ids", &ids, &|x| (0..vocab).contains(&x))?;
+    let attn = match int2("attention_mask")? {
+        Some((v, s)) => {
+            check("attention_mask", s)?;
+            v
+        }
+        None => vec![1; b * t],
     };
     let tt = match int2("token_type_ids")? {
         Some((v, s)) => {
@@ -85,6 +117,7 @@ pub fn load<B: Backend>(
     let labels = match int2("labels")? {
         Some((v, s)) => {
             check("labels", s)?;
+            out_of_range("labels", &v, &|x| x == -100 || (0..vocab).contains(&x))?;
             Some(Tensor::<B, 2, Int>::from_data(
                 TensorData::new(v, shape),
                 device,

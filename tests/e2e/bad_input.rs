@@ -240,3 +240,71 @@ fn bad_dataset_lines_are_named_with_file_and_line() {
     }
     assert!(failed.is_empty(), "{}", failed.join("\n"));
 }
+
+/// Bad `pali forward` / `pali generate` inputs: named, before the model runs.
+#[test]
+fn bad_model_inputs_are_named() {
+    let d = tempfile::tempdir().unwrap();
+    let ckpt = crate::common::fixture("tiny-gemma1");
+    let px = |b: usize, s: usize| {
+        (
+            "pixel_values".to_string(),
+            vec![b, 3, s, s],
+            vec![0.0; b * 3 * s * s],
+        )
+    };
+    let ids = |v: Vec<i64>| ("input_ids".to_string(), vec![1, v.len()], v);
+    type F32s = (String, Vec<usize>, Vec<f32>);
+    type I64s = (String, Vec<usize>, Vec<i64>);
+    let cases: Vec<(Vec<F32s>, Vec<I64s>, &str)> = vec![
+        (
+            vec![px(1, 56)],
+            vec![ids(vec![2, 99_999, 5, 6])],
+            "`input_ids`[0, 1] = 99999 is outside the vocabulary",
+        ),
+        (
+            vec![px(1, 32)],
+            vec![ids(vec![2, 4, 5, 6])],
+            "`pixel_values` images are 3×32×32; the checkpoint takes 3×56×56",
+        ),
+        (
+            vec![px(2, 56)],
+            vec![ids(vec![2, 4, 5, 6])],
+            "`pixel_values` has 2 images but `input_ids` 1 rows",
+        ),
+        (
+            vec![px(1, 56)],
+            vec![
+                ids(vec![2, 4, 5, 6]),
+                ("attention_mask".into(), vec![1, 3], vec![1, 1, 1]),
+            ],
+            "`attention_mask` has shape [1, 3] but `input_ids` has [1, 4]",
+        ),
+        (
+            vec![px(1, 56)],
+            vec![
+                ids(vec![2, 4, 5, 6]),
+                ("labels".into(), vec![1, 4], vec![-100, 4, -7, 6]),
+            ],
+            "`labels`[0, 2] = -7 is outside the vocabulary",
+        ),
+    ];
+    let mut failed = Vec::new();
+    for (f, i, want) in &cases {
+        let inputs = d.path().join("in.safetensors");
+        crate::common::write_mixed(&inputs, f, i);
+        let e = run_err(
+            pali()
+                .args(["forward", "--checkpoint"])
+                .arg(&ckpt)
+                .arg("--inputs")
+                .arg(&inputs)
+                .arg("--out")
+                .arg(d.path().join("o.safetensors")),
+        );
+        if !e.contains(want) || e.contains("panicked") {
+            failed.push(format!("want `{want}`, got: {e}"));
+        }
+    }
+    assert!(failed.is_empty(), "{}", failed.join("\n"));
+}
