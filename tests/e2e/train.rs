@@ -1194,3 +1194,28 @@ fn resume_skips_a_damaged_checkpoint() {
     );
     assert_eq!(max_diff(&whole, &final_model(&d.path().join("cut"))), 0.0);
 }
+
+/// Training that goes wrong without a NaN stops with the reason: a learning rate that kills
+/// the model (gradient exactly zero, loss stuck at ln V), and a text length that leaves no
+/// token to carry loss.
+#[test]
+fn a_dead_model_or_nothing_to_learn_stops_the_run() {
+    let d = tempfile::tempdir().unwrap();
+    let cfg = config(d.path(), "");
+    for (set, want) in [
+        (
+            "stage.s1.optim.lr=1e6",
+            "the gradient is exactly zero with the loss at",
+        ),
+        ("stage.s1.text_len=1", "no token of the batch carries loss"),
+    ] {
+        let e = train_err(
+            &cfg,
+            &["--overwrite", "--set", set, "--set", r#"run.stages=["s1"]"#],
+        );
+        assert!(
+            e.contains(want) && e.contains("stage `s1` step"),
+            "{set}: {e}"
+        );
+    }
+}

@@ -59,10 +59,26 @@ pub struct Run {
     /// on Ampere or newer, or the CPU, where it is emulated and only useful for checking).
     #[serde(default, skip_serializing_if = "is_f32")]
     pub dtype: Compute,
+    /// Stop when a stage's smoothed loss (mean over logged steps, weight 0.2 per step) rises
+    /// above this many times its lowest value in the stage; 0 turns it off. Training also
+    /// stops at a logged step whose gradient norm is exactly 0 while some group trains.
+    #[serde(
+        default = "default_divergence",
+        skip_serializing_if = "is_default_divergence"
+    )]
+    pub divergence_factor: f64,
 }
 
 fn is_f32(c: &Compute) -> bool {
     *c == Compute::F32
+}
+
+fn default_divergence() -> f64 {
+    3.0
+}
+
+fn is_default_divergence(x: &f64) -> bool {
+    *x == default_divergence()
 }
 
 fn default_keep() -> usize {

@@ -178,6 +178,8 @@ fn train_with<B: Backend, C: CheckpointStrategy>(
         let (mut first_loss, mut last_loss) = (f64::NAN, f64::NAN);
         let mut window = LogWindow::new();
         let mut guard = Guard::new(device);
+        let trains = sp.groups.groups.iter().any(|g| !g.frozen);
+        let mut divergence = Divergence::new(config.run.divergence_factor, trains);
 
         // The step of the newest checkpoint, and the data-stream state after the last batch.
         let mut saved_at = global_step;
@@ -261,7 +263,11 @@ fn train_with<B: Backend, C: CheckpointStrategy>(
                     sched: &sched,
                     batch: &batch,
                 };
-                Some(log_step(&record, &r, &mut window, &metrics)?)
+                let logged = log_step(&record, &r, &mut window, &metrics)?;
+                divergence
+                    .observe(r.loss, r.grad_norm)
+                    .map_err(|why| stopped(&stage.name, step, Error::Train(why)))?;
+                Some(logged)
             } else {
                 if checkpoint {
                     // No skipped update may reach a checkpoint.
@@ -739,6 +745,62 @@ impl Readout {
     }
 }
 
+/// Stops a stage whose training has gone wrong without a non-finite value: its smoothed loss
+/// far above its best, or a gradient of exactly zero (a dead model, or no token carrying loss).
+struct Divergence {
+    factor: f64,
+    trains: bool,
+    smoothed: Option<f64>,
+    best: f64,
+    seen: u32,
+}
+
+impl Divergence {
+    /// Logged steps before the loss check starts (the smoothed loss needs a few).
+    const WARMUP: u32 = 5;
+
+    fn new(factor: f64, trains: bool) -> Self {
+        Self {
+            factor,
+            trains,
+            smoothed: None,
+            best: f64::INFINITY,
+            seen: 0,
+        }
+    }
+
+    /// Takes one logged step's loss and gradient norm; the reason to stop, if any.
+    fn observe(&mut self, loss: f64, grad_norm: f64) -> std::result::Result<(), String> {
+        if self.trains && grad_norm == 0.0 {
+            return Err(if loss == 0.0 {
+                "no token of the batch carries loss (does text_len leave room for the suffix?), so \
+                 nothing trains"
+                    .into()
+            } else {
+                format!(
+                    "the gradient is exactly zero with the loss at {loss:.4}: the model is dead \
+                     (a learning rate far too high?)"
+                )
+            });
+        }
+        if self.factor <= 0.0 {
+            return Ok(());
+        }
+        let s = self.smoothed.map_or(loss, |s| 0.8 * s + 0.2 * loss);
+        self.smoothed = Some(s);
+        self.seen += 1;
+        if self.seen >= Self::WARMUP && s > self.factor * self.best {
+            return Err(format!(
+                "the loss diverged: smoothed {s:.4}, more than {}× its lowest {:.4} in this stage \
+                 (run.divergence_factor; 0 turns the check off)",
+                self.factor, self.best
+            ));
+        }
+        self.best = self.best.min(s);
+        Ok(())
+    }
+}
+
 /// Remembers, on the device, the first step whose update was skipped because its loss or a
 /// gradient was not finite; read on logging steps and before every checkpoint.
 struct Guard<B: Backend> {
@@ -854,6 +916,27 @@ mod tests {
     use std::sync::Mutex;
 
     use super::*;
+
+    /// A loss that climbs far above its best stops the stage; a noisy healthy one, a
+    /// check turned off, or a frozen stage's zero gradient do not.
+    #[test]
+    fn divergence_is_caught_and_noise_is_not() {
+        let healthy = [5.0, 3.0, 2.0, 0.6, 1.4, 0.5, 1.2, 0.4, 1.3, 0.5, 1.5, 0.45];
+        let mut d = Divergence::new(3.0, true);
+        assert!(healthy.iter().all(|l| d.observe(*l, 1.0).is_ok()));
+        let rising = [5.0, 3.0, 2.0, 1.0, 1.0, 1.0, 3.0, 6.0, 12.0, 24.0];
+        let mut d = Divergence::new(3.0, true);
+        let e = rising
+            .iter()
+            .find_map(|l| d.observe(*l, 1.0).err())
+            .unwrap();
+        assert!(e.contains("the loss diverged"), "{e}");
+        let mut off = Divergence::new(0.0, true);
+        assert!(rising.iter().all(|l| off.observe(*l, 1.0).is_ok()));
+        let mut frozen = Divergence::new(3.0, false);
+        assert!(frozen.observe(2.0, 0.0).is_ok());
+        assert!(Divergence::new(3.0, true).observe(2.0, 0.0).is_err());
+    }
 
     /// Records what it is told, one line per event.
     #[derive(Default)]
