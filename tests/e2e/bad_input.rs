@@ -103,10 +103,6 @@ fn bad_run_settings_are_one_line_errors() {
             "group 1 (`.*`): timescale 0 must be > 0",
         ),
         (
-            r#"stage.s1.group=[{ params = ".*" }, { params = "nothing" }]"#,
-            "group 2 (`nothing`) matches no parameter",
-        ),
-        (
             r#"run.stages=["s1", "s3"]"#,
             "run.stages: no stage `s3` (stages: s1, s2)",
         ),
@@ -307,4 +303,28 @@ fn bad_model_inputs_are_named() {
         }
     }
     assert!(failed.is_empty(), "{}", failed.join("\n"));
+}
+
+/// A group whose regex matches no parameter is not an error (a base config may name a tower
+/// some variants lack) but is not silent either: the stage header says so.
+#[test]
+fn a_group_matching_nothing_is_reported() {
+    let d = tempfile::tempdir().unwrap();
+    let cfg = write_config(d.path());
+    let o = pali()
+        .args(["train"])
+        .arg(&cfg)
+        .args([
+            "--set",
+            r#"stage.s1.group=[{ params = ".*" }, { params = "nothing" }]"#,
+        ])
+        .args(["--set", r#"run.stages=["s1"]"#])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{err}");
+    assert!(
+        err.contains("warning: group 2 (`nothing`) matches no parameter of this model"),
+        "{err}"
+    );
 }

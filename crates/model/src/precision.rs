@@ -135,7 +135,7 @@ impl Compute {
 
     /// Attention over blocks of `rows` queries, normalised after the value matmul:
     /// `o = (E·V) / rowsum(E)` with `E = exp(s − max s)`, the max shift detached (softmax does
-    /// not depend on it). The backward pass keeps two matrices per block: E (for the value
+    /// not depend on it), and the row sums taken as `E·1`. The backward pass keeps two matrices per block: E (for the value
     /// matmul) and the input of the exp (Burn's autodiff recomputes exp from it), where the
     /// decomposed softmax kept three; everything else of a block is freed before the next one
     /// starts. The matmuls run in this dtype; scores, soft-cap and normalisation in f32.
@@ -155,6 +155,7 @@ impl Compute {
         let sk = k.dims()[2];
         let scale = opts.scale.unwrap_or_else(|| (dh as f64).powf(-0.5));
         let kt = k.swap_dims(2, 3); // [B, H, Dh, Sk]
+        let ones = Tensor::<B, 4>::ones([1, 1, sk, 1], &v.device());
         let mut out = Vec::with_capacity(sq.div_ceil(rows));
         for r0 in (0..sq).step_by(rows.max(1)) {
             let r1 = (r0 + rows).min(sq);
@@ -178,7 +179,9 @@ impl Compute {
             }
             let max = s.clone().detach().max_dim(3).clamp_min(f32::MIN);
             let e = (s - max).exp();
-            let sum = e.clone().sum_dim(3).clamp_min(f32::MIN_POSITIVE);
+            // rowsum(E) as a matmul with a ones column: a fused `sum_dim` over the exp gave
+            // wrong sums on wgpu (tested by train::wgpu_training_matches_cpu).
+            let sum = e.clone().matmul(ones.clone()).clamp_min(f32::MIN_POSITIVE);
             out.push(self.matmul(e, v.clone()) / sum);
         }
         if out.len() == 1 {
@@ -191,9 +194,9 @@ impl Compute {
 
 /// Bytes of one block's score matrix in [`Compute::attention`] (f32, all batch rows and
 /// heads): a block's temporaries stay far below the matrices the backward pass keeps, and the
-/// CPU benchmarks' sequences (up to 112 tokens) take one block. Measured on a 1-layer model
-/// with 4096 image tokens (bench/long): 16 MiB blocks 5.9 s and 2516 MiB peak, 64 MiB 6.7 s and
-/// 2577 MiB, one block 8.2 s and 3482 MiB.
+/// CPU benchmarks' sequences (up to 112 tokens) take one block. On a 1-layer model with 4096
+/// image tokens (bench/long), 16 MiB blocks were faster than 64 MiB ones and than one block
+/// (which also peaked 1 GB higher).
 const CHUNK_BYTES: usize = 16 << 20;
 
 #[cfg(test)]

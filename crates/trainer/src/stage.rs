@@ -49,6 +49,8 @@ pub struct StagePlan<'a> {
     pub val: Vec<Option<Arc<dyn Dataset>>>,
     /// `eval.jsonl`, opened.
     pub eval_set: Option<Arc<dyn Dataset>>,
+    /// Groups whose regex matches no parameter of the model (reported when the stage starts).
+    pub idle_groups: Vec<String>,
     tokenizer: Arc<PaliTokenizer>,
 }
 
@@ -97,17 +99,14 @@ impl<'a> RunPlan<'a> {
             groups.assign(paths).map_err(|e| {
                 Error::Config(format!("stage {} (`{}`): {e}", index + 1, stage.name))
             })?;
-            for (g, group) in groups.groups.iter().enumerate() {
-                if !paths.iter().any(|p| group.params.is_match(p)) {
-                    return Err(Error::Config(format!(
-                        "stage {} (`{}`): group {} (`{}`) matches no parameter",
-                        index + 1,
-                        stage.name,
-                        g + 1,
-                        group.params.as_str()
-                    )));
-                }
-            }
+            // Not an error: a base config's groups may name a tower some variants lack.
+            let idle_groups = groups
+                .groups
+                .iter()
+                .enumerate()
+                .filter(|(_, g)| !paths.iter().any(|p| g.params.is_match(p)))
+                .map(|(i, g)| format!("group {} (`{}`)", i + 1, g.params.as_str()))
+                .collect();
             let eval_set: Option<Arc<dyn Dataset>> = match &stage.eval.jsonl {
                 Some(p) => Some(Arc::new(JsonlDataset::open(p, stage.on_error, false)?)),
                 None => None,
@@ -121,6 +120,7 @@ impl<'a> RunPlan<'a> {
                 train: sources(stage, config.run.seed, &encoders)?,
                 val: validation_sources(stage, config.run.seed, &encoders),
                 eval_set,
+                idle_groups,
                 tokenizer: tokenizer.clone(),
             });
         }

@@ -626,6 +626,9 @@ fn stage_header(sp: &StagePlan, mixture: &[String]) -> Vec<String> {
         s.batch_size
     )];
     lines.extend(mixture.iter().map(|l| format!("  {l}")));
+    for g in &sp.idle_groups {
+        lines.push(format!("  warning: {g} matches no parameter of this model"));
+    }
     lines
 }
 
