@@ -59,8 +59,8 @@ pub struct Run {
     /// on Ampere or newer, or the CPU, where it is emulated and only useful for checking).
     #[serde(default, skip_serializing_if = "is_f32")]
     pub dtype: Compute,
-    /// Stop when a stage's smoothed loss (mean over logged steps, weight 0.2 per step) rises
-    /// above this many times its lowest value in the stage; 0 turns it off. Training also
+    /// Stop when a stage's smoothed loss (an exponential average over logged steps, 0.2 on the
+    /// newest) rises above this many times its lowest value in the stage; 0 turns it off. Training also
     /// stops at a logged step whose gradient norm is exactly 0 while some group trains.
     #[serde(
         default = "default_divergence",
