@@ -328,3 +328,44 @@ fn a_group_matching_nothing_is_reported() {
         "{err}"
     );
 }
+
+/// A JSONL source that shrank between a checkpoint and `--resume` is named (the saved stream
+/// pointed past its new end: an index out of bounds).
+#[test]
+fn a_source_that_changed_before_resume_is_named() {
+    let d = tempfile::tempdir().unwrap();
+    let data = d.path().join("data");
+    crate::common::run_ok(
+        pali()
+            .args(["data", "synth", "--n", "12", "--resolution", "32", "--out"])
+            .arg(&data),
+    );
+    let cfg = write_config(d.path());
+    let text = std::fs::read_to_string(&cfg).unwrap().replacen(
+        r#"source = [{ kind = "synth", task = "caption", size = 20 }]"#,
+        r#"source = [{ kind = "jsonl", path = "data/caption.jsonl" }]"#,
+        1,
+    );
+    std::fs::write(&cfg, text).unwrap();
+    let train = |extra: &[&str]| {
+        let mut c = pali();
+        c.args(["train", "--quiet"]).arg(&cfg);
+        c.args(["--set", r#"run.stages=["s1"]"#, "--set", "stage.s1.steps=8"]);
+        c.args(extra);
+        c
+    };
+    crate::common::run_ok(&mut train(&["--max-steps", "5"]));
+    let jsonl = data.join("caption.jsonl");
+    let lines: Vec<String> = std::fs::read_to_string(&jsonl)
+        .unwrap()
+        .lines()
+        .take(3)
+        .map(String::from)
+        .collect();
+    std::fs::write(&jsonl, lines.join("\n") + "\n").unwrap();
+    let e = run_err(&mut train(&["--resume"]));
+    assert!(
+        e.contains("caption.jsonl has 3 examples but had 12 when the checkpoint was written"),
+        "{e}"
+    );
+}

@@ -19,6 +19,10 @@ pub struct SourceState {
     pub position: usize,
     /// Examples drawn from this source so far.
     pub seen: u64,
+    /// Examples in the source when the stream started (0 in states saved before this was
+    /// recorded): a resume checks the data did not change.
+    #[serde(default)]
+    pub len: usize,
 }
 
 /// Everything needed to continue the stream exactly.
@@ -64,16 +68,53 @@ impl Mixture {
             }
         }
         let n = sources.len();
+        let states = sources
+            .iter()
+            .map(|s| SourceState {
+                len: s.len(),
+                ..Default::default()
+            })
+            .collect();
         Ok(Self {
             weights: weights.iter().map(|w| w / total).collect(),
             sources,
             seed,
             state: MixtureState {
                 rng: Rng::derive(seed, &[0x006d_6978]),
-                sources: vec![SourceState::default(); n],
+                sources: states,
             },
             perms: vec![(u64::MAX, Vec::new()); n],
         })
+    }
+
+    /// Continues a saved stream. Refused when the sources are not the ones it was saved with
+    /// (another number of sources or of examples): the stream would differ, or index past the
+    /// end of a file that shrank.
+    pub fn restore(&mut self, state: MixtureState) -> Result<()> {
+        if state.sources.len() != self.sources.len() {
+            return Err(Error::Invalid(format!(
+                "the saved data stream has {} sources, the stage {}",
+                state.sources.len(),
+                self.sources.len()
+            )));
+        }
+        for (saved, src) in state.sources.iter().zip(&self.sources) {
+            let now = src.len();
+            if (saved.len != 0 && saved.len != now) || saved.position >= now.max(1) {
+                let then = if saved.len != 0 {
+                    saved.len.to_string()
+                } else {
+                    format!("more than {}", saved.position)
+                };
+                return Err(Error::Invalid(format!(
+                    "{} has {now} examples but had {then} when the checkpoint was written; a \
+                     resumed run needs the data it started with",
+                    src.name()
+                )));
+            }
+        }
+        self.state = state;
+        Ok(())
     }
 
     /// One line per source: name, examples, share.

@@ -152,7 +152,7 @@ fn train_with<B: Backend, C: CheckpointStrategy>(
         )?;
         let mut mixture = sp.mixture()?;
         if let Some(ms) = here.and_then(|st| st.mixture.clone()) {
-            mixture.state = ms;
+            mixture.restore(ms)?;
         }
         obs.on(Event::Begin {
             name: &stage.name,
