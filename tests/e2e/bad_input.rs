@@ -369,3 +369,24 @@ fn a_source_that_changed_before_resume_is_named() {
         "{e}"
     );
 }
+
+/// Scoring nothing is an error, not metrics of 0/0 (printed as -0.0, or COCO's -1.0).
+#[test]
+fn scoring_no_examples_is_an_error() {
+    let d = tempfile::tempdir().unwrap();
+    let empty = d.path().join("empty.jsonl");
+    std::fs::write(&empty, "").unwrap();
+    for task in ["caption", "vqa", "detect", "refcoco"] {
+        let e = run_err(
+            pali()
+                .args(["score", "--task", task, "--predictions"])
+                .arg(&empty)
+                .arg("--references")
+                .arg(&empty),
+        );
+        assert!(
+            e.contains("empty.jsonl: no predictions to score"),
+            "{task}: {e}"
+        );
+    }
+}

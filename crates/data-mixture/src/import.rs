@@ -89,6 +89,17 @@ fn coco_images(path: &Path, v: &Value) -> Result<HashMap<i64, (String, f64, f64)
         let file = text(path, im, &at, "file_name")?.to_string();
         let w = int(path, im, &at, "width")? as f64;
         let h = int(path, im, &at, "height")? as f64;
+        // Masks are rasterised at this size: refuse what no image has before allocating it.
+        let limit = crate::image::max_megapixels();
+        if w < 1.0 || h < 1.0 || w * h / 1e6 > limit {
+            return Err(bad(
+                path,
+                format!("{at}.width/height"),
+                &format!(
+                    "{w}×{h} is not an image size up to {limit} megapixels (PALI_MAX_MEGAPIXELS)"
+                ),
+            ));
+        }
         out.insert(id, (file, w, h));
     }
     Ok(out)
@@ -384,6 +395,22 @@ mod tests {
         let p = dir.join(name);
         std::fs::write(&p, v.to_string()).unwrap();
         p
+    }
+
+    /// An image size no image has (masks would be rasterised at it) is refused by name.
+    #[test]
+    fn absurd_image_sizes_are_refused() {
+        let v = json!({"images": [{"id": 1, "file_name": "a.jpg", "width": 10_000_000,
+                                   "height": 10_000_000}]});
+        let e = coco_images(Path::new("i.json"), &v)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("i.json: images[0].width/height: 10000000×10000000 is not an image size"),
+            "{e}"
+        );
+        let v = json!({"images": [{"id": 1, "file_name": "a.jpg", "width": 0, "height": 5}]});
+        assert!(coco_images(Path::new("i.json"), &v).is_err());
     }
 
     fn coco(dir: &Path) -> std::path::PathBuf {

@@ -332,6 +332,10 @@ pub fn score(
     decoder: Option<&dyn MaskDecoder>,
 ) -> Result<Value> {
     let n = pairs.len();
+    if n == 0 {
+        // Every metric over nothing is undefined (0/0 printed as -0.0, COCO's -1.0).
+        return Err(Error::Mismatch("no examples to score".into()));
+    }
     let texts = |r: &Reference| match r {
         Reference::Texts(t) => t.clone(),
         _ => Vec::new(),
@@ -510,5 +514,11 @@ pub fn score_files(
     let preds = read_predictions(predictions)?;
     let refs = read_references(references, task)?;
     let pairs = pair(&preds, predictions, &refs, references)?;
+    if pairs.is_empty() {
+        return Err(Error::Mismatch(format!(
+            "{}: no predictions to score",
+            predictions.display()
+        )));
+    }
     score(task, &pairs, decoder)
 }
