@@ -1219,3 +1219,36 @@ fn a_dead_model_or_nothing_to_learn_stops_the_run() {
         );
     }
 }
+
+/// Checkpoint steps run the NaN and divergence checks even between logging steps: a model
+/// killed at step 1 is caught at the step-2 checkpoint, so the later (dead) checkpoints never
+/// rotate out the earlier ones.
+#[test]
+fn no_checkpoint_is_written_after_an_anomaly_shows() {
+    let d = tempfile::tempdir().unwrap();
+    let cfg = config(d.path(), "");
+    let e = train_err(
+        &cfg,
+        &[
+            "--set",
+            r#"run.stages=["s1"]"#,
+            "--set",
+            "stage.s1.optim.lr=1e6",
+            "--set",
+            "stage.s1.log_every=50",
+            "--set",
+            "stage.s1.checkpoint_every=1",
+            "--set",
+            "run.keep_checkpoints=2",
+        ],
+    );
+    assert!(e.contains("the gradient is exactly zero"), "{e}");
+    let steps: Vec<String> = std::fs::read_dir(d.path().join("out/checkpoints"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    assert!(
+        steps.iter().all(|s| s.as_str() <= "step-00000002"),
+        "checkpoints after the anomaly: {steps:?}"
+    );
+}

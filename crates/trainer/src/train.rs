@@ -229,7 +229,15 @@ fn train_with<B: Backend, C: CheckpointStrategy>(
             )?;
             window.count(&batch);
             let done = step + 1;
-            let log = done % stage.log_every == 0 || done == stage.steps || step == start_step;
+            // The end-of-stage checkpoint follows the stage's evaluation (below).
+            let checkpoint = done % stage.checkpoint_every == 0 && done < stage.steps;
+            // Checkpoint steps are logged too: the NaN and divergence checks run before every
+            // checkpoint, so none is written once an anomaly shows, and retention never rotates
+            // out the checkpoints taken before it.
+            let log = done % stage.log_every == 0
+                || done == stage.steps
+                || step == start_step
+                || checkpoint;
             let sched = schedule_values(sp, stage_start, step);
             let (m, out) = train_step(
                 model,
@@ -246,8 +254,6 @@ fn train_with<B: Backend, C: CheckpointStrategy>(
             window.tokens += out.tokens;
             guard.record(step, &out.stats.applied);
             mixture_after = batch.state_after.clone();
-            // The end of a stage is saved after its evaluation (below).
-            let checkpoint = done % stage.checkpoint_every == 0 && done < stage.steps;
             let logged = if log {
                 // The one device-to-host transfer of a logging step.
                 let r = Readout::of(&out, &guard);
@@ -269,10 +275,6 @@ fn train_with<B: Backend, C: CheckpointStrategy>(
                     .map_err(|why| stopped(&stage.name, step, Error::Train(why)))?;
                 Some(logged)
             } else {
-                if checkpoint {
-                    // No skipped update may reach a checkpoint.
-                    guard.check(&stage.name, guard.read())?;
-                }
                 None
             };
             obs.on(Event::Step {
