@@ -390,3 +390,34 @@ fn scoring_no_examples_is_an_error() {
         );
     }
 }
+
+/// `pali finetune` flags are checked like the config keys they become.
+#[test]
+fn bad_finetune_flags_are_one_line_errors() {
+    let d = tempfile::tempdir().unwrap();
+    let ckpt = crate::common::fixture("tiny-gemma1");
+    image::RgbImage::from_pixel(56, 56, image::Rgb([90, 120, 200]))
+        .save(d.path().join("x.png"))
+        .unwrap();
+    let train = d.path().join("t.jsonl");
+    let line = r#"{"image": "x.png", "prefix": "caption en", "suffix": "a"}"#;
+    std::fs::write(&train, format!("{line}\n")).unwrap();
+    for (flag, value, want) in [
+        ("--batch-size", "0", "batch_size and text_len must be > 0"),
+        ("--lr", "-1", "optim.lr -1: must be a finite number ≥ 0"),
+        ("--text-len", "0", "batch_size and text_len must be > 0"),
+    ] {
+        let e = run_err(
+            pali()
+                .args(["finetune", "--quiet", "--checkpoint"])
+                .arg(&ckpt)
+                .arg("--train")
+                .arg(&train)
+                .arg("--out")
+                .arg(d.path().join(format!("ft{flag}")))
+                .arg(format!("{flag}={value}")),
+        );
+        let one_line = e.trim().lines().count() == 1;
+        assert!(e.contains(want) && one_line, "{flag} {value}: {e}");
+    }
+}
