@@ -34,7 +34,8 @@ pub struct Args {
     pub config: Option<PathBuf>,
     /// A run config (`pali train`'s TOML): time the first steps of its first stage exactly as
     /// `pali train` takes them (its model, data, optimizer settings, schedule and seeds);
-    /// `--warmup` + `--steps` steps in all. `--batch`, `--text-len` and `--dtype` come from it.
+    /// `--warmup` (at least 1) + `--steps` steps in all. `--batch`, `--text-len` and `--dtype`
+    /// come from it.
     #[arg(long, conflicts_with = "preset")]
     pub run: Option<PathBuf>,
     /// With `--run`: override a config key, as `pali train --set`.
@@ -170,7 +171,8 @@ impl Job for ReplayJob<'_> {
     /// Seconds of each timed step, and the tokens of those steps.
     type Output = (Vec<f64>, usize);
     fn run<B: Backend>(self, device: B::Device) -> Result<Self::Output> {
-        let warmup = self.args.warmup as u64;
+        // At least one untimed step: the clock starts before the run is planned and loaded.
+        let warmup = self.args.warmup.max(1) as u64;
         let total = warmup + self.args.steps as u64;
         let (mut times, mut tokens) = (Vec::new(), 0);
         let mut last = Instant::now();
