@@ -34,6 +34,10 @@ pub struct TrainArgs {
     pub masks: Option<PathBuf>,
     #[arg(long, default_value = "runs/vqvae")]
     pub out: PathBuf,
+    /// Move a run already in `--out` aside (to `OUT.old-N`; nothing is deleted) and start
+    /// afresh. Without it, such a directory is refused.
+    #[arg(long)]
+    pub overwrite: bool,
     #[arg(long, default_value_t = 3000)]
     pub steps: u64,
     /// Stop after this many minutes even if `--steps` is not reached.
@@ -119,6 +123,7 @@ impl Job for TrainJob {
         let opts = VqTrainOptions {
             masks,
             out_dir: a.out.clone(),
+            overwrite: a.overwrite,
             config: VqVaeConfig::new().with_embed_dim(a.embed_dim),
             steps: a.steps,
             max_minutes: a.max_minutes,

@@ -233,6 +233,30 @@ fn cli_trains_encodes_and_decodes() {
             .arg(&png),
     );
     assert_eq!(t.matches("<seg").count(), 16, "{t}");
+    // A second training run on the same directory is refused; --overwrite moves it aside.
+    let again = |extra: &[&str]| {
+        let mut c = pali();
+        c.args(["vqvae", "train", "--synthetic", "--quiet", "--steps", "2"])
+            .args([
+                "--batch-size",
+                "8",
+                "--eval-masks",
+                "4",
+                "--embed-dim",
+                "16",
+            ])
+            .arg("--out")
+            .arg(&out)
+            .args(extra);
+        c
+    };
+    let e = run_err(&mut again(&[]));
+    assert!(
+        e.contains("already holds a run") && e.contains("--overwrite"),
+        "{e}"
+    );
+    run_ok(&mut again(&["--overwrite"]));
+    assert!(d.path().join("vq.old-1/metrics.jsonl").is_file());
 }
 
 #[test]

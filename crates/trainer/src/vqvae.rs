@@ -19,6 +19,7 @@ use serde_json::json;
 
 use crate::error::{io, Error, Result};
 use crate::events::{Event, Observer, StepLog};
+use crate::rundir::{holds_run, Existing, RunDir};
 
 /// Where training masks come from.
 #[derive(Debug, Clone)]
@@ -33,6 +34,9 @@ pub enum MaskSource {
 pub struct VqTrainOptions {
     pub masks: MaskSource,
     pub out_dir: PathBuf,
+    /// Move a run already in `out_dir` aside instead of refusing the directory (see
+    /// [`crate::rundir`]).
+    pub overwrite: bool,
     pub config: VqVaeConfig,
     /// Stop after this many steps…
     pub steps: u64,
@@ -155,7 +159,24 @@ pub fn train_vqvae<B: Backend>(
     obs: &dyn Observer,
 ) -> Result<VqSummary> {
     type AD<B> = Autodiff<B>;
-    std::fs::create_dir_all(&opts.out_dir).map_err(io(&opts.out_dir))?;
+    if !opts.overwrite && holds_run(&opts.out_dir) {
+        return Err(Error::Config(format!(
+            "{} already holds a run; pass --overwrite to move it aside (nothing is deleted)",
+            opts.out_dir.display()
+        )));
+    }
+    let existing = if opts.overwrite {
+        Existing::Overwrite
+    } else {
+        Existing::Refuse
+    };
+    let run_dir = RunDir::open(&opts.out_dir, existing)?;
+    if let Some(aside) = &run_dir.moved_aside {
+        obs.on(Event::Info(&format!(
+            "moved the earlier run to {}",
+            aside.display()
+        )));
+    }
     let files = match &opts.masks {
         MaskSource::Dir(d) => mask_files(d)?,
         MaskSource::Synthetic => Vec::new(),
