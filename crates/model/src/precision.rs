@@ -135,10 +135,11 @@ impl Compute {
 
     /// Attention over blocks of `rows` queries, normalised after the value matmul:
     /// `o = (E·V) / rowsum(E)` with `E = exp(s − max s)`, the max shift detached (softmax does
-    /// not depend on it), and the row sums taken as `E·1`. The backward pass keeps two matrices per block: E (for the value
-    /// matmul) and the input of the exp (Burn's autodiff recomputes exp from it), where the
-    /// decomposed softmax kept three; everything else of a block is freed before the next one
-    /// starts. The matmuls run in this dtype; scores, soft-cap and normalisation in f32.
+    /// not depend on it), and the row sums taken as `E·1`. The backward pass keeps two matrices
+    /// per block: E (for both matmuls) and the input of the exp (Burn's autodiff recomputes exp
+    /// from it), where the decomposed softmax kept three; everything else of a block is freed
+    /// before the next one starts. The matmuls run in this dtype; scores, soft-cap and
+    /// normalisation in f32.
     ///
     /// # Shapes
     /// - as [`Compute::attention`]
@@ -211,28 +212,35 @@ mod tests {
         (a - b).abs().max().into_scalar()
     }
 
+    /// A [2, 3, q, k] mask: key `ki` blocked for query `qi` when `ki > qi + ahead`, and every
+    /// key blocked for query `dead` of batch 1 (a fully masked row).
+    fn mask<X: Backend>(q: usize, k: usize, ahead: usize, dead: usize) -> Tensor<X, 4, Bool> {
+        let blocked: Vec<bool> = (0..2 * 3 * q * k)
+            .map(|i| {
+                let (b, qi, ki) = (i / (3 * q * k), (i / k) % q, i % k);
+                ki > qi + ahead || (b == 1 && qi == dead)
+            })
+            .collect();
+        let data = burn::tensor::TensorData::new(blocked, [2, 3, q, k]);
+        Tensor::from_data(data, &Default::default())
+    }
+
+    /// Scale 0.3 and a soft-cap of 5, so both paths of the scores are exercised.
+    const OPTS: AttentionModuleOptions = AttentionModuleOptions {
+        scale: Some(0.3),
+        softcap: Some(5.0),
+        is_causal: false,
+    };
+
     #[test]
     fn bf16_attention_matches_f32_and_zeroes_fully_masked_rows() {
         let dev = Default::default();
         let rand = || Tensor::<B, 4>::random([2, 3, 5, 8], Distribution::Normal(0.0, 1.0), &dev);
         let (q, k, v) = (rand(), rand(), rand());
         // Row 4 of batch 1 sees nothing; everything else sees a causal prefix.
-        let mut blocked = vec![false; 2 * 3 * 5 * 5];
-        for (i, x) in blocked.iter_mut().enumerate() {
-            let (b, qi, ki) = (i / 75, (i / 5) % 5, i % 5);
-            *x = ki > qi || (b == 1 && qi == 4);
-        }
-        let mask = Tensor::<B, 4, Bool>::from_data(
-            burn::tensor::TensorData::new(blocked, [2, 3, 5, 5]),
-            &dev,
-        );
-        let opts = AttentionModuleOptions {
-            scale: Some(0.3),
-            softcap: Some(5.0),
-            is_causal: false,
-        };
-        let f = Compute::F32.attention(q.clone(), k.clone(), v.clone(), Some(mask.clone()), opts);
-        let h = Compute::Bf16.attention(q, k, v, Some(mask), opts);
+        let mask = mask::<B>(5, 5, 0, 4);
+        let f = Compute::F32.attention(q.clone(), k.clone(), v.clone(), Some(mask.clone()), OPTS);
+        let h = Compute::Bf16.attention(q, k, v, Some(mask), OPTS);
         assert_eq!(h.dtype(), DType::F32);
         let d = close(f.clone(), h.clone());
         assert!(d > 0.0 && d < 0.05, "bf16 vs f32 attention differ by {d}");
@@ -270,20 +278,8 @@ mod tests {
             Tensor::<A, 4>::random(s, Distribution::Normal(0.0, 1.0), &dev).require_grad()
         };
         let (q, k, v) = (rand([2, 3, 5, 8]), rand([2, 3, 6, 8]), rand([2, 3, 6, 8]));
-        let mut blocked = vec![false; 2 * 3 * 5 * 6];
-        for (i, x) in blocked.iter_mut().enumerate() {
-            let (b, qi, ki) = (i / 90, (i / 6) % 5, i % 6);
-            *x = ki > qi + 1 || (b == 1 && qi == 3);
-        }
-        let mask = Tensor::<A, 4, Bool>::from_data(
-            burn::tensor::TensorData::new(blocked, [2, 3, 5, 6]),
-            &dev,
-        );
-        let opts = AttentionModuleOptions {
-            scale: Some(0.3),
-            softcap: Some(5.0),
-            is_causal: false,
-        };
+        let mask = mask::<A>(5, 6, 1, 3);
+        let opts = OPTS;
         let w = Tensor::<A, 4>::random([2, 3, 5, 8], Distribution::Normal(0.0, 1.0), &dev);
         let run = |chunked: bool| {
             let (q, k, v) = (q.clone(), k.clone(), v.clone());
