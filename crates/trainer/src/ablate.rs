@@ -317,12 +317,9 @@ pub fn finished(dir: &Path) -> bool {
 /// A run directory that already holds a run must hold this config: results of an edited
 /// variant are not reused, nor is an interrupted run resumed under other settings.
 pub fn check_same_config(dir: &Path, config: &RunConfig) -> Result<()> {
-    let p = dir.join("config.resolved.toml");
-    let Ok(text) = std::fs::read_to_string(&p) else {
+    let Some(mut stored) = crate::rundir::stored_config(dir)? else {
         return Ok(());
     };
-    let mut stored = RunConfig::from_resolved(&text)
-        .map_err(|e| Error::Config(format!("{}: {e}", p.display())))?;
     // A run may resume on another device.
     stored.run.device = config.run.device.clone();
     if &stored == config {

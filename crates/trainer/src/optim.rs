@@ -443,6 +443,20 @@ mod tests {
 
     type AD = Autodiff<Flex>;
 
+    /// A gradient for every parameter of `m`: element `i` of parameter `j` is `f(j, i)`.
+    fn grads_of(m: &pali_model::PaliGemma<AD>, f: impl Fn(usize, usize) -> f32) -> Grads<Flex> {
+        let d = Default::default();
+        param_paths::<AD, _>(m)
+            .into_iter()
+            .zip(pali_model::checkpoint::parameter_shapes::<AD, _>(m))
+            .enumerate()
+            .map(|(j, (p, (_, s)))| {
+                let v: Vec<f32> = (0..s.iter().product()).map(|i| f(j, i)).collect();
+                (p, Tensor::<Flex, 1>::from_floats(v.as_slice(), &d))
+            })
+            .collect()
+    }
+
     /// A step with a non-finite loss or gradient leaves the weights as they were, and so does
     /// every later step (its non-finite gradient is in the moments); a finite step updates.
     #[test]
@@ -468,16 +482,7 @@ mod tests {
             sched: vec![1.0],
             norms: false,
         };
-        let grads = |m: &pali_model::PaliGemma<AD>, v: f32| -> Grads<Flex> {
-            param_paths::<AD, _>(m)
-                .into_iter()
-                .zip(pali_model::checkpoint::parameter_shapes::<AD, _>(m))
-                .map(|(p, (_, s))| {
-                    let n: usize = s.iter().product();
-                    (p, Tensor::<Flex, 1>::full([n], v, &d))
-                })
-                .collect()
-        };
+        let grads = |m: &pali_model::PaliGemma<AD>, v: f32| grads_of(m, |_, _| v);
         let mut adam = AdamState::default();
         let loss = |v: f32| Tensor::<Flex, 1>::from_floats([v], &d);
         let (m1, s1) = step(
@@ -525,18 +530,6 @@ mod tests {
         let shapes = pali_model::checkpoint::parameter_shapes::<AD, _>(&model);
         // Gradient element i of parameter j at step k; global norm well above the clip.
         let g = |j: usize, i: usize, k: usize| ((i * 7 + j * 5 + k * 3) % 11) as f64 * 0.02 - 0.1;
-        let grads = |k: usize| -> Grads<Flex> {
-            paths
-                .iter()
-                .zip(&shapes)
-                .enumerate()
-                .map(|(j, (p, (_, s)))| {
-                    let n: usize = s.iter().product();
-                    let v: Vec<f32> = (0..n).map(|i| g(j, i, k) as f32).collect();
-                    (p.clone(), Tensor::<Flex, 1>::from_floats(v.as_slice(), &d))
-                })
-                .collect()
-        };
         let j = paths.iter().position(|p| p == target).unwrap();
         let mut want = value(&model);
         let (mut m, mut v) = (vec![0.0; want.len()], vec![0.0; want.len()]);
@@ -569,7 +562,8 @@ mod tests {
                 norms: true,
             };
             let loss = Tensor::<Flex, 1>::from_floats([1.0], &d);
-            let (next, stats) = step(model, grads(k), &mut adam, &cfg, loss);
+            let gk = grads_of(&model, |j, i| g(j, i, k) as f32);
+            let (next, stats) = step(model, gk, &mut adam, &cfg, loss);
             let got: f32 = stats.grad_norm.into_scalar();
             assert!(
                 (f64::from(got) - norm).abs() < 1e-4 * norm,

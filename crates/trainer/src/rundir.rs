@@ -123,12 +123,9 @@ fn free_name(dir: &Path) -> PathBuf {
 /// `run.out_dir`, `run.keep_checkpoints`, every stage's `log_every` and `checkpoint_every`,
 /// and the `steps` of stage `current` (the one the checkpoint is in) and later ones.
 pub fn check_resume_config(dir: &Path, config: &RunConfig, current: usize) -> Result<()> {
-    let p = dir.join("config.resolved.toml");
-    let Ok(text) = std::fs::read_to_string(&p) else {
+    let Some(mut stored) = stored_config(dir)? else {
         return Ok(());
     };
-    let mut stored = RunConfig::from_resolved(&text)
-        .map_err(|e| Error::Config(format!("{}: {e}", p.display())))?;
     stored.run.device = config.run.device.clone();
     stored.run.out_dir = config.run.out_dir.clone();
     stored.run.keep_checkpoints = config.run.keep_checkpoints;
@@ -150,6 +147,17 @@ pub fn check_resume_config(dir: &Path, config: &RunConfig, current: usize) -> Re
         dir.display(),
         first_difference(&stored, config)
     )))
+}
+
+/// The config the run in `dir` was made with (its `config.resolved.toml`), if it has one.
+pub fn stored_config(dir: &Path) -> Result<Option<RunConfig>> {
+    let p = dir.join("config.resolved.toml");
+    let Ok(text) = std::fs::read_to_string(&p) else {
+        return Ok(None);
+    };
+    RunConfig::from_resolved(&text)
+        .map(Some)
+        .map_err(|e| Error::Config(format!("{}: {e}", p.display())))
 }
 
 /// The first line where two configs differ as TOML, with its table: "`[run] seed = 3` there,

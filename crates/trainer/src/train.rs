@@ -167,13 +167,7 @@ fn train_with<B: Backend, C: CheckpointStrategy>(
             stage.on_error,
             2,
         );
-        let settings = StepSettings {
-            optim: &stage.optim,
-            loss: &stage.loss,
-            groups: &sp.groups,
-            grad_accum: stage.grad_accum,
-            devices,
-        };
+        let steps = StageSteps::new(sp, devices, stage_start);
         let started = Instant::now();
         let (mut first_loss, mut last_loss) = (f64::NAN, f64::NAN);
         let mut window = LogWindow::new();
@@ -220,14 +214,6 @@ fn train_with<B: Backend, C: CheckpointStrategy>(
                 )?;
             }
             let mut batch = loader.recv()?;
-            let inputs = step_inputs::<Autodiff<B, C>>(
-                &mut batch,
-                &sp.model,
-                stage.attention,
-                stage.loss.on,
-                device,
-            )?;
-            window.count(&batch);
             let done = step + 1;
             // The end-of-stage checkpoint follows the stage's evaluation (below).
             let checkpoint = done % stage.checkpoint_every == 0 && done < stage.steps;
@@ -238,18 +224,11 @@ fn train_with<B: Backend, C: CheckpointStrategy>(
                 || done == stage.steps
                 || step == start_step
                 || checkpoint;
-            let sched = schedule_values(sp, stage_start, step);
-            let (m, out) = train_step(
-                model,
-                inputs,
-                &mut adam,
-                &settings,
-                sched.clone(),
-                dropout_seed(config, sp, global_step),
-                log,
-            )
-            .map_err(|e| stopped(&stage.name, step, e))?;
+            let (m, out, sched) = steps
+                .take(model, &mut adam, &mut batch, step, global_step, log)
+                .map_err(|e| stopped(&stage.name, step, e))?;
             model = m;
+            window.count(&batch);
             global_step += 1;
             window.tokens += out.tokens;
             guard.record(step, &out.stats.applied);
@@ -341,20 +320,66 @@ fn train_with<B: Backend, C: CheckpointStrategy>(
     Ok(summaries)
 }
 
-/// Each group's schedule value at `step` of stage `sp`, which starts after `stage_start` steps.
-fn schedule_values(sp: &StagePlan, stage_start: u64, step: u64) -> Vec<f64> {
-    (0..sp.groups.groups.len())
-        .map(|g| sp.groups.at(g, stage_start, sp.stage.steps, step))
-        .collect()
+/// How the steps of stage `sp` are taken; the loop and [`replay`] share it.
+struct StageSteps<'p, 'a, D> {
+    sp: &'p StagePlan<'a>,
+    settings: StepSettings<'p, D>,
+    /// Steps of the run before this stage (schedules with `continues` count from there).
+    stage_start: u64,
 }
 
-/// Dropout masks from (seed, step): a resumed run draws the same ones.
-fn dropout_seed(config: &RunConfig, sp: &StagePlan, global_step: u64) -> Option<u64> {
-    (sp.stage.llm_dropout > 0.0).then(|| {
-        (config.run.seed)
-            .wrapping_mul(1_000_003)
-            .wrapping_add(global_step)
-    })
+impl<'p, 'a, D> StageSteps<'p, 'a, D> {
+    fn new(sp: &'p StagePlan<'a>, devices: &'p [D], stage_start: u64) -> Self {
+        let stage = sp.stage;
+        let settings = StepSettings {
+            optim: &stage.optim,
+            loss: &stage.loss,
+            groups: &sp.groups,
+            grad_accum: stage.grad_accum,
+            devices,
+        };
+        Self {
+            sp,
+            settings,
+            stage_start,
+        }
+    }
+
+    /// Stage step `step` (run step `global_step`) on `batch`: its inputs, each group's schedule
+    /// value (also returned, for the log) and its dropout masks, seeded by (seed, step) so a
+    /// resumed run draws the same ones.
+    #[allow(clippy::type_complexity)]
+    fn take<AD: AutodiffBackend<Device = D>>(
+        &self,
+        model: PaliGemma<AD>,
+        adam: &mut AdamState<AD::InnerBackend>,
+        batch: &mut Batch,
+        step: u64,
+        global_step: u64,
+        norms: bool,
+    ) -> Result<(PaliGemma<AD>, StepResult<AD::InnerBackend>, Vec<f64>)> {
+        let (sp, stage) = (self.sp, self.sp.stage);
+        let device = &self.settings.devices[0];
+        let inputs = step_inputs::<AD>(batch, &sp.model, stage.attention, stage.loss.on, device)?;
+        let sched: Vec<f64> = (0..sp.groups.groups.len())
+            .map(|g| sp.groups.at(g, self.stage_start, stage.steps, step))
+            .collect();
+        let seed = (stage.llm_dropout > 0.0).then(|| {
+            (sp.config.run.seed)
+                .wrapping_mul(1_000_003)
+                .wrapping_add(global_step)
+        });
+        let (model, out) = train_step(
+            model,
+            inputs,
+            adam,
+            &self.settings,
+            sched.clone(),
+            seed,
+            norms,
+        )?;
+        Ok((model, out, sched))
+    }
 }
 
 /// The first `steps` optimizer steps of `config`'s first stage, taken as [`train`] takes them
@@ -402,26 +427,12 @@ fn replay_with<B: Backend, C: CheckpointStrategy>(
         2,
     );
     let devices = [device.clone()];
-    let settings = StepSettings {
-        optim: &stage.optim,
-        loss: &stage.loss,
-        groups: &sp.groups,
-        grad_accum: stage.grad_accum,
-        devices: &devices,
-    };
     let first = config.run.start_step;
+    let stage_steps = StageSteps::new(sp, &devices, first);
     for step in 0..steps {
         let mut batch = loader.recv()?;
-        let inputs = step_inputs::<Autodiff<B, C>>(
-            &mut batch,
-            &sp.model,
-            stage.attention,
-            stage.loss.on,
-            device,
-        )?;
-        let sched = schedule_values(sp, first, step);
-        let seed = dropout_seed(config, sp, first + step);
-        let (m, out) = train_step(model, inputs, &mut adam, &settings, sched, seed, false)?;
+        let (m, out, _) =
+            stage_steps.take(model, &mut adam, &mut batch, step, first + step, false)?;
         model = m;
         let _ = model.language_model.norm.weight.val().sum().into_scalar();
         each(step, out.tokens);
