@@ -4,8 +4,17 @@
 //! `cli_data`, `cli_eval`, `cli_model::bad_inputs_fail_with_named_errors`, `vqvae`).
 
 use std::path::Path;
+use std::process::Command;
 
 use crate::common::{pali, run_err};
+
+/// Runs `cmd`, which must fail with one line holding `want` and no panic; else what went wrong,
+/// labelled.
+fn one_line_error(label: &str, cmd: &mut Command, want: &str) -> Option<String> {
+    let e = run_err(cmd);
+    let ok = e.contains(want) && e.trim().lines().count() == 1 && !e.contains("panicked");
+    (!ok).then(|| format!("{label}: want `{want}`, got: {e}"))
+}
 
 /// A one-stage run on synthetic captions (tiny model, patch size 8).
 fn write_config(dir: &Path) -> std::path::PathBuf {
@@ -122,19 +131,14 @@ fn bad_run_settings_are_one_line_errors() {
         (r#"run.dtype="f16""#, "unknown variant `f16`"),
         ("stage.s2.steps=many", "steps"),
     ];
-    let mut failed = Vec::new();
-    for (set, want) in cases {
-        let e = run_err(
-            pali()
-                .args(["train", "--quiet"])
-                .arg(&cfg)
-                .args(["--set", set]),
-        );
-        let one_line = e.trim().lines().count() == 1;
-        if !e.contains(want) || !one_line || e.contains("panicked") {
-            failed.push(format!("--set {set}: want `{want}`, got: {e}"));
-        }
-    }
+    let failed: Vec<String> = cases
+        .iter()
+        .filter_map(|(set, want)| {
+            let mut c = pali();
+            c.args(["train", "--quiet"]).arg(&cfg).args(["--set", set]);
+            one_line_error(&format!("--set {set}"), &mut c, want)
+        })
+        .collect();
     assert!(failed.is_empty(), "{}", failed.join("\n"));
     assert!(
         !d.path().join("out/metrics.jsonl").exists(),
@@ -156,15 +160,16 @@ fn bad_config_files_are_one_line_errors_with_their_line() {
             "run.toml:4:1: unknown field `sede`",
         ),
     ];
-    let mut failed = Vec::new();
-    for (text, want) in cases {
-        let cfg = d.path().join("run.toml");
-        std::fs::write(&cfg, text).unwrap();
-        let e = run_err(pali().args(["train", "--quiet"]).arg(&cfg));
-        if !e.contains(want) || e.trim().lines().count() != 1 {
-            failed.push(format!("{text:?}: want `{want}`, got: {e}"));
-        }
-    }
+    let failed: Vec<String> = cases
+        .iter()
+        .filter_map(|(text, want)| {
+            let cfg = d.path().join("run.toml");
+            std::fs::write(&cfg, text).unwrap();
+            let mut c = pali();
+            c.args(["train", "--quiet"]).arg(&cfg);
+            one_line_error(&format!("{text:?}"), &mut c, want)
+        })
+        .collect();
     assert!(failed.is_empty(), "{}", failed.join("\n"));
 }
 
@@ -285,23 +290,18 @@ fn bad_model_inputs_are_named() {
             "`labels`[0, 2] = -7 is outside the vocabulary",
         ),
     ];
-    let mut failed = Vec::new();
-    for (f, i, want) in &cases {
-        let inputs = d.path().join("in.safetensors");
-        crate::common::write_mixed(&inputs, f, i);
-        let e = run_err(
-            pali()
-                .args(["forward", "--checkpoint"])
-                .arg(&ckpt)
-                .arg("--inputs")
-                .arg(&inputs)
-                .arg("--out")
-                .arg(d.path().join("o.safetensors")),
-        );
-        if !e.contains(want) || e.contains("panicked") {
-            failed.push(format!("want `{want}`, got: {e}"));
-        }
-    }
+    let failed: Vec<String> = cases
+        .iter()
+        .filter_map(|(f, i, want)| {
+            let inputs = d.path().join("in.safetensors");
+            crate::common::write_mixed(&inputs, f, i);
+            let mut c = pali();
+            c.args(["forward", "--checkpoint"]).arg(&ckpt);
+            c.arg("--inputs").arg(&inputs);
+            c.arg("--out").arg(d.path().join("o.safetensors"));
+            one_line_error("pali forward", &mut c, want)
+        })
+        .collect();
     assert!(failed.is_empty(), "{}", failed.join("\n"));
 }
 
@@ -376,19 +376,17 @@ fn scoring_no_examples_is_an_error() {
     let d = tempfile::tempdir().unwrap();
     let empty = d.path().join("empty.jsonl");
     std::fs::write(&empty, "").unwrap();
-    for task in ["caption", "vqa", "detect", "refcoco"] {
-        let e = run_err(
-            pali()
-                .args(["score", "--task", task, "--predictions"])
-                .arg(&empty)
-                .arg("--references")
-                .arg(&empty),
-        );
-        assert!(
-            e.contains("empty.jsonl: no predictions to score"),
-            "{task}: {e}"
-        );
-    }
+    let failed: Vec<String> = ["caption", "vqa", "detect", "refcoco"]
+        .iter()
+        .filter_map(|task| {
+            let mut c = pali();
+            c.args(["score", "--task", task, "--predictions"])
+                .arg(&empty);
+            c.arg("--references").arg(&empty);
+            one_line_error(task, &mut c, "empty.jsonl: no predictions to score")
+        })
+        .collect();
+    assert!(failed.is_empty(), "{}", failed.join("\n"));
 }
 
 /// `pali finetune` flags are checked like the config keys they become.
@@ -402,22 +400,20 @@ fn bad_finetune_flags_are_one_line_errors() {
     let train = d.path().join("t.jsonl");
     let line = r#"{"image": "x.png", "prefix": "caption en", "suffix": "a"}"#;
     std::fs::write(&train, format!("{line}\n")).unwrap();
-    for (flag, value, want) in [
+    let failed: Vec<String> = [
         ("--batch-size", "0", "batch_size and text_len must be > 0"),
         ("--lr", "-1", "optim.lr -1: must be a finite number ≥ 0"),
         ("--text-len", "0", "batch_size and text_len must be > 0"),
-    ] {
-        let e = run_err(
-            pali()
-                .args(["finetune", "--quiet", "--checkpoint"])
-                .arg(&ckpt)
-                .arg("--train")
-                .arg(&train)
-                .arg("--out")
-                .arg(d.path().join(format!("ft{flag}")))
-                .arg(format!("{flag}={value}")),
-        );
-        let one_line = e.trim().lines().count() == 1;
-        assert!(e.contains(want) && one_line, "{flag} {value}: {e}");
-    }
+    ]
+    .iter()
+    .filter_map(|(flag, value, want)| {
+        let mut c = pali();
+        c.args(["finetune", "--quiet", "--checkpoint"]).arg(&ckpt);
+        c.arg("--train").arg(&train);
+        c.arg("--out").arg(d.path().join(format!("ft{flag}")));
+        c.arg(format!("{flag}={value}"));
+        one_line_error(&format!("{flag}={value}"), &mut c, want)
+    })
+    .collect();
+    assert!(failed.is_empty(), "{}", failed.join("\n"));
 }
