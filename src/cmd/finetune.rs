@@ -9,7 +9,7 @@ use std::path::PathBuf;
 use anyhow::{bail, Context, Result};
 use pali_data::dataset::{Dataset, JsonlDataset, OnError};
 use pali_trainer::config::{apply_override, RunConfig};
-use pali_trainer::rundir::{holds_run, Existing, RunDir};
+use pali_trainer::rundir::{Existing, RunDir};
 
 use super::train::TrainJob;
 use crate::backend::dispatch_many;
@@ -163,19 +163,11 @@ pub fn run(a: Args) -> Result<()> {
     if let Some(run) = doc.get_mut("run").and_then(|r| r.as_table_mut()) {
         run.remove("device");
     }
-    // Before finetune.toml is written: it belongs to the run in `out`.
-    if !a.resume && holds_run(&out) {
-        if !a.overwrite {
-            bail!(
-                "{} already holds a run; pass --resume to continue it, or --overwrite to move it \
-                 aside (nothing is deleted)",
-                out.display()
-            );
-        }
-        let moved = RunDir::open(&out, Existing::Overwrite)?.moved_aside;
-        if let Some(aside) = moved {
-            eprintln!("moved the earlier run to {}", aside.display());
-        }
+    // Before finetune.toml is written, which belongs to the run in `out`: refuse the directory
+    // or move its run aside as `pali train` would (the lock is taken again by the training).
+    let existing = super::train::existing(a.resume, a.overwrite);
+    if let Some(aside) = RunDir::open(&out, existing)?.moved_aside {
+        eprintln!("moved the earlier run to {}", aside.display());
     }
     let path = out.join("finetune.toml");
     std::fs::write(&path, toml::to_string_pretty(&doc)?)?;
@@ -202,8 +194,12 @@ pub fn run(a: Args) -> Result<()> {
         &a.device.for_run(&config, &path)?,
         TrainJob {
             config,
-            resume: a.resume,
-            overwrite: false,
+            // Moved aside above already.
+            existing: if a.resume {
+                Existing::Resume
+            } else {
+                Existing::Refuse
+            },
             max_steps: None,
             console: Console::new(!a.quiet),
         },

@@ -5,6 +5,7 @@ use std::path::PathBuf;
 use anyhow::{Context, Result};
 use burn::tensor::backend::Backend;
 use pali_trainer::config::RunConfig;
+use pali_trainer::rundir::Existing;
 use pali_trainer::train::{train, TrainOptions};
 
 use crate::backend::{dispatch_many, Job};
@@ -42,8 +43,7 @@ pub fn run(args: Args) -> Result<()> {
         &args.device.for_run(&config, &args.config)?,
         TrainJob {
             config,
-            resume: args.resume,
-            overwrite: args.overwrite,
+            existing: existing(args.resume, args.overwrite),
             max_steps: args.max_steps,
             console: Console::new(!args.quiet),
         },
@@ -51,11 +51,19 @@ pub fn run(args: Args) -> Result<()> {
     .with_context(|| format!("training {}", args.config.display()))
 }
 
+/// What `--resume` / `--overwrite` (clap keeps them apart) ask of a directory holding a run.
+pub fn existing(resume: bool, overwrite: bool) -> Existing {
+    match (resume, overwrite) {
+        (true, _) => Existing::Resume,
+        (false, true) => Existing::Overwrite,
+        (false, false) => Existing::Refuse,
+    }
+}
+
 /// Trains `config` and prints the per-stage summary table (shared with `pali finetune`).
 pub struct TrainJob {
     pub config: RunConfig,
-    pub resume: bool,
-    pub overwrite: bool,
+    pub existing: Existing,
     pub max_steps: Option<u64>,
     pub console: Console,
 }
@@ -68,8 +76,7 @@ impl Job for TrainJob {
 
     fn run_on<B: Backend>(self, devices: Vec<B::Device>) -> Result<()> {
         let opts = TrainOptions {
-            resume: self.resume,
-            overwrite: self.overwrite,
+            existing: self.existing,
             max_steps: self.max_steps,
             observer: &self.console,
         };

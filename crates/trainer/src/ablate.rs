@@ -345,8 +345,7 @@ fn train_run<B: Backend>(
     observer: &dyn Observer,
 ) -> Result<()> {
     let opts = TrainOptions {
-        resume: true,
-        overwrite: false,
+        existing: crate::rundir::Existing::Resume,
         max_steps: None,
         observer,
     };

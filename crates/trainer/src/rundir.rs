@@ -98,11 +98,13 @@ fn lock(dir: &Path) -> Result<File> {
     }
 }
 
-/// Whether `dir` holds (part of) a run.
+/// Whether `dir` holds (part of) a run: something trained or logged. A run that stopped before
+/// its first logged step (bad data, say) left only its resolved config: nothing to lose, so the
+/// same command may simply be run again.
 pub fn holds_run(dir: &Path) -> bool {
-    ["config.resolved.toml", "metrics.jsonl", "summary.json"]
-        .iter()
-        .any(|f| dir.join(f).exists())
+    let non_empty = |f: &str| std::fs::metadata(dir.join(f)).is_ok_and(|m| m.len() > 0);
+    non_empty("metrics.jsonl")
+        || dir.join("summary.json").exists()
         || !crate::ckpt::checkpoints(dir).is_empty()
 }
 

@@ -42,11 +42,9 @@ use crate::step::{train_step, StepResult, StepSettings};
 /// Options that are not part of the config.
 #[derive(Clone, Copy)]
 pub struct TrainOptions<'a> {
-    /// Continue the run in `run.out_dir` from its newest checkpoint.
-    pub resume: bool,
-    /// Move a run already in `run.out_dir` aside (to `DIR.old-N`) and start afresh. Without
-    /// this or `resume`, a directory that holds a run is refused.
-    pub overwrite: bool,
+    /// What to do with a run already in `run.out_dir`: refuse it, continue it from its newest
+    /// checkpoint, or move it aside (to `DIR.old-N`) and start afresh.
+    pub existing: Existing,
     /// Stop after this many optimizer steps of the whole run (tests, debugging).
     pub max_steps: Option<u64>,
     /// Receives progress and messages ([`Event`]).
@@ -56,8 +54,7 @@ pub struct TrainOptions<'a> {
 impl Default for TrainOptions<'static> {
     fn default() -> Self {
         Self {
-            resume: false,
-            overwrite: false,
+            existing: Existing::Refuse,
             max_steps: None,
             observer: &Silent,
         }
@@ -88,21 +85,13 @@ fn train_with<B: Backend, C: CheckpointStrategy>(
     let plan = RunPlan::new::<B>(config, device)?;
     let out_dir = &config.run.out_dir;
     let obs = opts.observer;
-    let existing = match (opts.resume, opts.overwrite) {
-        (true, _) => Existing::Resume,
-        (false, true) => Existing::Overwrite,
-        (false, false) => Existing::Refuse,
-    };
-    let run_dir = RunDir::open(out_dir, existing)?;
+    let run_dir = RunDir::open(out_dir, opts.existing)?;
     if let Some(aside) = &run_dir.moved_aside {
         let line = format!("moved the earlier run to {}", aside.display());
         obs.on(Event::Info(&line));
     }
 
     let (mut model, mut adam, resumed) = start::<Autodiff<B, C>>(&plan, opts, device)?;
-    if opts.resume {
-        check_resume_config(out_dir, config, resumed.as_ref().map_or(0, |s| s.stage))?;
-    }
     let resolved = out_dir.join("config.resolved.toml");
     std::fs::write(&resolved, toml::to_string_pretty(config).expect("toml"))
         .map_err(io(&resolved))?;
@@ -478,8 +467,9 @@ fn start<AD: AutodiffBackend>(
 ) -> Result<(PaliGemma<AD>, AdamState<AD::InnerBackend>, Option<RunState>)> {
     let config = plan.config;
     // The newest checkpoint whose files match their checksums; damaged ones are named.
+    let resume = opts.existing == Existing::Resume;
     let mut latest = None;
-    if opts.resume {
+    if resume {
         for dir in ckpt::checkpoints(&config.run.out_dir).into_iter().rev() {
             match ckpt::verify(&dir) {
                 Ok(st) => {
@@ -493,11 +483,16 @@ fn start<AD: AutodiffBackend>(
             }
         }
     }
-    if opts.resume && latest.is_none() && !ckpt::checkpoints(&config.run.out_dir).is_empty() {
+    if resume && latest.is_none() && !ckpt::checkpoints(&config.run.out_dir).is_empty() {
         return Err(Error::Train(format!(
             "every checkpoint in {} is damaged; nothing to resume from",
             config.run.out_dir.join("checkpoints").display()
         )));
+    }
+    // Before any weights are loaded: a resumed run continues under its own config.
+    if resume {
+        let stage = latest.as_ref().map_or(0, |(_, st)| st.stage);
+        check_resume_config(&config.run.out_dir, config, stage)?;
     }
     AD::seed(device, config.run.seed);
     let (model, adam, state) = match latest {
