@@ -677,8 +677,13 @@ fn b2() -> f64 {
 fn eps() -> f64 {
     1e-8
 }
+/// big_vision's default `wd_mults = [(".*/kernel$", 1.0)]`: dense and convolution kernels. In
+/// PaliGemma only the image tower and the projector have `kernel`s (Gemma's are einsum `w`s), and
+/// LayerNorm scales and the position embedding are not kernels, although HF names them `weight`.
+pub const DEFAULT_WEIGHT_DECAY_PARAMS: &str = r"vision_tower\..*\.(patch_embedding|q_proj|k_proj|v_proj|out_proj|fc1|fc2)\.weight|multi_modal_projector\..*\.weight";
+
 fn wd_params() -> Parsed<Pattern> {
-    Parsed::new(r"(vision_tower|multi_modal_projector)\..*weight").expect("valid regex")
+    Parsed::new(DEFAULT_WEIGHT_DECAY_PARAMS).expect("valid regex")
 }
 fn clip() -> f64 {
     1.0
