@@ -399,7 +399,8 @@ pub fn step<AD: AutodiffBackend, M: AutodiffModule<AD>>(
             let dims = value.dims();
             let flat = value.inner().reshape([n]);
             let decayed = if o.weight_decay > 0.0 && self.cfg.groups.wd.is_match(&path) {
-                flat.clone().mul_scalar(1.0 - sched * gcfg.mult * o.weight_decay)
+                flat.clone()
+                    .mul_scalar(1.0 - sched * gcfg.mult * o.weight_decay)
             } else {
                 flat.clone()
             };
@@ -681,7 +682,8 @@ mod tests {
         (optim.b1, optim.b2, optim.eps) = (num("b1"), num("b2"), num("eps"));
         optim.weight_decay = num("weight_decay");
         optim.grad_clip = num("grad_clip");
-        optim.weight_decay_params = Parsed::new(r["weight_decay_params"].as_str().unwrap()).unwrap();
+        optim.weight_decay_params =
+            Parsed::new(r["weight_decay_params"].as_str().unwrap()).unwrap();
         let total = r["total_steps"].as_u64().unwrap();
         let group = |g: &serde_json::Value| {
             let s = &g["schedule"];
@@ -737,7 +739,10 @@ mod tests {
                 for (i, want) in r["schedule"][k].as_array().unwrap().iter().enumerate() {
                     if let Some(want) = want.as_f64() {
                         let got = sched[i] * groups.groups[i].mult;
-                        assert!((got - want).abs() < 1e-12, "step {k} group {i}: {got} vs {want}");
+                        assert!(
+                            (got - want).abs() < 1e-12,
+                            "step {k} group {i}: {got} vs {want}"
+                        );
                     }
                 }
                 let cfg = StepConfig {
@@ -771,8 +776,16 @@ mod tests {
         let restart = &r["restart"];
         let after = restart["after"].as_u64().unwrap() as usize;
         let name = restart["param"].as_str().unwrap();
-        compare("moments dropped", &run(Some((after, name, false))), &restart["steps"]);
-        compare("moments resized", &run(Some((after, name, true))), &restart["steps"]);
+        compare(
+            "moments dropped",
+            &run(Some((after, name, false))),
+            &restart["steps"],
+        );
+        compare(
+            "moments resized",
+            &run(Some((after, name, true))),
+            &restart["steps"],
+        );
     }
 
     /// The default `weight_decay_params` selects big_vision's kernels: every weight of rank ≥ 2

@@ -215,12 +215,12 @@ fn train_with<B: Backend, C: CheckpointStrategy>(
                 || checkpoint;
             let (m, out, sched) = steps
                 .take(model, &mut adam, &mut batch, step, global_step, log)
-                .map_err(|e| stopped(&stage.name, step, e))?;
+                .map_err(|e| stopped(&stage.name, done, e))?;
             model = m;
             window.count(&batch);
             global_step += 1;
             window.tokens += out.tokens;
-            guard.record(step, &out.stats.applied);
+            guard.record(done, &out.stats.applied);
             mixture_after = batch.state_after.clone();
             let logged = if log {
                 // The one device-to-host transfer of a logging step.
@@ -240,7 +240,7 @@ fn train_with<B: Backend, C: CheckpointStrategy>(
                 let logged = log_step(&record, &r, &mut window, &metrics)?;
                 divergence
                     .observe(r.loss, r.grad_norm)
-                    .map_err(|why| stopped(&stage.name, step, Error::Train(why)))?;
+                    .map_err(|why| stopped(&stage.name, done, Error::Train(why)))?;
                 Some(logged)
             } else {
                 None
@@ -641,6 +641,7 @@ fn stage_header(sp: &StagePlan, mixture: &[String]) -> Vec<String> {
 }
 
 /// The error that stops a run at a step.
+/// `step` counts as metrics.jsonl's `stage_step` and the checkpoints do: the stage's n-th update.
 fn stopped(stage: &str, step: u64, e: Error) -> Error {
     Error::Train(format!(
         "stage `{stage}` step {step}: {e}; the last good checkpoint is kept"
