@@ -347,13 +347,15 @@ pub fn score(
     m.insert("n", json!(n));
     match task {
         Task::Caption => {
-            let preds: Vec<String> = pairs
+            // As COCOEvalCap: the predictions in one tokenizer call, the references in another
+            // (the lexer sees across captions, so this is not one call per caption).
+            let preds: Vec<&str> = pairs.iter().map(|(p, _)| p.prediction.as_str()).collect();
+            let preds = ptb::tokenize_lines(&preds);
+            let refs: Vec<Vec<String>> = pairs.iter().map(|(_, r)| texts(r)).collect();
+            let mut flat = ptb::tokenize_lines(&refs.concat()).into_iter();
+            let refs: Vec<Vec<String>> = refs
                 .iter()
-                .map(|(p, _)| ptb::tokenize(&p.prediction))
-                .collect();
-            let refs: Vec<Vec<String>> = pairs
-                .iter()
-                .map(|(_, r)| texts(r).iter().map(|t| ptb::tokenize(t)).collect())
+                .map(|r| flat.by_ref().take(r.len()).collect())
                 .collect();
             let b = caption::bleu(&preds, &refs);
             let (c, _) = caption::cider_d(&preds, &refs);

@@ -3,7 +3,7 @@
 
 use pali_eval::caption::{bleu, cider_d};
 use pali_eval::detection::{coco_map, DetImage};
-use pali_eval::ptb::tokenize;
+use pali_eval::ptb::{tokenize, tokenize_lines};
 use pali_eval::segmentation::{Mask, RefcocoScores, RleCounts};
 use serde_json::Value;
 
@@ -46,6 +46,97 @@ fn ptb_tokenizer_matches_stanford_corenlp() {
         cases.len(),
         wrong.join("\n")
     );
+}
+
+/// The large corpus of `scripts/ptb_reference.py` (4842 captions: every ASCII punctuation
+/// mark alone, repeated, mixed and glued to words, abbreviations, numbers, quotes, brackets,
+/// contractions, URLs, smileys, entities), through pycocoevalcap's own PTBTokenizer call: every
+/// caption tokenised the same.
+#[test]
+fn ptb_tokenizer_matches_corenlp_on_a_punctuation_corpus() {
+    let p = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../../tests/fixtures/eval/ptb.json"
+    );
+    let f: Value = serde_json::from_str(&std::fs::read_to_string(p).unwrap()).unwrap();
+    let (lines, want) = (strings(&f["lines"]), strings(&f["tokens"]));
+    assert!(lines.len() > 4000);
+    let got = tokenize_lines(&lines);
+    let wrong: Vec<String> = lines
+        .iter()
+        .zip(got.iter().zip(&want))
+        .filter(|(_, (g, w))| g != w)
+        .map(|(l, (g, w))| format!("{l:?}: got {g:?}, want {w:?}"))
+        .collect();
+    assert!(
+        wrong.is_empty(),
+        "{} of {} differ:\n{}",
+        wrong.len(),
+        lines.len(),
+        wrong
+            .iter()
+            .take(40)
+            .cloned()
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+}
+
+/// BLEU-1..4 and CIDEr-D of three random corpora of `ptb.json` (150 images, five references
+/// each, punctuation everywhere) equal pycocoevalcap's to 1e-9, tokenised as COCOEvalCap does:
+/// the references in one call, the predictions in another.
+#[test]
+fn bleu_and_cider_match_pycocoevalcap_on_random_corpora() {
+    let p = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../../tests/fixtures/eval/ptb.json"
+    );
+    let f: Value = serde_json::from_str(&std::fs::read_to_string(p).unwrap()).unwrap();
+    for (c, corpus) in f["corpora"].as_array().unwrap().iter().enumerate() {
+        let ex = corpus["examples"].as_array().unwrap();
+        let preds: Vec<String> = ex
+            .iter()
+            .map(|e| e["prediction"].as_str().unwrap().to_string())
+            .collect();
+        let preds = tokenize_lines(&preds);
+        let refs: Vec<Vec<String>> = ex.iter().map(|e| strings(&e["references"])).collect();
+        let mut flat = tokenize_lines(&refs.concat()).into_iter();
+        let refs: Vec<Vec<String>> = refs
+            .iter()
+            .map(|r| flat.by_ref().take(r.len()).collect())
+            .collect();
+        let b = bleu(&preds, &refs);
+        for k in 0..4 {
+            let want = corpus["bleu"][k].as_f64().unwrap();
+            assert!(
+                rel(b[k], want) < 1e-9,
+                "corpus {c} BLEU-{}: {} vs {want}",
+                k + 1,
+                b[k]
+            );
+        }
+        let (mean, per) = cider_d(&preds, &refs);
+        let want = corpus["cider"].as_f64().unwrap();
+        assert!(
+            rel(mean, want) < 1e-9,
+            "corpus {c} CIDEr-D {mean} vs {want}"
+        );
+        for (i, (g, w)) in per
+            .iter()
+            .zip(strings_f64(&corpus["cider_per_example"]))
+            .enumerate()
+        {
+            assert!((g - w).abs() < 1e-9, "corpus {c} example {i}: {g} vs {w}");
+        }
+    }
+}
+
+fn strings_f64(v: &Value) -> Vec<f64> {
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_f64().unwrap())
+        .collect()
 }
 
 #[test]
