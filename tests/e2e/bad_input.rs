@@ -76,6 +76,10 @@ fn bad_run_settings_are_one_line_errors() {
             "grad_accum 3 must be > 0 and divide batch_size 2",
         ),
         (
+            r#"stage.s1.loss.on="prefix_and_suffix""#,
+            r#"loss.on = "prefix_and_suffix" needs a causal prefix"#,
+        ),
+        (
             "stage.s1.resolution=33",
             "resolution 33 is not a multiple of the patch size 8",
         ),

@@ -1005,6 +1005,16 @@ impl RunConfig {
             if s.batch_size == 0 || s.text_len == 0 {
                 return err(format!("{at}: batch_size and text_len must be > 0"));
             }
+            if s.loss.on == LossOn::PrefixAndSuffix && s.attention == Attention::PrefixLm {
+                // Under the prefix-LM mask every prefix position sees the token it would be
+                // asked to predict: the paper puts loss on the prefix only once it is
+                // autoregressively masked.
+                return err(format!(
+                    "{at}: loss.on = \"prefix_and_suffix\" needs a causal prefix: under \
+                     attention = \"prefix_lm\" each prefix position sees its own target; set \
+                     attention = \"causal_text\" (or \"causal_all\")"
+                ));
+            }
             if s.grad_accum == 0 || !s.batch_size.is_multiple_of(s.grad_accum) {
                 return err(format!(
                     "{at}: grad_accum {} must be > 0 and divide batch_size {}",

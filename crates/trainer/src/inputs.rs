@@ -168,3 +168,67 @@ pub fn batch_loss<B: Backend>(
     let tok_loss = token_nll(out.logits, inputs.targets, loss.label_smoothing);
     Ok(reduce(tok_loss, inputs.weights, loss.reduction))
 }
+
+#[cfg(test)]
+mod tests {
+    use burn::backend::Flex;
+
+    use super::*;
+
+    /// Whether some position that carries loss may attend to the token it must predict.
+    fn sees_its_target(attention: Attention, loss_on: LossOn) -> bool {
+        // [BOS] p p "\n" s s [EOS] [PAD], big_vision's masks.
+        let text = vec![2, 10, 11, 12, 20, 21, 1, 0];
+        let mut b = Batch {
+            batch_size: 1,
+            frames: 1,
+            resolution: 16,
+            pixel_values: vec![0.0; 3 * 16 * 16],
+            seq_len: text.len(),
+            text,
+            mask_ar: vec![0, 0, 0, 0, 1, 1, 1, 1],
+            mask_loss: vec![0, 0, 0, 0, 1, 1, 1, 0],
+            mask_input: vec![1, 1, 1, 1, 1, 1, 1, 0],
+            sources: vec![0],
+            ids: vec!["x".into()],
+            truncated: 0,
+            eos_cut: Vec::new(),
+            skipped: Vec::new(),
+            state_after: None,
+        };
+        let cfg = pali_model::presets::tiny(300, 299, 16);
+        let d = Default::default();
+        let s = step_inputs::<Flex>(&mut b, &cfg, attention, loss_on, &d).unwrap();
+        let full: Vec<bool> = s.input.masks.full.into_data().to_vec().unwrap();
+        let w: Vec<f32> = s.weights.into_data().to_vec().unwrap();
+        let n = s.input.input_ids.dims()[1];
+        let (n_img, t) = (s.n_img, w.len());
+        assert!(
+            w.iter().filter(|x| **x > 0.0).count() >= 3,
+            "loss on some tokens"
+        );
+        // Text position i (input position n_img + i) predicts the token at input n_img + i + 1.
+        (0..t - 1).any(|i| w[i] > 0.0 && full[(n_img + i) * n + n_img + i + 1])
+    }
+
+    /// No position that carries loss sees its own target, for every combination the config
+    /// allows; the one it refuses (loss on the prefix under the prefix-LM mask) would.
+    #[test]
+    fn no_loss_target_is_visible_to_its_position() {
+        for attention in [
+            Attention::PrefixLm,
+            Attention::CausalText,
+            Attention::CausalAll,
+        ] {
+            for loss_on in [LossOn::Suffix, LossOn::PrefixAndSuffix] {
+                let refused =
+                    attention == Attention::PrefixLm && loss_on == LossOn::PrefixAndSuffix;
+                assert_eq!(
+                    sees_its_target(attention, loss_on),
+                    refused,
+                    "{attention:?}, {loss_on:?}"
+                );
+            }
+        }
+    }
+}
