@@ -172,6 +172,24 @@ fn applied_lrs(dir: &Path, suffix: &str) -> std::collections::BTreeMap<u64, f64>
     out
 }
 
+/// A run's TensorBoard event files, in the order they were last written.
+fn event_files(dir: &Path) -> Vec<PathBuf> {
+    let mut v: Vec<(std::time::SystemTime, PathBuf)> = std::fs::read_dir(dir.join("out"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| {
+            p.file_name()
+                .unwrap()
+                .to_str()
+                .unwrap()
+                .starts_with("events.out.tfevents.")
+        })
+        .map(|p| (std::fs::metadata(&p).unwrap().modified().unwrap(), p))
+        .collect();
+    v.sort();
+    v.into_iter().map(|(_, p)| p).collect()
+}
+
 /// `got` (read from the weights) is `want` up to float32 rounding of the weights.
 fn assert_lr(what: &str, got: f64, want: f64) {
     assert!(
@@ -226,6 +244,43 @@ fn killed_run_resumes_bit_exactly() {
     assert!(!summary.exists(), "the killed run had finished");
     run_ok(pali().arg("train").arg(&cfg).arg("--quiet").arg("--resume"));
     let resumed = final_model(b.path());
+    // TensorBoard: the uninterrupted run's event file holds metrics.jsonl's losses; the resumed
+    // run added a file that starts with a restart at the checkpoint's step.
+    let series = |files: &[PathBuf]| -> Vec<(i64, f32)> {
+        use pali_trainer::tensorboard::{read, Event};
+        let mut out: Vec<(i64, f32)> = Vec::new();
+        for f in files {
+            for (_, step, e) in read(f).unwrap() {
+                match e {
+                    Event::Restart => out.retain(|(s, _)| *s <= step),
+                    Event::Scalars(v) => out.extend(
+                        v.iter()
+                            .filter(|(t, _)| t == "loss")
+                            .map(|(_, x)| (step, *x)),
+                    ),
+                    Event::FileVersion(_) => {}
+                }
+            }
+        }
+        out
+    };
+    let jsonl = |dir: &Path| -> Vec<(i64, f32)> {
+        metrics(dir)
+            .iter()
+            .filter_map(|m| Some((m["step"].as_i64()?, m["loss"].as_f64()? as f32)))
+            .collect()
+    };
+    let (ea, eb) = (event_files(a.path()), event_files(b.path()));
+    assert_eq!(ea.len(), 1);
+    assert_eq!(series(&ea), jsonl(a.path()));
+    assert_eq!(eb.len(), 2, "one event file per process: {eb:?}");
+    let second = pali_trainer::tensorboard::read(&eb[1]).unwrap();
+    assert_eq!(
+        (second[1].1, &second[1].2),
+        (4, &pali_trainer::tensorboard::Event::Restart)
+    );
+    assert_eq!(series(&eb), jsonl(b.path()));
+    assert_eq!(series(&eb), series(&ea));
     assert_eq!(reference.len(), resumed.len());
     for ((n1, s1, v1), (n2, s2, v2)) in reference.iter().zip(&resumed) {
         assert_eq!((n1, s1), (n2, s2));

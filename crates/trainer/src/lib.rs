@@ -19,6 +19,7 @@ pub mod rundir;
 pub mod schedule;
 pub mod stage;
 pub mod step;
+pub mod tensorboard;
 pub mod train;
 pub mod vqvae;
 

@@ -95,7 +95,7 @@ fn train_with<B: Backend, C: CheckpointStrategy>(
     let resolved = out_dir.join("config.resolved.toml");
     std::fs::write(&resolved, toml::to_string_pretty(config).expect("toml"))
         .map_err(io(&resolved))?;
-    let metrics = Metrics(out_dir.join("metrics.jsonl"));
+    let metrics = Metrics::open(out_dir, resumed.as_ref().map(|s| s.global_step))?;
     // What the run logged up to its checkpoint; lines after it are logged again.
     match &resumed {
         None => metrics.truncate(0)?,
@@ -269,7 +269,7 @@ fn train_with<B: Backend, C: CheckpointStrategy>(
         }
         obs.on(Event::End);
         let svg = out_dir.join(format!("curves-{}.svg", stage.name));
-        crate::plot::stage_curves(&metrics.0, &stage.name, &svg)?;
+        crate::plot::stage_curves(&metrics.path, &stage.name, &svg)?;
         let eval = if sp.evaluates() {
             Some(log_eval(
                 &model.valid(),
@@ -648,16 +648,42 @@ fn stopped(stage: &str, step: u64, e: Error) -> Error {
     ))
 }
 
-/// `metrics.jsonl` of the run: one JSON object per logged step and per evaluation.
-struct Metrics(std::path::PathBuf);
+/// `metrics.jsonl` of the run: one JSON object per logged step and per evaluation; the same
+/// numbers go to a TensorBoard event file beside it.
+struct Metrics {
+    path: std::path::PathBuf,
+    events: std::sync::Mutex<crate::tensorboard::EventWriter>,
+}
+
+fn wall_time() -> f64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0.0, |d| d.as_secs_f64())
+}
 
 impl Metrics {
+    /// The run's metrics in `out_dir`, with a new event file (TensorBoard reads every file of a
+    /// directory); a resumed run marks its restart step in it, so TensorBoard drops what the
+    /// earlier process logged past the checkpoint, as metrics.jsonl is cut back.
+    fn open(out_dir: &Path, resumed_at: Option<u64>) -> Result<Self> {
+        let t = wall_time();
+        let mut events =
+            crate::tensorboard::EventWriter::create(out_dir, t).map_err(io(out_dir))?;
+        if let Some(step) = resumed_at {
+            events.restart(t, step as i64).map_err(io(events.path()))?;
+        }
+        Ok(Self {
+            path: out_dir.join("metrics.jsonl"),
+            events: std::sync::Mutex::new(events),
+        })
+    }
+
     /// Bytes written so far (0 before the first line).
     fn len(&self) -> Result<u64> {
-        match std::fs::metadata(&self.0) {
+        match std::fs::metadata(&self.path) {
             Ok(m) => Ok(m.len()),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(0),
-            Err(e) => Err(io(&self.0)(e)),
+            Err(e) => Err(io(&self.path)(e)),
         }
     }
 
@@ -666,22 +692,28 @@ impl Metrics {
         if self.len()? > n {
             let f = std::fs::OpenOptions::new()
                 .write(true)
-                .open(&self.0)
-                .map_err(io(&self.0))?;
-            f.set_len(n).map_err(io(&self.0))?;
+                .open(&self.path)
+                .map_err(io(&self.path))?;
+            f.set_len(n).map_err(io(&self.path))?;
         }
         Ok(())
     }
 
     fn append(&self, v: &serde_json::Value) -> Result<()> {
         use std::io::Write;
-        let path: &Path = &self.0;
+        let path: &Path = &self.path;
         let mut f = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
             .open(path)
             .map_err(io(path))?;
-        writeln!(f, "{v}").map_err(io(path))
+        writeln!(f, "{v}").map_err(io(path))?;
+        let step = v["step"].as_i64().unwrap_or(0);
+        let mut events = self.events.lock().unwrap_or_else(|e| e.into_inner());
+        let scalars = crate::tensorboard::scalars_of(v);
+        events
+            .scalars(wall_time(), step, &scalars)
+            .map_err(io(events.path()))
     }
 }
 
