@@ -327,3 +327,36 @@ fn untested_configs_run_and_round_trip() {
         .iter()
         .all(|(p, _)| !p.starts_with("vision_tower")));
 }
+
+/// The processor and generation files pali writes beside `config.json` equal, field by field,
+/// those transformers 5.24 wrote for the fixtures' models (their `transformers_version` aside),
+/// for both shapes; 4.x's `preprocessor_config.json` holds the same image processor.
+#[test]
+fn processor_files_match_transformers() {
+    for variant in ["tiny-gemma1", "tiny-gemma2"] {
+        let fx = fixture(variant);
+        let read = |name: &str| -> serde_json::Value {
+            serde_json::from_str(&std::fs::read_to_string(fx.join(name)).unwrap()).unwrap()
+        };
+        let config = pali_model::hf::parse_config(&fx.join("config.json")).unwrap();
+        let ids = pali_model::hf::special_ids(&read("tokenizer.json"));
+        let files: std::collections::HashMap<&str, serde_json::Value> =
+            pali_model::hf::processor_files(&config, ids)
+                .unwrap()
+                .into_iter()
+                .collect();
+        for name in [
+            "processor_config.json",
+            "tokenizer_config.json",
+            "generation_config.json",
+        ] {
+            let mut want = read(name);
+            want.as_object_mut().unwrap().remove("transformers_version");
+            assert_eq!(files[name], want, "{variant}: {name}");
+        }
+        let mut pre = read("processor_config.json")["image_processor"].clone();
+        pre["processor_class"] = serde_json::json!("PaliGemmaProcessor");
+        assert_eq!(files["preprocessor_config.json"], pre, "{variant}");
+        assert_eq!(files["special_tokens_map.json"]["bos_token"], "<bos>");
+    }
+}

@@ -57,19 +57,17 @@ source = [{{ kind = "synth", task = "count", size = 100 }}]
     p
 }
 
-fn final_model(dir: &Path) -> Vec<(String, Vec<usize>, Vec<f32>)> {
-    let ck = dir.join("out/checkpoints");
-    let mut v: Vec<_> = std::fs::read_dir(&ck)
+/// The entries of `dir` whose name starts with `prefix`.
+fn entries(dir: &Path, prefix: &str) -> Vec<PathBuf> {
+    std::fs::read_dir(dir)
         .unwrap()
         .map(|e| e.unwrap().path())
-        .filter(|p| {
-            p.file_name()
-                .unwrap()
-                .to_str()
-                .unwrap()
-                .starts_with("step-")
-        })
-        .collect();
+        .filter(|p| p.file_name().unwrap().to_str().unwrap().starts_with(prefix))
+        .collect()
+}
+
+fn final_model(dir: &Path) -> Vec<(String, Vec<usize>, Vec<f32>)> {
+    let mut v = entries(&dir.join("out/checkpoints"), "step-");
     v.sort();
     all_f32(&open(&v.last().unwrap().join("model.safetensors")))
 }
@@ -174,18 +172,11 @@ fn applied_lrs(dir: &Path, suffix: &str) -> std::collections::BTreeMap<u64, f64>
 
 /// A run's TensorBoard event files, in the order they were last written.
 fn event_files(dir: &Path) -> Vec<PathBuf> {
-    let mut v: Vec<(std::time::SystemTime, PathBuf)> = std::fs::read_dir(dir.join("out"))
-        .unwrap()
-        .map(|e| e.unwrap().path())
-        .filter(|p| {
-            p.file_name()
-                .unwrap()
-                .to_str()
-                .unwrap()
-                .starts_with("events.out.tfevents.")
-        })
-        .map(|p| (std::fs::metadata(&p).unwrap().modified().unwrap(), p))
-        .collect();
+    let mut v: Vec<(std::time::SystemTime, PathBuf)> =
+        entries(&dir.join("out"), "events.out.tfevents.")
+            .into_iter()
+            .map(|p| (std::fs::metadata(&p).unwrap().modified().unwrap(), p))
+            .collect();
     v.sort();
     v.into_iter().map(|(_, p)| p).collect()
 }
@@ -553,6 +544,16 @@ fn finetune_a_checkpoint_on_jsonl() {
         .max()
         .unwrap();
     assert!(ck.join("config.json").is_file() && ck.join("tokenizer.json").is_file());
+    // What HF's AutoProcessor and generate read (contents: checkpoint::processor_files_match_transformers).
+    for f in [
+        "processor_config.json",
+        "preprocessor_config.json",
+        "tokenizer_config.json",
+        "special_tokens_map.json",
+        "generation_config.json",
+    ] {
+        assert!(ck.join(f).is_file(), "{f} missing from {}", ck.display());
+    }
     let data = d.path().join("data");
     run_ok(
         pali()

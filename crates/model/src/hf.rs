@@ -282,6 +282,94 @@ fn read_json(path: &Path) -> Result<Value> {
     })
 }
 
+/// Ids of `<bos>`, `<eos>` and `<pad>` in an HF `tokenizer.json` (its `added_tokens`); Gemma's
+/// (2, 1, 0) for any it lacks.
+pub fn special_ids(tokenizer_json: &Value) -> [u64; 3] {
+    let find = |name: &str, default: u64| {
+        tokenizer_json["added_tokens"]
+            .as_array()
+            .and_then(|a| a.iter().find(|t| t["content"] == name))
+            .and_then(|t| t["id"].as_u64())
+            .unwrap_or(default)
+    };
+    [find("<bos>", 2), find("<eos>", 1), find("<pad>", 0)]
+}
+
+/// The files HF writes beside `config.json` so that `AutoProcessor.from_pretrained` and
+/// `generate` work on a checkpoint: transformers 5's `processor_config.json` (the SigLIP image
+/// processor nested in it), 4.x's `preprocessor_config.json` and `special_tokens_map.json`,
+/// `tokenizer_config.json` and `generation_config.json`, as transformers 5.24 writes them for a
+/// PaliGemma (the fixtures' files, field by field). `ids` are `[bos, eos, pad]`.
+pub fn processor_files(
+    c: &PaliGemmaConfig,
+    ids: [u64; 3],
+) -> std::result::Result<Vec<(&'static str, Value)>, String> {
+    let ImageEncoder::Siglip(v) = &c.vision else {
+        return Err("a model without an image encoder has no HF processor".into());
+    };
+    let image = json!({
+        "do_convert_rgb": true,
+        "do_normalize": true,
+        "do_rescale": true,
+        "do_resize": true,
+        "image_mean": [0.5, 0.5, 0.5],
+        "image_processor_type": "SiglipImageProcessor",
+        "image_seq_length": v.num_patches(),
+        "image_std": [0.5, 0.5, 0.5],
+        "resample": 3,
+        "rescale_factor": 1.0 / 255.0,
+        "size": {"height": v.image_size, "width": v.image_size},
+    });
+    let mut preprocessor = image.clone();
+    preprocessor["processor_class"] = json!("PaliGemmaProcessor");
+    let [bos, eos, pad] = ids;
+    Ok(vec![
+        (
+            "processor_config.json",
+            json!({"image_processor": image, "processor_class": "PaliGemmaProcessor"}),
+        ),
+        ("preprocessor_config.json", preprocessor),
+        (
+            "tokenizer_config.json",
+            json!({
+                "backend": "tokenizers",
+                "bos_token": "<bos>",
+                "eos_token": "<eos>",
+                "extra_special_tokens": ["<image>"],
+                "mask_token": null,
+                "model_max_length": 1e30,
+                "pad_token": "<pad>",
+                "padding_side": "right",
+                "processor_class": "PaliGemmaProcessor",
+                "tokenizer_class": "GemmaTokenizer",
+                "unk_token": "<unk>",
+            }),
+        ),
+        (
+            "special_tokens_map.json",
+            json!({
+                "additional_special_tokens": ["<image>"],
+                "bos_token": "<bos>",
+                "eos_token": "<eos>",
+                "pad_token": "<pad>",
+                "unk_token": "<unk>",
+            }),
+        ),
+        (
+            "generation_config.json",
+            json!({
+                "_from_model_config": true,
+                "bos_token_id": bos,
+                "eos_token_id": eos,
+                "output_attentions": false,
+                "output_hidden_states": false,
+                "pad_token_id": pad,
+                "use_cache": true,
+            }),
+        ),
+    ])
+}
+
 /// HF `config.json` for a model pali trained, loadable by `PaliGemmaForConditionalGeneration`.
 /// Models outside HF's architecture (MLP connector, no image encoder) are refused.
 pub fn to_hf_config(c: &PaliGemmaConfig) -> std::result::Result<Value, String> {

@@ -219,6 +219,17 @@ fn write_files<B: Backend, M: Module<B>>(
         }
         let tp = tmp.join("tokenizer.json");
         std::fs::copy(x.tokenizer, &tp).map_err(io(&tp))?;
+        // The processor and generation files, so HF's AutoProcessor and generate open it.
+        let tok: serde_json::Value = std::fs::read_to_string(&tp)
+            .ok()
+            .and_then(|t| serde_json::from_str(&t).ok())
+            .unwrap_or_default();
+        let ids = pali_model::hf::special_ids(&tok);
+        for (name, json) in pali_model::hf::processor_files(x.config, ids).unwrap_or_default() {
+            let p = tmp.join(name);
+            std::fs::write(&p, serde_json::to_string_pretty(&json).expect("json"))
+                .map_err(io(&p))?;
+        }
     }
     let mut state = state.clone();
     state.files.clear();
