@@ -554,6 +554,13 @@ fn finetune_a_checkpoint_on_jsonl() {
     ] {
         assert!(ck.join(f).is_file(), "{f} missing from {}", ck.display());
     }
+    let card = std::fs::read_to_string(ck.join("README.md")).unwrap();
+    assert!(
+        card.contains("# t, step 18")
+            && card.contains("| s1 | 12 | 32 | 4 | synth caption (100) ×1")
+            && card.contains("| s2 | 6 | 64 |"),
+        "{card}"
+    );
     let data = d.path().join("data");
     run_ok(
         pali()

@@ -79,6 +79,8 @@ fn f32_bytes(v: &[f32]) -> Vec<u8> {
 pub struct HfExtras<'a> {
     pub config: &'a pali_model::PaliGemmaConfig,
     pub tokenizer: &'a Path,
+    /// The model card (`README.md`).
+    pub card: Option<&'a str>,
 }
 
 /// How many values of the model and the Adam moments are not finite (one read from the device).
@@ -225,6 +227,10 @@ fn write_files<B: Backend, M: Module<B>>(
             .and_then(|t| serde_json::from_str(&t).ok())
             .unwrap_or_default();
         let ids = pali_model::hf::special_ids(&tok);
+        if let Some(card) = x.card {
+            let p = tmp.join("README.md");
+            std::fs::write(&p, card).map_err(io(&p))?;
+        }
         for (name, json) in pali_model::hf::processor_files(x.config, ids).unwrap_or_default() {
             let p = tmp.join(name);
             std::fs::write(&p, serde_json::to_string_pretty(&json).expect("json"))
@@ -339,6 +345,7 @@ mod tests {
         let extras = HfExtras {
             config: &cfg,
             tokenizer: &missing,
+            card: None,
         };
         assert!(save(d.path(), &model, &adam, &state(7), 3, Some(extras)).is_err());
         let left: Vec<_> = std::fs::read_dir(d.path().join("checkpoints"))

@@ -612,13 +612,91 @@ fn save_checkpoint<B: Backend>(
         stages_done: stages_done.to_vec(),
         files: Default::default(),
     };
+    let card = model_card(sp, at, stages_done);
     let extras = ckpt::HfExtras {
         config: &sp.model,
         tokenizer: &config.tokenizer.path,
+        card: Some(&card),
     };
     let keep = config.run.keep_checkpoints;
     ckpt::save(&config.run.out_dir, model, adam, &st, keep, Some(extras))?;
     Ok(())
+}
+
+/// A checkpoint's `README.md`: where the model started, what each stage trained on and for how
+/// long, and the stages' final metrics.
+fn model_card(sp: &StagePlan, at: &Position, stages_done: &[StageSummary]) -> String {
+    use std::fmt::Write as _;
+    let config = sp.config;
+    let m = &config.model;
+    let base = if let Some(p) = &m.init_hf {
+        format!("the HF checkpoint `{}`", p.display())
+    } else {
+        let towers: Vec<String> = [("SigLIP", &m.init_siglip), ("Gemma", &m.init_gemma)]
+            .iter()
+            .filter_map(|(n, p)| p.as_ref().map(|p| format!("{n} from `{}`", p.display())))
+            .collect();
+        let preset = m.preset.as_deref().unwrap_or("the config's shape");
+        if towers.is_empty() {
+            format!("random weights (`{preset}`)")
+        } else {
+            format!("`{preset}` with {}", towers.join(", "))
+        }
+    };
+    let mut c = format!(
+        "---\nlibrary_name: transformers\npipeline_tag: image-text-to-text\ntags: [paligemma, pali]\n---\n\n\
+         # {name}, step {step}\n\nA PaliGemma-style model (`PaliGemmaForConditionalGeneration` \
+         layout) trained with pali from {base}, tokenizer `{tok}`.\n\n",
+        name = config.run.name,
+        step = at.global_step,
+        tok = config.tokenizer.path.display(),
+    );
+    c.push_str("| stage | steps | resolution | batch | data | loss (first → last) | eval |\n");
+    c.push_str("| --- | --- | --- | --- | --- | --- | --- |\n");
+    for (i, stage) in config.stages.iter().enumerate() {
+        let data: Vec<String> = stage
+            .sources
+            .iter()
+            .map(|s| match &s.kind {
+                crate::config::SourceKind::Synth { task, size } => {
+                    format!("synth {} ({size}) ×{}", task.name(), s.weight)
+                }
+                crate::config::SourceKind::Jsonl { path } => {
+                    format!("`{}` ×{}", path.display(), s.weight)
+                }
+            })
+            .collect();
+        let done = stages_done.iter().find(|d| d.name == stage.name);
+        let (steps, loss, eval) = match done {
+            Some(d) => (
+                format!("{}", d.steps),
+                format!("{:.4} → {:.4}", d.first_loss, d.last_loss),
+                d.eval_metrics
+                    .as_ref()
+                    .map_or("-".into(), |e| format!("`{e}`")),
+            ),
+            None if i == sp.index => (
+                format!("{} of {} (in progress)", at.done, stage.steps),
+                "-".into(),
+                "-".into(),
+            ),
+            None if i < sp.index => ("skipped".into(), "-".into(), "-".into()),
+            None => (format!("0 of {}", stage.steps), "-".into(), "-".into()),
+        };
+        let _ = writeln!(
+            c,
+            "| {} | {steps} | {} | {} | {} | {loss} | {eval} |",
+            stage.name,
+            stage.resolution,
+            stage.batch_size,
+            data.join(", ")
+        );
+    }
+    c.push_str(
+        "\nThe run's full configuration is `config.resolved.toml` in its output directory; \
+         `metrics.jsonl` and the TensorBoard event files beside it hold every logged step.\n",
+    );
+    c
 }
 
 /// The lines that introduce a stage: its shape, then its data mixture.
