@@ -210,6 +210,22 @@ pub fn from_coco_segmentation(
             if pts.len() < 6 || !pts.len().is_multiple_of(2) {
                 return Err(format!("a polygon has {} coordinates", pts.len()));
             }
+            // The rasteriser walks the outline point by point: a coordinate far outside the
+            // image (garbage, or another image's) would make that walk billions of points long.
+            // Allowed: up to the image's longer side beyond any border.
+            let side = width.max(height).max(1) as f64;
+            for (i, v) in pts.iter().enumerate() {
+                let (name, size) = if i % 2 == 0 {
+                    ("x", width)
+                } else {
+                    ("y", height)
+                };
+                if !(-side..=size as f64 + side).contains(v) {
+                    return Err(format!(
+                        "polygon coordinate {name} = {v} lies far outside the {width}x{height} image"
+                    ));
+                }
+            }
             let runs: Vec<i64> = polygon_rle(&pts, height, width)
                 .into_iter()
                 .map(i64::from)
@@ -521,5 +537,11 @@ mod tests {
                 .collect();
             assert!(wrong.is_empty(), "{name}: pixels (x, y) differ: {wrong:?}");
         }
+        let far = serde_json::json!([[0.0, 0.0, 5.0, 0.0, 1e12, 5.0]]);
+        let e = from_coco_segmentation(&far, 10, 10).unwrap_err();
+        assert!(
+            e.contains("x = 1000000000000 lies far outside the 10x10 image"),
+            "{e}"
+        );
     }
 }
