@@ -170,15 +170,9 @@ fn applied_lrs(dir: &Path, suffix: &str) -> std::collections::BTreeMap<u64, f64>
     out
 }
 
-/// A run's TensorBoard event files, in the order they were last written.
+/// A run's TensorBoard event files, in the order TensorBoard reads them (by name).
 fn event_files(dir: &Path) -> Vec<PathBuf> {
-    let mut v: Vec<(std::time::SystemTime, PathBuf)> =
-        entries(&dir.join("out"), "events.out.tfevents.")
-            .into_iter()
-            .map(|p| (std::fs::metadata(&p).unwrap().modified().unwrap(), p))
-            .collect();
-    v.sort();
-    v.into_iter().map(|(_, p)| p).collect()
+    pali_trainer::tensorboard::event_files(&dir.join("out")).unwrap()
 }
 
 /// `got` (read from the weights) is `want` up to float32 rounding of the weights.
@@ -233,17 +227,24 @@ fn killed_run_resumes_bit_exactly() {
     }
     let summary = b.path().join("out/summary.json");
     assert!(!summary.exists(), "the killed run had finished");
+    // The step the resume starts from: on a busy machine the run may have passed step 4.
+    let resumed_from: i64 = entries(&b.path().join("out/checkpoints"), "step-")
+        .iter()
+        .filter_map(|p| p.file_name()?.to_str()?.strip_prefix("step-")?.parse().ok())
+        .max()
+        .unwrap();
     run_ok(pali().arg("train").arg(&cfg).arg("--quiet").arg("--resume"));
     let resumed = final_model(b.path());
     // TensorBoard: the uninterrupted run's event file holds metrics.jsonl's losses; the resumed
-    // run added a file that starts with a restart at the checkpoint's step.
+    // run added a file, read after the first, that starts with a restart at the checkpoint's
+    // step. Read as TensorBoard does: a restart at s drops earlier events from step s on.
     let series = |files: &[PathBuf]| -> Vec<(i64, f32)> {
         use pali_trainer::tensorboard::{read, Event};
         let mut out: Vec<(i64, f32)> = Vec::new();
         for f in files {
             for (_, step, e) in read(f).unwrap() {
                 match e {
-                    Event::Restart => out.retain(|(s, _)| *s <= step),
+                    Event::Restart => out.retain(|(s, _)| *s < step),
                     Event::Scalars(v) => out.extend(
                         v.iter()
                             .filter(|(t, _)| t == "loss")
@@ -268,7 +269,7 @@ fn killed_run_resumes_bit_exactly() {
     let second = pali_trainer::tensorboard::read(&eb[1]).unwrap();
     assert_eq!(
         (second[1].1, &second[1].2),
-        (4, &pali_trainer::tensorboard::Event::Restart)
+        (resumed_from, &pali_trainer::tensorboard::Event::Restart)
     );
     assert_eq!(series(&eb), jsonl(b.path()));
     assert_eq!(series(&eb), series(&ea));

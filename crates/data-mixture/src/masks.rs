@@ -226,7 +226,7 @@ pub fn from_coco_segmentation(
                     ));
                 }
             }
-            let runs: Vec<i64> = polygon_rle(&pts, height, width)
+            let runs: Vec<i64> = polygon_rle(&pts, height, width)?
                 .into_iter()
                 .map(i64::from)
                 .collect();
@@ -265,7 +265,10 @@ fn c_int(x: f64) -> i64 {
 /// run in that column, and the sorted boundaries become COCO RLE counts (column-major, starting
 /// with a run of 0s). This is its own rule, not the even-odd fill at pixel centres: borders and
 /// thin parts differ.
-pub fn polygon_rle(xy: &[f64], h: usize, w: usize) -> Vec<u32> {
+///
+/// The outline is walked point by point; one of more than [`MAX_OUTLINE_POINTS`] (a polygon of
+/// thousands of long zig-zag edges) is refused before anything is allocated.
+pub fn polygon_rle(xy: &[f64], h: usize, w: usize) -> std::result::Result<Vec<u32>, String> {
     const SCALE: f64 = 5.0;
     let k = xy.len() / 2;
     let up = |i: usize| c_int(SCALE * xy[i] + 0.5);
@@ -273,6 +276,15 @@ pub fn polygon_rle(xy: &[f64], h: usize, w: usize) -> Vec<u32> {
     let mut y: Vec<i64> = (0..k).map(|j| up(2 * j + 1)).collect();
     x.push(x[0]);
     y.push(y[0]);
+    let points: i64 = (0..k)
+        .map(|j| (x[j] - x[j + 1]).abs().max((y[j] - y[j + 1]).abs()) + 1)
+        .sum();
+    if points > MAX_OUTLINE_POINTS {
+        return Err(format!(
+            "a polygon's outline has {points} points on pycocotools' 5x grid (at most \
+             {MAX_OUTLINE_POINTS})"
+        ));
+    }
     // Every point of the upsampled outline.
     let (mut u, mut v) = (Vec::new(), Vec::new());
     for j in 0..k {
@@ -337,8 +349,11 @@ pub fn polygon_rle(xy: &[f64], h: usize, w: usize) -> Vec<u32> {
             }
         }
     }
-    counts
+    Ok(counts)
 }
+
+/// 16 bytes a point: 256 MiB of outline at most.
+pub const MAX_OUTLINE_POINTS: i64 = 16 << 20;
 
 /// Decodes COCO RLE (run lengths over the column-major pixels, starting with a run of 0s, as a
 /// list or pycocotools' compressed string) into row-major pixels.
@@ -537,6 +552,12 @@ mod tests {
                 .collect();
             assert!(wrong.is_empty(), "{name}: pixels (x, y) differ: {wrong:?}");
         }
+        // A thousand-vertex zig-zag across a large image.
+        let zig: Vec<f64> = (0..1000)
+            .flat_map(|i| [if i % 2 == 0 { 0.0 } else { 3999.0 }, i as f64 * 4.0])
+            .collect();
+        let e = from_coco_segmentation(&serde_json::json!([zig]), 4000, 4000).unwrap_err();
+        assert!(e.contains("outline has") && e.contains("points"), "{e}");
         let far = serde_json::json!([[0.0, 0.0, 5.0, 0.0, 1e12, 5.0]]);
         let e = from_coco_segmentation(&far, 10, 10).unwrap_err();
         assert!(

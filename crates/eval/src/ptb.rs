@@ -41,9 +41,23 @@ pub fn tokenize_lines<S: AsRef<str>>(captions: &[S]) -> Vec<String> {
         .iter()
         .map(|c| c.as_ref().replace(is_newline, " "))
         .collect();
-    let text = text.join("\n");
+    let lines = lex_lines(&text.join("\n"));
+    if lines.len() != captions.len() {
+        // A token spanned a line end (an SGML tag whose quoted attribute runs into the next
+        // caption): CoreNLP would shift every later caption onto the wrong image. Each caption
+        // on its own instead.
+        return text
+            .iter()
+            .map(|t| lex_lines(t).concat().join(" "))
+            .collect();
+    }
+    lines.into_iter().map(|l| l.join(" ")).collect()
+}
+
+/// The tokens of each line of `text`, lower-cased, punctuation dropped.
+fn lex_lines(text: &str) -> Vec<Vec<String>> {
     let mut lines = vec![Vec::new()];
-    for tok in lexer().lex(&text) {
+    for tok in lexer().lex(text) {
         match tok {
             Token::Newline => lines.push(Vec::new()),
             Token::Word(w) => {
@@ -54,8 +68,7 @@ pub fn tokenize_lines<S: AsRef<str>>(captions: &[S]) -> Vec<String> {
             }
         }
     }
-    lines.resize(captions.len(), Vec::new());
-    lines.into_iter().map(|l| l.join(" ")).collect()
+    lines
 }
 
 /// The lexer's `{NEWLINE}`: a caption holding one would shift every later caption by a line.
@@ -753,6 +766,17 @@ mod tests {
             tokenize_lines(&lines),
             ["a vitamin i", "the dog", "a vitamin i.", "the dog"]
         );
+    }
+
+    /// A tag whose quoted attribute would run from one caption into the next does not move the
+    /// later captions onto other images.
+    #[test]
+    fn no_token_spans_two_captions() {
+        let lines = ["a <a b='", "x", "'> dog", "two cats"];
+        let got = tokenize_lines(&lines);
+        assert_eq!(got.len(), 4);
+        assert_eq!(got[3], "two cats");
+        assert_eq!(got[1], "x");
     }
 
     #[test]

@@ -20,13 +20,16 @@ pub struct EventWriter {
 impl EventWriter {
     /// A new event file in `dir`, named as TensorBoard's writers name theirs (one per process
     /// start, so a resumed run adds a file instead of rewriting one), starting with the
-    /// `file_version` event.
-    pub fn create(dir: &Path, wall_time: f64) -> std::io::Result<Self> {
+    /// `file_version` event. TensorBoard reads a directory's files in name order: the name's
+    /// timestamp is later than those of the `earlier` files ([`event_files`]), even when they
+    /// were written within the same second.
+    pub fn create(dir: &Path, wall_time: f64, earlier: &[PathBuf]) -> std::io::Result<Self> {
         std::fs::create_dir_all(dir)?;
-        let host = hostname();
+        let newest = earlier.iter().filter_map(|p| stamp(p)).max();
+        let secs = newest.map_or(wall_time as u64, |n| (wall_time as u64).max(n + 1));
         let name = format!(
-            "events.out.tfevents.{}.{host}.{}.0",
-            wall_time as u64,
+            "events.out.tfevents.{secs:010}.{}.{}.0",
+            hostname(),
             std::process::id()
         );
         let path = dir.join(name);
@@ -69,6 +72,35 @@ impl EventWriter {
         self.file.write_all(&record(event))?;
         self.file.flush()
     }
+}
+
+/// The event files in `dir` (none when it does not exist), in the order TensorBoard reads them.
+pub fn event_files(dir: &Path) -> std::io::Result<Vec<PathBuf>> {
+    let mut v = Vec::new();
+    match std::fs::read_dir(dir) {
+        Ok(entries) => {
+            for e in entries {
+                let p = e?.path();
+                if stamp(&p).is_some() {
+                    v.push(p);
+                }
+            }
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e),
+    }
+    v.sort();
+    Ok(v)
+}
+
+/// The timestamp in an event file's name.
+fn stamp(p: &Path) -> Option<u64> {
+    let name = p.file_name()?.to_str()?;
+    name.strip_prefix("events.out.tfevents.")?
+        .split('.')
+        .next()?
+        .parse()
+        .ok()
 }
 
 fn hostname() -> String {

@@ -95,16 +95,12 @@ fn train_with<B: Backend, C: CheckpointStrategy>(
     let resolved = out_dir.join("config.resolved.toml");
     std::fs::write(&resolved, toml::to_string_pretty(config).expect("toml"))
         .map_err(io(&resolved))?;
-    let metrics = Metrics::open(out_dir, resumed.as_ref().map(|s| s.global_step))?;
     // What the run logged up to its checkpoint; lines after it are logged again.
-    match &resumed {
-        None => metrics.truncate(0)?,
-        Some(st) => {
-            if let Some(n) = st.metrics_bytes {
-                metrics.truncate(n)?;
-            }
-        }
-    }
+    let (kept, restart_at) = match &resumed {
+        None => (Some(0), config.run.start_step),
+        Some(st) => (st.metrics_bytes, st.global_step),
+    };
+    let metrics = Metrics::open(out_dir, kept, restart_at)?;
     let mut resolution = resumed
         .as_ref()
         .map_or(config.stages[0].resolution, |s| s.resolution);
@@ -726,6 +722,22 @@ fn stopped(stage: &str, step: u64, e: Error) -> Error {
     ))
 }
 
+/// Cuts `path` back to its first `n` bytes (a resumed run logs again what came after).
+fn truncate(path: &Path, n: u64) -> Result<()> {
+    match std::fs::metadata(path) {
+        Ok(m) if m.len() > n => {
+            let f = std::fs::OpenOptions::new()
+                .write(true)
+                .open(path)
+                .map_err(io(path))?;
+            f.set_len(n).map_err(io(path))
+        }
+        Ok(_) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(io(path)(e)),
+    }
+}
+
 /// `metrics.jsonl` of the run: one JSON object per logged step and per evaluation; the same
 /// numbers go to a TensorBoard event file beside it.
 struct Metrics {
@@ -740,18 +752,37 @@ fn wall_time() -> f64 {
 }
 
 impl Metrics {
-    /// The run's metrics in `out_dir`, with a new event file (TensorBoard reads every file of a
-    /// directory); a resumed run marks its restart step in it, so TensorBoard drops what the
-    /// earlier process logged past the checkpoint, as metrics.jsonl is cut back.
-    fn open(out_dir: &Path, resumed_at: Option<u64>) -> Result<Self> {
+    /// The run's metrics in `out_dir`: metrics.jsonl cut back to its first `kept` bytes (all of
+    /// it when `None`), and a new event file (TensorBoard reads every file of a directory). When
+    /// earlier files exist, the new one starts with a restart at `step` — TensorBoard then drops
+    /// their events from `step` on — followed by metrics.jsonl's kept lines of that step, which
+    /// the run does not log again.
+    fn open(out_dir: &Path, kept: Option<u64>, step: u64) -> Result<Self> {
+        let path = out_dir.join("metrics.jsonl");
         let t = wall_time();
+        let earlier = crate::tensorboard::event_files(out_dir).map_err(io(out_dir))?;
         let mut events =
-            crate::tensorboard::EventWriter::create(out_dir, t).map_err(io(out_dir))?;
-        if let Some(step) = resumed_at {
+            crate::tensorboard::EventWriter::create(out_dir, t, &earlier).map_err(io(out_dir))?;
+        if let Some(n) = kept {
+            truncate(&path, n)?;
+        }
+        if !earlier.is_empty() {
             events.restart(t, step as i64).map_err(io(events.path()))?;
+            let text = std::fs::read_to_string(&path).unwrap_or_default();
+            for line in text.lines() {
+                let Ok(v) = serde_json::from_str::<serde_json::Value>(line) else {
+                    continue;
+                };
+                if v["step"].as_u64() == Some(step) {
+                    let scalars = crate::tensorboard::scalars_of(&v);
+                    events
+                        .scalars(t, step as i64, &scalars)
+                        .map_err(io(events.path()))?;
+                }
+            }
         }
         Ok(Self {
-            path: out_dir.join("metrics.jsonl"),
+            path,
             events: std::sync::Mutex::new(events),
         })
     }
@@ -766,17 +797,6 @@ impl Metrics {
     }
 
     /// Cuts the file back to its first `n` bytes (a resumed run logs again what came after).
-    fn truncate(&self, n: u64) -> Result<()> {
-        if self.len()? > n {
-            let f = std::fs::OpenOptions::new()
-                .write(true)
-                .open(&self.path)
-                .map_err(io(&self.path))?;
-            f.set_len(n).map_err(io(&self.path))?;
-        }
-        Ok(())
-    }
-
     fn append(&self, v: &serde_json::Value) -> Result<()> {
         use std::io::Write;
         let path: &Path = &self.path;

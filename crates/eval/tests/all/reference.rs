@@ -62,6 +62,7 @@ fn ptb_tokenizer_matches_corenlp_on_a_punctuation_corpus() {
     let (lines, want) = (strings(&f["lines"]), strings(&f["tokens"]));
     assert!(lines.len() > 4000);
     let got = tokenize_lines(&lines);
+    assert_eq!((got.len(), want.len()), (lines.len(), lines.len()));
     let wrong: Vec<String> = lines
         .iter()
         .zip(got.iter().zip(&want))
