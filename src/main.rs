@@ -35,6 +35,15 @@ enum Command {
     },
     /// Train: the staged curriculum of a run config (stage 1 → 2 → 3, or any subset).
     Train(cmd::train::Args),
+    /// Start N processes of a multi-process run on this host: `pali launch --nproc 2 -- train
+    /// run.toml` (see docs/distributed.md).
+    Launch(cmd::launch::LaunchArgs),
+    /// Run a multi-process run's orchestrator on its own (then start every process with
+    /// `--external-master`); process 0 starts one itself otherwise.
+    Orchestrator {
+        #[arg(long, default_value_t = 29500)]
+        port: u16,
+    },
     /// Run an ablation grid (variants × seeds) and write its results table and plots.
     Ablate(cmd::ablate::Args),
     /// Transfer a checkpoint to a JSONL dataset (writes the equivalent run config and runs it).
@@ -79,6 +88,9 @@ enum BenchCommand {
     Data(cmd::bench::DataArgs),
     /// Decoding throughput (new tokens/s) of a random model, with and without the KV cache.
     Decode(cmd::bench::DecodeArgs),
+    /// All-reduce time and bandwidth over the ranks of a multi-process run:
+    /// `pali launch --nproc 2 -- bench allreduce --size-mb 64`.
+    Allreduce(cmd::bench::AllReduceArgs),
 }
 
 #[derive(Subcommand)]
@@ -129,6 +141,10 @@ fn main() -> ExitCode {
             Ok(())
         }
         Command::Train(args) => cmd::train::run(args),
+        Command::Launch(args) => cmd::launch::launch(args),
+        Command::Orchestrator { port } => {
+            pali_trainer::dist::serve_orchestrator(port).map_err(Into::into)
+        }
         Command::Finetune(args) => cmd::finetune::run(args),
         Command::Ablate(args) => cmd::ablate::run(args),
         Command::Data { command } => cmd::data::run(command),
@@ -142,6 +158,9 @@ fn main() -> ExitCode {
         Command::Bench {
             command: BenchCommand::TrainStep(args),
         } => cmd::bench::run(args),
+        Command::Bench {
+            command: BenchCommand::Allreduce(args),
+        } => cmd::bench::run_allreduce(args),
         Command::Bench {
             command: BenchCommand::Data(args),
         } => cmd::bench::run_data(args),

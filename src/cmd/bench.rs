@@ -259,13 +259,12 @@ fn steps<AD: AutodiffBackend>(
     let optim = Optim::new(1e-5);
     let loss = LossSection::default();
     let groups = Groups::from_parts(&[], &optim.weight_decay_params);
-    let devices = [device.clone()];
     let settings = StepSettings {
         optim: &optim,
         loss: &loss,
         groups: &groups,
         grad_accum: 1,
-        devices: &devices,
+        peer: None,
     };
     let mut adam = AdamState::default();
     let batch = synthetic_batch(c, a.batch, a.text_len);
@@ -329,7 +328,7 @@ fn phases<AD: AutodiffBackend>(
     mut model: pali_model::PaliGemma<AD>,
     batch: &Batch,
     c: &PaliGemmaConfig,
-    settings: &StepSettings<AD::Device>,
+    settings: &StepSettings<AD::InnerBackend>,
     adam: &mut AdamState<AD::InnerBackend>,
     device: &AD::Device,
     n: usize,
@@ -634,5 +633,89 @@ impl Job for DecodeJob<'_> {
                 .collect()
         };
         Ok((time(true)?, time(false)?))
+    }
+}
+
+#[derive(clap::Args, Debug)]
+pub struct AllReduceArgs {
+    /// Size of the all-reduced f32 tensor, in MB (10^6 bytes).
+    #[arg(long, default_value_t = 64.0)]
+    pub size_mb: f64,
+    /// Timed all-reduces (after 2 untimed).
+    #[arg(long, default_value_t = 10)]
+    pub iters: usize,
+    #[command(flatten)]
+    pub device: DeviceArg,
+    #[command(flatten)]
+    pub dist: crate::cmd::launch::DistArgs,
+}
+
+/// `pali bench allreduce`: all-reduce time and bandwidth over this run's ranks (start it with
+/// `pali launch --nproc 2 -- bench allreduce`); rank 0 prints JSON.
+pub fn run_allreduce(a: AllReduceArgs) -> Result<()> {
+    let devices = a
+        .device
+        .device
+        .clone()
+        .unwrap_or(crate::backend::Devices(vec![
+            crate::backend::DeviceSpec::Cpu,
+        ]));
+    let (topo, devices) = a.dist.topology(devices)?;
+    if devices.0.len() != 1 {
+        bail!("bench allreduce: one device per process (start more processes with pali launch)");
+    }
+    let out = dispatch(devices.0[0], AllReduceJob { a: &a, topo: &topo })?;
+    if let Some(v) = out {
+        println!("{}", serde_json::to_string_pretty(&v)?);
+    }
+    Ok(())
+}
+
+struct AllReduceJob<'a> {
+    a: &'a AllReduceArgs,
+    topo: &'a pali_trainer::dist::Topology,
+}
+
+impl Job for AllReduceJob<'_> {
+    type Output = Option<serde_json::Value>;
+    fn run<B: Backend>(self, device: B::Device) -> Result<Self::Output> {
+        use burn::tensor::ElementConversion;
+        use pali_trainer::dist::{start_node, Peer};
+        let (a, topo) = (self.a, self.topo);
+        start_node(topo)?;
+        let peer = Peer::<B>::join(topo, 0, 1, device.clone())?;
+        let n = ((a.size_mb * 1e6 / 4.0) as usize).max(1);
+        let t = Tensor::<B, 1>::ones([n], &device);
+        let mut times = Vec::new();
+        for i in 0..a.iters + 2 {
+            let start = Instant::now();
+            let s = peer.sum(t.clone())?;
+            // The first element waits for the result.
+            let first = s.slice(0..1).into_scalar().elem::<f64>();
+            if first != peer.world as f64 {
+                bail!("all-reduce of ones gave {first}, not {}", peer.world);
+            }
+            if i >= 2 {
+                times.push(start.elapsed().as_secs_f64());
+            }
+        }
+        if peer.rank != 0 {
+            return Ok(None);
+        }
+        times.sort_by(f64::total_cmp);
+        let median = times[times.len() / 2];
+        let bytes = (n * 4) as f64;
+        let w = peer.world as f64;
+        Ok(Some(serde_json::json!({
+            "ranks": peer.world,
+            "bytes": bytes,
+            "iters": a.iters,
+            "median_s": median,
+            "min_s": times[0],
+            // NCCL's conventions: algorithm bandwidth = size / time; bus bandwidth scales it by
+            // 2 (n − 1) / n, what each link carries in a ring.
+            "algbw_gb_per_s": bytes / median / 1e9,
+            "busbw_gb_per_s": bytes / median / 1e9 * 2.0 * (w - 1.0) / w,
+        })))
     }
 }

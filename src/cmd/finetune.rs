@@ -201,6 +201,7 @@ pub fn run(a: Args) -> Result<()> {
                 Existing::Refuse
             },
             max_steps: None,
+            topology: pali_trainer::dist::Topology::single(),
             console: Console::new(!a.quiet),
         },
     )

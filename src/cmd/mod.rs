@@ -6,6 +6,7 @@ pub mod finetune;
 pub mod forward;
 pub mod generate;
 pub mod inputs;
+pub mod launch;
 pub mod model;
 pub mod tokenizer;
 pub mod train;

@@ -5,10 +5,12 @@ use std::path::PathBuf;
 use anyhow::{Context, Result};
 use burn::tensor::backend::Backend;
 use pali_trainer::config::RunConfig;
+use pali_trainer::dist::Topology;
 use pali_trainer::rundir::Existing;
-use pali_trainer::train::{train, TrainOptions};
+use pali_trainer::train::{train_on, TrainOptions};
 
 use crate::backend::{dispatch_many, Job};
+use crate::cmd::launch::DistArgs;
 use crate::progress::Console;
 use crate::DeviceArg;
 
@@ -34,18 +36,26 @@ pub struct Args {
     pub quiet: bool,
     #[command(flatten)]
     pub device: DeviceArg,
+    #[command(flatten)]
+    pub dist: DistArgs,
 }
 
 pub fn run(args: Args) -> Result<()> {
     let config = RunConfig::load(&args.config, &args.overrides)
         .with_context(|| format!("loading {}", args.config.display()))?;
+    let (topology, devices) = args
+        .dist
+        .topology(args.device.for_run(&config, &args.config)?)?;
+    // Only the process holding rank 0 shows progress.
+    let quiet = args.quiet || topology.node_rank > 0;
     dispatch_many(
-        &args.device.for_run(&config, &args.config)?,
+        &devices,
         TrainJob {
             config,
             existing: existing(args.resume, args.overwrite),
             max_steps: args.max_steps,
-            console: Console::new(!args.quiet),
+            console: Console::new(!quiet),
+            topology,
         },
     )
     .with_context(|| format!("training {}", args.config.display()))
@@ -66,6 +76,8 @@ pub struct TrainJob {
     pub existing: Existing,
     pub max_steps: Option<u64>,
     pub console: Console,
+    /// Where this process sits in a multi-process run.
+    pub topology: Topology,
 }
 
 impl Job for TrainJob {
@@ -80,7 +92,10 @@ impl Job for TrainJob {
             max_steps: self.max_steps,
             observer: &self.console,
         };
-        let summaries = train::<B>(&self.config, &devices, &opts)?;
+        let summaries = train_on::<B>(&self.config, &devices, &self.topology, &opts)?;
+        if self.topology.node_rank > 0 {
+            return Ok(());
+        }
         println!(
             "{:<12} {:>6} {:>10} {:>10} {:>9} {:>8} {:>9}",
             "stage", "steps", "loss[0]", "loss[-1]", "seconds", "eval", "majority"

@@ -10,6 +10,7 @@ mod checkpoint;
 mod cli_data;
 mod cli_eval;
 mod cli_model;
+mod distributed;
 mod parity;
 mod parity_wgpu;
 mod train;

@@ -12,7 +12,7 @@ fn tokenizer() -> PathBuf {
 }
 
 /// A tiny two-stage run (32 px → 64 px).
-fn config(dir: &Path, extra_stage1: &str) -> PathBuf {
+pub(crate) fn config(dir: &Path, extra_stage1: &str) -> PathBuf {
     let text = format!(
         r#"
 [run]
@@ -58,7 +58,7 @@ source = [{{ kind = "synth", task = "count", size = 100 }}]
 }
 
 /// The entries of `dir` whose name starts with `prefix`.
-fn entries(dir: &Path, prefix: &str) -> Vec<PathBuf> {
+pub(crate) fn entries(dir: &Path, prefix: &str) -> Vec<PathBuf> {
     std::fs::read_dir(dir)
         .unwrap()
         .map(|e| e.unwrap().path())
@@ -66,14 +66,14 @@ fn entries(dir: &Path, prefix: &str) -> Vec<PathBuf> {
         .collect()
 }
 
-fn final_model(dir: &Path) -> Vec<(String, Vec<usize>, Vec<f32>)> {
+pub(crate) fn final_model(dir: &Path) -> Vec<(String, Vec<usize>, Vec<f32>)> {
     let mut v = entries(&dir.join("out/checkpoints"), "step-");
     v.sort();
     all_f32(&open(&v.last().unwrap().join("model.safetensors")))
 }
 
 /// Trains only stage `s1` of `cfg` (see [`config`]) into `DIR/OUT/out` with `--set` overrides.
-fn train_s1(cfg: &Path, out: &str, sets: &[&str]) {
+pub(crate) fn train_s1(cfg: &Path, out: &str, sets: &[&str]) {
     let mut c = pali();
     c.args(["train", "--quiet"]).arg(cfg);
     c.args([
@@ -89,7 +89,10 @@ fn train_s1(cfg: &Path, out: &str, sets: &[&str]) {
 }
 
 /// Largest |a − b| over all weights of two [`final_model`]s.
-fn max_diff(a: &[(String, Vec<usize>, Vec<f32>)], b: &[(String, Vec<usize>, Vec<f32>)]) -> f32 {
+pub(crate) fn max_diff(
+    a: &[(String, Vec<usize>, Vec<f32>)],
+    b: &[(String, Vec<usize>, Vec<f32>)],
+) -> f32 {
     a.iter()
         .zip(b)
         .flat_map(|(x, y)| x.2.iter().zip(&y.2).map(|(p, q)| (p - q).abs()))
@@ -1191,7 +1194,7 @@ fn data_parallel_matches_gradient_accumulation() {
     );
     let e = train_err(&cfg, &["--device", "cpu,cpu,cpu"]);
     assert!(
-        e.contains("batch_size 4 does not split into grad_accum 1 × 3 devices"),
+        e.contains("batch_size 4 does not split into grad_accum 1 × 3 ranks"),
         "{e}"
     );
 }

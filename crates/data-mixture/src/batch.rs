@@ -150,35 +150,90 @@ pub fn next_batch(
     batch_size: usize,
     on_error: OnError,
 ) -> Result<Batch> {
+    next_share(mix, builder, batch_size, on_error, Share::ALL)
+}
+
+/// One data-parallel rank's part of every batch: rows `rank × B / ranks ..` of the batch the
+/// whole run draws, so the data order does not depend on the number of ranks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Share {
+    pub rank: usize,
+    pub ranks: usize,
+}
+
+impl Share {
+    pub const ALL: Share = Share { rank: 0, ranks: 1 };
+
+    /// This share's rows of a batch of `b`.
+    pub fn rows(&self, b: usize) -> std::ops::Range<usize> {
+        self.rank * b / self.ranks..(self.rank + 1) * b / self.ranks
+    }
+}
+
+/// [`next_batch`]'s rows `share.rows(batch_size)`. Every rank draws the whole batch from the
+/// stream (its indices only: cheap) and reads and decodes its own rows, except with
+/// `OnError::Skip`: which examples replace a skipped one depends on every row, so each rank
+/// decodes the whole batch, as one process would, and keeps its rows.
+pub fn next_share(
+    mix: &mut Mixture,
+    builder: &BatchBuilder,
+    batch_size: usize,
+    on_error: OnError,
+    share: Share,
+) -> Result<Batch> {
+    let mine = share.rows(batch_size);
     let mut rows = Vec::with_capacity(batch_size);
     let mut skipped = Vec::new();
-    while rows.len() < batch_size {
-        // Draw what is missing in stream order, decode it in parallel, each example once.
-        let drawn = (rows.len()..batch_size)
+    if on_error == OnError::Fail && share.ranks > 1 {
+        let picks: Vec<_> = (0..batch_size)
             .map(|_| {
                 let (s, i) = mix.next_index();
-                // The draw's identity (source, examples drawn from it) seeds augmentations.
-                let draw = ((s as u64) << 40) ^ mix.state.sources[s].seen;
-                Ok((s, mix.sources[s].get(i)?, draw))
+                (s, i, ((s as u64) << 40) ^ mix.state.sources[s].seen)
             })
+            .collect();
+        let drawn = picks[mine]
+            .iter()
+            .map(|&(s, i, draw)| Ok((s, mix.sources[s].get(i)?, draw)))
             .collect::<Result<Vec<_>>>()?;
         let encoded: Vec<Result<Encoded>> = drawn
             .par_iter()
             .map(|(_, ex, d)| builder.encode(ex, Some(*d)))
             .collect();
         for ((s, ex, _), enc) in drawn.into_iter().zip(encoded) {
-            match enc {
-                Ok(enc) => rows.push((s, ex, enc)),
-                Err(e) if on_error == OnError::Skip => {
-                    skipped.push(e.to_string());
-                    if skipped.len() > 100 * batch_size {
-                        return Err(Error::Invalid(format!(
-                            "too many unreadable examples; last: {e}"
-                        )));
+            rows.push((s, ex, enc?));
+        }
+    } else {
+        while rows.len() < batch_size {
+            // Draw what is missing in stream order, decode it in parallel, each example once.
+            let drawn = (rows.len()..batch_size)
+                .map(|_| {
+                    let (s, i) = mix.next_index();
+                    // The draw's identity (source, examples drawn from it) seeds augmentations.
+                    let draw = ((s as u64) << 40) ^ mix.state.sources[s].seen;
+                    Ok((s, mix.sources[s].get(i)?, draw))
+                })
+                .collect::<Result<Vec<_>>>()?;
+            let encoded: Vec<Result<Encoded>> = drawn
+                .par_iter()
+                .map(|(_, ex, d)| builder.encode(ex, Some(*d)))
+                .collect();
+            for ((s, ex, _), enc) in drawn.into_iter().zip(encoded) {
+                match enc {
+                    Ok(enc) => rows.push((s, ex, enc)),
+                    Err(e) if on_error == OnError::Skip => {
+                        skipped.push(e.to_string());
+                        if skipped.len() > 100 * batch_size {
+                            return Err(Error::Invalid(format!(
+                                "too many unreadable examples; last: {e}"
+                            )));
+                        }
                     }
+                    Err(e) => return Err(e),
                 }
-                Err(e) => return Err(e),
             }
+        }
+        if share.ranks > 1 {
+            rows = rows.drain(mine).collect();
         }
     }
     let mut b = builder.build(rows, skipped)?;
@@ -194,15 +249,27 @@ pub struct Loader {
 
 impl Loader {
     pub fn spawn(
-        mut mix: Mixture,
+        mix: Mixture,
         builder: BatchBuilder,
         batch_size: usize,
         on_error: OnError,
         prefetch: usize,
     ) -> Self {
+        Self::spawn_share(mix, builder, batch_size, on_error, prefetch, Share::ALL)
+    }
+
+    /// Batches of one data-parallel rank ([`next_share`]).
+    pub fn spawn_share(
+        mut mix: Mixture,
+        builder: BatchBuilder,
+        batch_size: usize,
+        on_error: OnError,
+        prefetch: usize,
+        share: Share,
+    ) -> Self {
         let (tx, rx) = sync_channel(prefetch.max(1));
         let handle = std::thread::spawn(move || loop {
-            let b = next_batch(&mut mix, &builder, batch_size, on_error);
+            let b = next_share(&mut mix, &builder, batch_size, on_error, share);
             let stop = b.is_err();
             if tx.send(b).is_err() || stop {
                 return;

@@ -34,7 +34,7 @@ pub enum Event<'a> {
 }
 
 /// What a logging step reports (also written to `metrics.jsonl`).
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Default)]
 pub struct StepLog {
     pub loss: f64,
     /// Learning rate of the first group.

@@ -5,6 +5,7 @@
 pub mod ablate;
 pub mod ckpt;
 pub mod config;
+pub mod dist;
 pub mod error;
 pub mod evaluate;
 pub mod events;

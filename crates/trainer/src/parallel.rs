@@ -1,24 +1,20 @@
-//! One batch's loss and gradients, split into micro-batches (gradient accumulation) and over
-//! devices (data parallelism).
+//! One rank's share of a batch: its loss and gradients over micro-batches (gradient
+//! accumulation), summed over the data-parallel ranks ([`crate::dist`]).
 //!
-//! The batch's rows are cut into `grad_accum × devices` equal micro-batches. Device d takes the
-//! d-th run of `grad_accum` of them on its replica of the model, forked from the main model at
-//! every step so that all replicas hold the same weights, in its own thread. Gradients are summed
-//! on the main device (the first), where the one optimizer step runs. Each micro-batch loss is
-//! scaled so that the sum is the whole batch's loss: the update is the one-device update up to
-//! float summation order.
-//!
-//! Forking copies every parameter to every other device each step; that costs a parameter
-//! transfer per device per step, small next to a large batch's compute.
+//! The batch's rows are cut into `ranks × grad_accum` equal micro-batches; rank r holds the
+//! r-th run of `grad_accum` of them (its loader reads only those rows). Each micro-batch loss is
+//! scaled so that the sum over all of them is the whole batch's loss; the ranks all-reduce their
+//! summed gradients and loss, and every rank then takes the same optimizer step on its own
+//! replica. The update is the one-device update up to float summation order.
 
-use burn::module::Module;
 use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::Tensor;
 use pali_model::loss::Reduction;
 use pali_model::PaliGemma;
 
 use crate::config::LossSection;
-use crate::error::{Error, Result};
+use crate::dist::Peer;
+use crate::error::Result;
 use crate::inputs::{batch_loss, StepInputs};
 use crate::optim::{self, Grads};
 
@@ -26,77 +22,60 @@ use crate::optim::{self, Grads};
 pub type LossAndGrads<B> = (Tensor<B, 1>, Grads<B>);
 
 /// How one batch is split.
-pub struct Split<'a, AD: Backend> {
+pub struct Split<'a, B: Backend> {
     pub grad_accum: usize,
-    /// The first is the main device, which holds the model and the optimizer.
-    pub devices: &'a [AD::Device],
-    /// Seeds each device's RNG (dropout masks) with `seed + d` before its forward pass.
+    /// The other ranks, in a data-parallel run.
+    pub peer: Option<&'a Peer<B>>,
+    /// Seeds the RNG (dropout masks) with `seed + rank` before the forward pass.
     pub dropout_seed: Option<u64>,
 }
 
-/// The batch's loss (the value the optimizer minimises, left on the main device: reading it
-/// would wait for the step) and its gradients on the main device.
+/// The whole batch's loss (the value the optimizer minimises, left on the device: reading it
+/// would wait for the step) and its gradients, from this rank's rows `inputs`.
 pub fn batch_gradients<AD: AutodiffBackend>(
     model: &PaliGemma<AD>,
     inputs: StepInputs<AD>,
     loss: &LossSection,
-    split: &Split<AD>,
+    split: &Split<AD::InnerBackend>,
 ) -> Result<LossAndGrads<AD::InnerBackend>> {
-    let (k, n_dev) = (split.grad_accum.max(1), split.devices.len());
+    let k = split.grad_accum.max(1);
+    let (rank, ranks) = split.peer.map_or((0, 1), |p| (p.rank, p.world));
     let rows = inputs.targets.dims()[0];
-    let total_w = inputs.weights.clone().sum();
-    let parts = k * n_dev;
-    let mut micro: Vec<StepInputs<AD>> = if parts == 1 {
+    let device = inputs.targets.device();
+    let total_rows = rows * ranks;
+    // The loss weights of the whole batch (per-token reduction only): one small all-reduce.
+    let total_w = match (loss.reduction, split.peer) {
+        (Reduction::PerToken, Some(p)) if ranks > 1 => {
+            Tensor::from_inner(p.sum(inputs.weights.clone().sum().inner())?)
+        }
+        _ => inputs.weights.clone().sum(),
+    };
+    let micro: Vec<StepInputs<AD>> = if k == 1 {
         vec![inputs]
     } else {
-        (0..parts)
-            .map(|p| inputs.rows(p * rows / parts..(p + 1) * rows / parts))
+        (0..k)
+            .map(|p| inputs.rows(p * rows / k..(p + 1) * rows / k))
             .collect()
     };
-    let seed = |d: usize, dev: &AD::Device| {
-        if let Some(s) = split.dropout_seed {
-            AD::seed(dev, s.wrapping_add(d as u64));
-        }
-    };
-    if n_dev == 1 {
-        seed(0, &split.devices[0]);
-        return device_gradients(model, micro, loss, rows, total_w);
+    if let Some(s) = split.dropout_seed {
+        AD::seed(&device, s.wrapping_add(rank as u64));
     }
-    let mine: Vec<_> = micro.drain(..k).collect();
-    std::thread::scope(|s| {
-        let workers: Vec<_> = split.devices[1..]
-            .iter()
-            .enumerate()
-            .map(|(i, dev)| {
-                let replica = model.clone().fork(dev);
-                let part: Vec<_> = micro.drain(..k).map(|m| m.to_device(dev)).collect();
-                let total_w = total_w.clone().to_device(dev);
-                s.spawn(move || {
-                    seed(i + 1, dev);
-                    device_gradients(&replica, part, loss, rows, total_w)
-                })
-            })
-            .collect();
-        seed(0, &split.devices[0]);
-        let (mut value, mut grads) = device_gradients(model, mine, loss, rows, total_w)?;
-        let main = &split.devices[0];
-        for w in workers {
-            let (v, g) = w
-                .join()
-                .map_err(|_| Error::Train("a data-parallel worker panicked".into()))??;
-            value = value + v.to_device(main);
-            optim::add_gradients(
-                &mut grads,
-                g.into_iter().map(|(p, t)| (p, t.to_device(main))).collect(),
-            );
-        }
-        Ok((value, grads))
-    })
+    let (value, grads) = local_gradients(model, micro, loss, total_rows, total_w)?;
+    let Some(peer) = split.peer.filter(|p| p.world > 1) else {
+        return Ok((value, grads));
+    };
+    // The loss travels in the last gradient bucket: no collective of its own.
+    const LOSS: &str = "\u{0}loss";
+    let mut grads = grads;
+    grads.push((LOSS.into(), value));
+    let mut summed = peer.all_reduce_grads(grads)?;
+    let (_, value) = summed.pop().expect("the loss entry");
+    Ok((value, summed))
 }
 
 /// Loss and summed gradients of some micro-batches of a batch of `rows` rows whose loss
 /// weights sum to `total_w`, on `model`'s device.
-fn device_gradients<AD: AutodiffBackend>(
+fn local_gradients<AD: AutodiffBackend>(
     model: &PaliGemma<AD>,
     micro: Vec<StepInputs<AD>>,
     loss: &LossSection,

@@ -2,29 +2,30 @@
 //! loss and gradients over micro-batches and devices ([`parallel`]), then big_vision's optimizer
 //! chain ([`optim::step`]).
 
-use burn::tensor::backend::AutodiffBackend;
+use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::Tensor;
 use pali_model::PaliGemma;
 
 use crate::config::{LossSection, Optim};
+use crate::dist::Peer;
 use crate::error::Result;
 use crate::inputs::StepInputs;
 use crate::optim::{self, AdamState, Groups, StepConfig, StepStats};
 use crate::parallel::{self, Split};
 
 /// What a step needs besides the model, the batch and the optimizer state: a stage's settings.
-pub struct StepSettings<'a, D> {
+pub struct StepSettings<'a, B: Backend> {
     pub optim: &'a Optim,
     pub loss: &'a LossSection,
     pub groups: &'a Groups,
     pub grad_accum: usize,
-    /// The first holds the model and the optimizer state.
-    pub devices: &'a [D],
+    /// The other ranks of a data-parallel run (gradients are summed over them).
+    pub peer: Option<&'a Peer<B>>,
 }
 
 /// What a step did, on the device: nothing in a step waits for the device, so a GPU runs
 /// ahead; read these only on logging steps.
-pub struct StepResult<B: burn::tensor::backend::Backend> {
+pub struct StepResult<B: Backend> {
     /// The batch's loss, the value the optimizer minimises.
     pub loss: Tensor<B, 1>,
     /// Tokens of the batch (image slots included).
@@ -35,14 +36,14 @@ pub struct StepResult<B: burn::tensor::backend::Backend> {
 }
 
 /// One optimizer step on `inputs`. `sched` is each group's schedule value at this step;
-/// `dropout_seed` seeds the dropout masks; `norms` also computes parameter and update norms.
+/// `dropout_seed` seeds the dropout masks (plus the rank); `norms` also computes parameter and update norms.
 /// A non-finite loss or gradient leaves the weights as they were (see [`optim::step`]).
 #[allow(clippy::too_many_arguments)]
 pub fn train_step<AD: AutodiffBackend>(
     model: PaliGemma<AD>,
     inputs: StepInputs<AD>,
     adam: &mut AdamState<AD::InnerBackend>,
-    s: &StepSettings<AD::Device>,
+    s: &StepSettings<AD::InnerBackend>,
     sched: Vec<f64>,
     dropout_seed: Option<u64>,
     norms: bool,
@@ -50,7 +51,7 @@ pub fn train_step<AD: AutodiffBackend>(
     let tokens = inputs.tokens;
     let split = Split {
         grad_accum: s.grad_accum,
-        devices: s.devices,
+        peer: s.peer,
         dropout_seed,
     };
     let (loss, grads) = parallel::batch_gradients(&model, inputs, s.loss, &split)?;

@@ -20,7 +20,7 @@ use burn::backend::Autodiff;
 use burn::module::AutodiffModule;
 use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::{Bool, ElementConversion, Tensor};
-use pali_data::batch::{Batch, Loader};
+use pali_data::batch::{Batch, Loader, Share};
 use pali_data::mixture::MixtureState;
 use pali_model::checkpoint::{load_into, TensorFile, Tower};
 use pali_model::PaliGemma;
@@ -28,6 +28,7 @@ use serde_json::json;
 
 use crate::ckpt::{self, RunState};
 use crate::config::{Part, RunConfig};
+use crate::dist::{self, Peer, Topology};
 use crate::error::{io, Error, Result};
 use crate::evaluate::{evaluate, Eval};
 pub use crate::events::StageSummary;
@@ -62,45 +63,142 @@ impl Default for TrainOptions<'static> {
 }
 
 /// Runs every stage of `config` on backend `B` (gradients through `Autodiff<B>`, with Burn's
-/// balanced checkpointing when `run.gradient_checkpointing`), data-parallel over `devices`
-/// (the first holds the model and the optimizer; see [`crate::parallel`]).
+/// balanced checkpointing when `run.gradient_checkpointing`), data-parallel over `devices` in
+/// this process (one rank per device; see [`crate::dist`]).
 pub fn train<B: Backend>(
     config: &RunConfig,
     devices: &[B::Device],
     opts: &TrainOptions,
 ) -> Result<Vec<StageSummary>> {
-    if config.run.gradient_checkpointing {
-        train_with::<B, BalancedCheckpointing>(config, devices, opts)
-    } else {
-        train_with::<B, NoCheckpointing>(config, devices, opts)
+    train_on::<B>(config, devices, &Topology::single(), opts)
+}
+
+/// [`train`] as one process (node) of a multi-process run `topo`: ranks
+/// `node_rank × devices.len() ..` of `nodes × devices.len()`. Node 0 holds rank 0, the one that
+/// writes the run directory (checkpoints, metrics) and reports to `opts.observer`; the other
+/// nodes return an empty summary list.
+pub fn train_on<B: Backend>(
+    config: &RunConfig,
+    devices: &[B::Device],
+    topo: &Topology,
+    opts: &TrainOptions,
+) -> Result<Vec<StageSummary>> {
+    let world = topo.nodes * devices.len();
+    let device = check_devices::<B>(config, devices, world)?;
+    let run = |device: &B::Device, peer: Option<&Peer<B>>, opts: &TrainOptions| {
+        if config.run.gradient_checkpointing {
+            train_with::<B, BalancedCheckpointing>(config, device, peer, opts)
+        } else {
+            train_with::<B, NoCheckpointing>(config, device, peer, opts)
+        }
+    };
+    if world == 1 {
+        return run(device, None, opts);
     }
+    dist::start_node(topo)?;
+    let n = devices.len();
+    let silent = TrainOptions {
+        observer: &Silent,
+        ..*opts
+    };
+    let rank = |i: usize, device: &B::Device, opts: &TrainOptions| {
+        let peer = Peer::<B>::join(topo, i, n, device.clone());
+        let out = peer.and_then(|peer| run(device, Some(&peer), opts));
+        if out.is_err() {
+            Peer::<B>::abort();
+        }
+        out
+    };
+    // The process's first device runs on this thread (it reports, on node 0); the others each
+    // on their own.
+    let outs: Vec<Result<Vec<StageSummary>>> = std::thread::scope(|s| {
+        let others: Vec<_> = devices[1..]
+            .iter()
+            .enumerate()
+            .map(|(i, d)| {
+                let silent = &silent;
+                s.spawn(move || rank(i + 1, d, silent))
+            })
+            .collect();
+        let first = rank(0, device, if topo.node_rank == 0 { opts } else { &silent });
+        std::iter::once(first)
+            .chain(others.into_iter().map(|h| {
+                h.join()
+                    .unwrap_or_else(|_| Err(Error::Train("a data-parallel rank panicked".into())))
+            }))
+            .collect()
+    });
+    // The cause, not a rank that stopped because another failed.
+    let (mut errs, oks): (Vec<_>, Vec<_>) = outs.into_iter().partition(|r| r.is_err());
+    if !errs.is_empty() {
+        let follows = |e: &Result<_>| {
+            e.as_ref().is_err_and(|e| {
+                let e = e.to_string();
+                e.contains("another rank of this process failed") || e.contains("rank(s) failed")
+            })
+        };
+        let i = errs.iter().position(|e| !follows(e)).unwrap_or(0);
+        return errs.swap_remove(i);
+    }
+    Ok(oks.into_iter().next().expect("a rank").expect("ok"))
+}
+
+/// Held while a rank seeds the backend's generator and draws from it (initialisation, a stage's
+/// `reset`): on the CPU backend the ranks of a process share one generator, and draws of another
+/// thread in between would change rank 0's weights.
+static SEEDED: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+/// The result `r` of a step that only rank 0 takes (or that could fail on some ranks only), once
+/// every rank has reached it: a failure anywhere stops every rank.
+fn agree<T, B: Backend>(peer: Option<&Peer<B>>, what: &str, r: Result<T>) -> Result<T> {
+    let Some(p) = peer else { return r };
+    let synced = p.barrier(what, r.is_ok());
+    let v = r?;
+    synced?;
+    Ok(v)
 }
 
 fn train_with<B: Backend, C: CheckpointStrategy>(
     config: &RunConfig,
-    devices: &[B::Device],
+    device: &B::Device,
+    peer: Option<&Peer<B>>,
     opts: &TrainOptions,
 ) -> Result<Vec<StageSummary>> {
-    let device = check_devices::<B>(config, devices)?;
+    // Rank 0 writes the run directory; every rank trains.
+    let lead = peer.is_none_or(|p| p.rank == 0);
+    let (rank, world) = peer.map_or((0, 1), |p| (p.rank, p.world));
     let plan = RunPlan::new::<B>(config, device)?;
     let out_dir = &config.run.out_dir;
     let obs = opts.observer;
-    let run_dir = RunDir::open(out_dir, opts.existing)?;
-    if let Some(aside) = &run_dir.moved_aside {
+    let opened = if lead {
+        RunDir::open(out_dir, opts.existing).map(Some)
+    } else {
+        Ok(None)
+    };
+    let run_dir = agree(peer, "opening the run directory", opened)?;
+    if let Some(aside) = run_dir.as_ref().and_then(|r| r.moved_aside.as_ref()) {
         let line = format!("moved the earlier run to {}", aside.display());
         obs.on(Event::Info(&line));
     }
 
-    let (mut model, mut adam, resumed) = start::<Autodiff<B, C>>(&plan, opts, device)?;
-    let resolved = out_dir.join("config.resolved.toml");
-    std::fs::write(&resolved, toml::to_string_pretty(config).expect("toml"))
-        .map_err(io(&resolved))?;
+    let started = {
+        let _alone = SEEDED.lock().unwrap_or_else(|e| e.into_inner());
+        start::<Autodiff<B, C>>(&plan, opts, device)
+    };
+    let (mut model, mut adam, resumed) = agree(peer, "loading the start", started)?;
     // What the run logged up to its checkpoint; lines after it are logged again.
     let (kept, restart_at) = match &resumed {
         None => (Some(0), config.run.start_step),
         Some(st) => (st.metrics_bytes, st.global_step),
     };
-    let metrics = Metrics::open(out_dir, kept, restart_at)?;
+    let metrics = if lead {
+        let resolved = out_dir.join("config.resolved.toml");
+        std::fs::write(&resolved, toml::to_string_pretty(config).expect("toml"))
+            .map_err(io(&resolved))?;
+        Metrics::open(out_dir, kept, restart_at)?
+    } else {
+        Metrics::none()
+    };
     let mut resolution = resumed
         .as_ref()
         .map_or(config.stages[0].resolution, |s| s.resolution);
@@ -126,15 +224,23 @@ fn train_with<B: Backend, C: CheckpointStrategy>(
             model = set_resolution(model, resolution, stage.resolution);
             resolution = stage.resolution;
         }
-        (model, adam) = enter_stage(
-            model,
-            adam,
-            sp,
-            start_step == 0,
-            config.run.dtype,
-            device,
-            obs,
-        )?;
+        (model, adam) = {
+            let _alone = SEEDED.lock().unwrap_or_else(|e| e.into_inner());
+            enter_stage(
+                model,
+                adam,
+                sp,
+                start_step == 0,
+                config.run.dtype,
+                device,
+                obs,
+            )?
+        };
+        // The replicas start every stage from rank 0's weights (after a reset or a resolution
+        // change too).
+        if let Some(p) = peer {
+            model = p.sync_model(model)?;
+        }
         let mut mixture = sp.mixture()?;
         if let Some(ms) = here.and_then(|st| st.mixture.clone()) {
             mixture.restore(ms)?;
@@ -145,14 +251,15 @@ fn train_with<B: Backend, C: CheckpointStrategy>(
             start: start_step,
             details: &stage_header(sp, &mixture.describe()),
         });
-        let mut loader = Loader::spawn(
+        let mut loader = Loader::spawn_share(
             mixture,
             sp.batch_builder(),
             stage.batch_size,
             stage.on_error,
             2,
+            Share { rank, ranks: world },
         );
-        let steps = StageSteps::new(sp, devices, stage_start);
+        let steps = StageSteps::new(sp, device, peer, stage_start);
         let started = Instant::now();
         let (mut first_loss, mut last_loss) = (f64::NAN, f64::NAN);
         let mut window = LogWindow::new();
@@ -172,21 +279,26 @@ fn train_with<B: Backend, C: CheckpointStrategy>(
                         done: step,
                         resolution,
                     };
-                    save_checkpoint(
-                        &model.valid(),
-                        &adam,
-                        sp,
-                        mixture_after,
-                        &at,
-                        &metrics,
-                        &summaries,
-                    )?;
+                    let saved = lead
+                        .then(|| {
+                            save_checkpoint(
+                                &model.valid(),
+                                &adam,
+                                sp,
+                                mixture_after,
+                                &at,
+                                &metrics,
+                                &summaries,
+                            )
+                        })
+                        .transpose();
+                    agree(peer, "writing the checkpoint", saved)?;
                 }
                 return Ok(summaries);
             }
             // Mid-stage evaluations every `eval.every` steps, the first before step 0: where a
             // curve starts matters to some ablations (new-token init: the step-0 perplexity).
-            if stage.eval.every > 0 && step % stage.eval.every == 0 && sp.evaluates() {
+            if lead && stage.eval.every > 0 && step % stage.eval.every == 0 && sp.evaluates() {
                 guard.check(&stage.name, guard.read())?;
                 log_eval(
                     &model.valid(),
@@ -215,7 +327,7 @@ fn train_with<B: Backend, C: CheckpointStrategy>(
             model = m;
             window.count(&batch);
             global_step += 1;
-            window.tokens += out.tokens;
+            window.tokens += out.tokens * world;
             guard.record(done, &out.stats.applied);
             mixture_after = batch.state_after.clone();
             let logged = if log {
@@ -233,7 +345,11 @@ fn train_with<B: Backend, C: CheckpointStrategy>(
                     sched: &sched,
                     batch: &batch,
                 };
-                let logged = log_step(&record, &r, &mut window, &metrics)?;
+                let logged = if lead {
+                    log_step(&record, &r, &mut window, &metrics)?
+                } else {
+                    StepLog::default()
+                };
                 divergence
                     .observe(r.loss, r.grad_norm)
                     .map_err(|why| stopped(&stage.name, done, Error::Train(why)))?;
@@ -251,22 +367,29 @@ fn train_with<B: Backend, C: CheckpointStrategy>(
                     done,
                     resolution,
                 };
-                save_checkpoint(
-                    &model.valid(),
-                    &adam,
-                    sp,
-                    mixture_after.clone(),
-                    &at,
-                    &metrics,
-                    &summaries,
-                )?;
+                let saved = lead
+                    .then(|| {
+                        save_checkpoint(
+                            &model.valid(),
+                            &adam,
+                            sp,
+                            mixture_after.clone(),
+                            &at,
+                            &metrics,
+                            &summaries,
+                        )
+                    })
+                    .transpose();
+                agree(peer, "writing the checkpoint", saved)?;
                 saved_at = global_step;
             }
         }
         obs.on(Event::End);
-        let svg = out_dir.join(format!("curves-{}.svg", stage.name));
-        crate::plot::stage_curves(&metrics.path, &stage.name, &svg)?;
-        let eval = if sp.evaluates() {
+        if lead {
+            let svg = out_dir.join(format!("curves-{}.svg", stage.name));
+            crate::plot::stage_curves(&metrics.path, &stage.name, &svg)?;
+        }
+        let eval = if lead && sp.evaluates() {
             Some(log_eval(
                 &model.valid(),
                 sp,
@@ -297,7 +420,13 @@ fn train_with<B: Backend, C: CheckpointStrategy>(
             done: stage.steps,
             resolution,
         };
-        save_checkpoint(&model.valid(), &adam, sp, None, &at, &metrics, &summaries)?;
+        let saved = lead
+            .then(|| save_checkpoint(&model.valid(), &adam, sp, None, &at, &metrics, &summaries))
+            .transpose();
+        agree(peer, "writing the checkpoint", saved)?;
+    }
+    if !lead {
+        return Ok(Vec::new());
     }
     let sp = out_dir.join("summary.json");
     std::fs::write(&sp, serde_json::to_string_pretty(&summaries).expect("json"))
@@ -306,26 +435,33 @@ fn train_with<B: Backend, C: CheckpointStrategy>(
 }
 
 /// How the steps of stage `sp` are taken; the loop and [`replay`] share it.
-struct StageSteps<'p, 'a, D> {
+struct StageSteps<'p, 'a, B: Backend> {
     sp: &'p StagePlan<'a>,
-    settings: StepSettings<'p, D>,
+    settings: StepSettings<'p, B>,
+    device: &'p B::Device,
     /// Steps of the run before this stage (schedules with `continues` count from there).
     stage_start: u64,
 }
 
-impl<'p, 'a, D> StageSteps<'p, 'a, D> {
-    fn new(sp: &'p StagePlan<'a>, devices: &'p [D], stage_start: u64) -> Self {
+impl<'p, 'a, B: Backend> StageSteps<'p, 'a, B> {
+    fn new(
+        sp: &'p StagePlan<'a>,
+        device: &'p B::Device,
+        peer: Option<&'p Peer<B>>,
+        stage_start: u64,
+    ) -> Self {
         let stage = sp.stage;
         let settings = StepSettings {
             optim: &stage.optim,
             loss: &stage.loss,
             groups: &sp.groups,
             grad_accum: stage.grad_accum,
-            devices,
+            peer,
         };
         Self {
             sp,
             settings,
+            device,
             stage_start,
         }
     }
@@ -334,7 +470,7 @@ impl<'p, 'a, D> StageSteps<'p, 'a, D> {
     /// value (also returned, for the log) and its dropout masks, seeded by (seed, step) so a
     /// resumed run draws the same ones.
     #[allow(clippy::type_complexity)]
-    fn take<AD: AutodiffBackend<Device = D>>(
+    fn take<AD: AutodiffBackend<InnerBackend = B, Device = B::Device>>(
         &self,
         model: PaliGemma<AD>,
         adam: &mut AdamState<AD::InnerBackend>,
@@ -344,7 +480,7 @@ impl<'p, 'a, D> StageSteps<'p, 'a, D> {
         norms: bool,
     ) -> Result<(PaliGemma<AD>, StepResult<AD::InnerBackend>, Vec<f64>)> {
         let (sp, stage) = (self.sp, self.sp.stage);
-        let device = &self.settings.devices[0];
+        let device = self.device;
         let inputs = step_inputs::<AD>(batch, &sp.model, stage.attention, stage.loss.on, device)?;
         let sched: Vec<f64> = (0..sp.groups.groups.len())
             .map(|g| sp.groups.at(g, self.stage_start, stage.steps, step))
@@ -411,9 +547,8 @@ fn replay_with<B: Backend, C: CheckpointStrategy>(
         stage.on_error,
         2,
     );
-    let devices = [device.clone()];
     let first = config.run.start_step;
-    let stage_steps = StageSteps::new(sp, &devices, first);
+    let stage_steps = StageSteps::new(sp, device, None, first);
     for step in 0..steps {
         let mut batch = loader.recv()?;
         let (m, out, _) =
@@ -425,22 +560,20 @@ fn replay_with<B: Backend, C: CheckpointStrategy>(
     Ok(model.valid())
 }
 
-/// The main device, after checking that every stage's batch splits over the devices and that
-/// the main device computes in `run.dtype`.
+/// The first device, after checking that every stage's batch splits over the `world` ranks and
+/// that the device computes in `run.dtype`.
 fn check_devices<'d, B: Backend>(
     config: &RunConfig,
     devices: &'d [B::Device],
+    world: usize,
 ) -> Result<&'d B::Device> {
     let device = devices.first().expect("at least one device");
     for s in &config.stages {
-        let parts = s.grad_accum * devices.len();
+        let parts = s.grad_accum * world;
         if !s.batch_size.is_multiple_of(parts) {
             return Err(Error::Config(format!(
-                "stage `{}`: batch_size {} does not split into grad_accum {} × {} devices",
-                s.name,
-                s.batch_size,
-                s.grad_accum,
-                devices.len()
+                "stage `{}`: batch_size {} does not split into grad_accum {} × {} ranks",
+                s.name, s.batch_size, s.grad_accum, world
             )));
         }
     }
@@ -742,7 +875,8 @@ fn truncate(path: &Path, n: u64) -> Result<()> {
 /// numbers go to a TensorBoard event file beside it.
 struct Metrics {
     path: std::path::PathBuf,
-    events: std::sync::Mutex<crate::tensorboard::EventWriter>,
+    /// `None` on the ranks that do not write.
+    events: Option<std::sync::Mutex<crate::tensorboard::EventWriter>>,
 }
 
 fn wall_time() -> f64 {
@@ -757,6 +891,14 @@ impl Metrics {
     /// earlier files exist, the new one starts with a restart at `step` — TensorBoard then drops
     /// their events from `step` on — followed by metrics.jsonl's kept lines of that step, which
     /// the run does not log again.
+    /// What the other ranks of a data-parallel run hold: they write nothing.
+    fn none() -> Self {
+        Self {
+            path: Default::default(),
+            events: None,
+        }
+    }
+
     fn open(out_dir: &Path, kept: Option<u64>, step: u64) -> Result<Self> {
         let path = out_dir.join("metrics.jsonl");
         let t = wall_time();
@@ -783,7 +925,7 @@ impl Metrics {
         }
         Ok(Self {
             path,
-            events: std::sync::Mutex::new(events),
+            events: Some(std::sync::Mutex::new(events)),
         })
     }
 
@@ -807,7 +949,10 @@ impl Metrics {
             .map_err(io(path))?;
         writeln!(f, "{v}").map_err(io(path))?;
         let step = v["step"].as_i64().unwrap_or(0);
-        let mut events = self.events.lock().unwrap_or_else(|e| e.into_inner());
+        let Some(events) = &self.events else {
+            return Ok(());
+        };
+        let mut events = events.lock().unwrap_or_else(|e| e.into_inner());
         let scalars = crate::tensorboard::scalars_of(v);
         events
             .scalars(wall_time(), step, &scalars)
