@@ -68,7 +68,16 @@ impl DistArgs {
             },
         };
         let mut devices = devices;
-        if nodes > 1 && devices.0.len() > 1 {
+        // One device per process only when the launcher started several processes per host
+        // (torchrun and `pali launch` set LOCAL_WORLD_SIZE).
+        let per_host = env("LOCAL_WORLD_SIZE")?.unwrap_or(1);
+        if nodes > 1 && devices.0.len() > 1 && per_host > 1 {
+            if per_host != devices.0.len() {
+                bail!(
+                    "LOCAL_WORLD_SIZE={per_host} processes on this host but {} devices listed:                      list one device per process",
+                    devices.0.len()
+                );
+            }
             if let Some(l) = env("LOCAL_RANK")? {
                 let Some(d) = devices.0.get(l).copied() else {
                     bail!(
@@ -118,6 +127,7 @@ pub fn launch(a: LaunchArgs) -> Result<()> {
             .env("WORLD_SIZE", a.nproc.to_string())
             .env("RANK", r.to_string())
             .env("LOCAL_RANK", r.to_string())
+            .env("LOCAL_WORLD_SIZE", a.nproc.to_string())
             .env("MASTER_ADDR", "127.0.0.1")
             .env("MASTER_PORT", a.port.to_string());
         let child = c.spawn().with_context(|| format!("starting process {r}"))?;

@@ -234,6 +234,15 @@ impl<B: Backend> Peer<B> {
         peer.call("register", move || {
             burn_collective::register::<B>(id, dev, cfg)
         })?;
+        // Every process must have as many devices as this one, or ranks would collide.
+        let ones = Tensor::<B, 1>::ones([1], &peer.device);
+        let seen = peer.sum(ones)?.into_scalar().elem::<f64>() as usize;
+        if seen != world {
+            return Err(Error::Config(format!(
+                "{seen} ranks joined, but this process counts {world} ({} processes × {local_devices}                  devices): every process must list the same number of devices",
+                topo.nodes
+            )));
+        }
         Ok(peer)
     }
 
@@ -283,6 +292,13 @@ impl<B: Backend> Peer<B> {
     /// Marks this process's ranks as failed: the others stop at their next operation.
     pub fn abort() {
         ABORT.store(true, Ordering::Relaxed);
+    }
+
+    /// Before a run: forgets the ranks and the failure of an earlier run in this process (an
+    /// ablation grid trains many runs in one process).
+    pub fn reset() {
+        ABORT.store(false, Ordering::Relaxed);
+        burn_collective::reset_collective::<B>();
     }
 
     /// The sum over ranks of `t`.

@@ -26,7 +26,7 @@ pub struct Split<'a, B: Backend> {
     pub grad_accum: usize,
     /// The other ranks, in a data-parallel run.
     pub peer: Option<&'a Peer<B>>,
-    /// Seeds the RNG (dropout masks) with `seed + rank` before the forward pass.
+    /// Seeds the RNG (dropout masks) with `seed` mixed with the rank before the forward pass.
     pub dropout_seed: Option<u64>,
 }
 
@@ -58,7 +58,11 @@ pub fn batch_gradients<AD: AutodiffBackend>(
             .collect()
     };
     if let Some(s) = split.dropout_seed {
-        AD::seed(&device, s.wrapping_add(rank as u64));
+        // Rank 0 keeps the one-device seed; the others' do not collide with another step's.
+        AD::seed(
+            &device,
+            s ^ (rank as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15),
+        );
     }
     let (value, grads) = local_gradients(model, micro, loss, total_rows, total_w)?;
     let Some(peer) = split.peer.filter(|p| p.world > 1) else {

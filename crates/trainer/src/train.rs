@@ -95,6 +95,9 @@ pub fn train_on<B: Backend>(
     if world == 1 {
         return run(device, None, opts);
     }
+    if topo.nodes == 1 {
+        Peer::<B>::reset();
+    }
     dist::start_node(topo)?;
     let n = devices.len();
     let silent = TrainOptions {
@@ -298,8 +301,10 @@ fn train_with<B: Backend, C: CheckpointStrategy>(
             }
             // Mid-stage evaluations every `eval.every` steps, the first before step 0: where a
             // curve starts matters to some ablations (new-token init: the step-0 perplexity).
-            if lead && stage.eval.every > 0 && step % stage.eval.every == 0 && sp.evaluates() {
+            if stage.eval.every > 0 && step % stage.eval.every == 0 && sp.evaluates() {
                 guard.check(&stage.name, guard.read())?;
+            }
+            if lead && stage.eval.every > 0 && step % stage.eval.every == 0 && sp.evaluates() {
                 log_eval(
                     &model.valid(),
                     sp,
@@ -1244,6 +1249,43 @@ mod tests {
     }
 
     /// The loop reports to the observer it is given (and prints nothing itself).
+    #[test]
+    fn two_local_ranks_train_twice_in_one_process() {
+        // An ablation grid trains run after run in one process: the ranks of a run must leave
+        // the collective so that the next run's can join (and an earlier failure must not stop
+        // it). Two ranks on one CPU device, in two threads.
+        let d = tempfile::tempdir().unwrap();
+        let tok = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../../data/tokenizer/tokenizer.json"
+        );
+        let p = d.path().join("run.toml");
+        std::fs::write(
+            &p,
+            format!(
+                "[run]\nname = \"e\"\nout_dir = \"out\"\n[model]\npreset = \"tiny\"\n\
+                 [tokenizer]\npath = \"{tok}\"\n[[stage]]\nname = \"s\"\nresolution = 16\n\
+                 text_len = 12\nsteps = 2\nbatch_size = 2\nlog_every = 1\n\
+                 optim = {{ lr = 1e-3 }}\n\
+                 source = [{{ kind = \"synth\", task = \"vqa\", size = 10 }}]\n"
+            ),
+        )
+        .unwrap();
+        let devices = [Default::default(), Default::default()];
+        let mut finals = Vec::new();
+        for out in ["a", "b"] {
+            let config = RunConfig::load(&p, &[format!("run.out_dir=\"{out}\"")]).unwrap();
+            let s = train::<burn::backend::Flex>(&config, &devices, &TrainOptions::default());
+            let s = s.unwrap_or_else(|e| panic!("run {out}: {e}"));
+            finals.push(s[0].last_loss);
+        }
+        assert_eq!(finals[0], finals[1], "the same run twice");
+        crate::dist::Peer::<burn::backend::Flex>::abort();
+        let config = RunConfig::load(&p, &["run.out_dir=\"c\"".to_string()]).unwrap();
+        let s = train::<burn::backend::Flex>(&config, &devices, &TrainOptions::default());
+        assert_eq!(s.unwrap()[0].last_loss, finals[0], "after a failed run");
+    }
+
     #[test]
     fn training_reports_its_progress_as_events() {
         let d = tempfile::tempdir().unwrap();
