@@ -10,7 +10,7 @@ use std::sync::atomic::{AtomicU16, Ordering};
 use std::time::{Duration, Instant};
 
 use crate::common::*;
-use crate::train::{config, final_model, max_diff, train_s1};
+use crate::train::{config, final_model, max_diff, metrics, train_s1};
 
 /// A base port P with P (the orchestrator) and P + 1 ..= P + n (the processes' tensor
 /// services) free. Tests of this binary run in parallel: each takes its own range.
@@ -25,7 +25,17 @@ fn ports(n: u16) -> u16 {
     }
 }
 
-/// `pali train` of stage s1 of `cfg` into `DIR/OUT/out` as process `rank` of `world`.
+/// `train --quiet CFG` of stage s1 into `DIR/OUT/out`, then `extra`.
+fn train_args(cfg: &Path, out: &str, extra: &[&str]) -> Vec<String> {
+    let mut a: Vec<String> = ["train", "--quiet"].map(String::from).into();
+    a.push(cfg.display().to_string());
+    a.extend(["--set".into(), format!("run.out_dir=\"{out}/out\"")]);
+    a.extend(["--set", r#"run.stages=["s1"]"#].map(String::from));
+    a.extend(extra.iter().map(|s| s.to_string()));
+    a
+}
+
+/// [`train_args`] as process `rank` of `world` (the launcher's variables set).
 fn rank_cmd(
     cfg: &Path,
     out: &str,
@@ -35,11 +45,7 @@ fn rank_cmd(
     extra: &[&str],
 ) -> Command {
     let mut c = pali();
-    c.args(["train", "--quiet"])
-        .arg(cfg)
-        .args(["--set", &format!("run.out_dir=\"{out}/out\"")])
-        .args(["--set", r#"run.stages=["s1"]"#])
-        .args(extra)
+    c.args(train_args(cfg, out, extra))
         .env("WORLD_SIZE", world.to_string())
         .env("RANK", rank.to_string())
         .env("MASTER_ADDR", "127.0.0.1")
@@ -47,23 +53,23 @@ fn rank_cmd(
     c
 }
 
-/// `pali launch --nproc 2 -- train …` of stage s1 of `cfg` into `DIR/OUT/out`.
+/// [`train_args`] in 2 processes, through `pali launch --nproc 2`.
 fn launch2(cfg: &Path, out: &str, extra: &[&str]) {
-    let port = ports(2);
+    let port = ports(2).to_string();
     let mut c = pali();
-    c.args(["launch", "--nproc", "2", "--port", &port.to_string(), "--"])
-        .args(["train", "--quiet"])
-        .arg(cfg)
-        .args(["--set", &format!("run.out_dir=\"{out}/out\"")])
-        .args(["--set", r#"run.stages=["s1"]"#])
-        .args(extra);
+    c.args(["launch", "--nproc", "2", "--port", &port, "--"])
+        .args(train_args(cfg, out, extra));
     run_ok(&mut c);
 }
 
-fn sets(kv: &[&str]) -> Vec<String> {
-    kv.iter()
-        .flat_map(|s| ["--set".to_string(), s.to_string()])
-        .collect()
+/// [`train_args`] in this one process.
+fn train1(cfg: &Path, out: &str, extra: &[&str]) {
+    run_ok(&mut rank_cmd(cfg, out, 0, 1, 0, extra));
+}
+
+/// Steps logged in `DIR/RUN/out/metrics.jsonl`.
+fn logged_steps(run: &Path) -> usize {
+    metrics(run).iter().filter(|m| m["loss"].is_f64()).count()
 }
 
 /// 2 processes × 1 device: the same weights after 4 steps as 1 process with `grad_accum = 2`
@@ -77,9 +83,7 @@ fn two_processes_equal_one_with_gradient_accumulation() {
         "accum2",
         &["stage.s1.steps=4", "stage.s1.grad_accum=2"],
     );
-    let s = sets(&["stage.s1.steps=4"]);
-    let s: Vec<&str> = s.iter().map(String::as_str).collect();
-    launch2(&cfg, "mp2", &s);
+    launch2(&cfg, "mp2", &["--set", "stage.s1.steps=4"]);
     let (a, b) = (
         final_model(&d.path().join("accum2")),
         final_model(&d.path().join("mp2")),
@@ -92,12 +96,8 @@ fn two_processes_equal_one_with_gradient_accumulation() {
         max_diff(&final_model(&d.path().join("plain")), &b) > 0.0,
         "the second process changed nothing?"
     );
-    let logged = std::fs::read_to_string(d.path().join("mp2/out/metrics.jsonl")).unwrap();
-    let steps = logged.lines().filter(|l| l.contains("\"loss\"")).count();
-    assert_eq!(
-        steps, 4,
-        "metrics.jsonl written by one rank only:\n{logged}"
-    );
+    let steps = logged_steps(&d.path().join("mp2"));
+    assert_eq!(steps, 4, "metrics.jsonl written by one rank only");
 }
 
 fn wait_for(child: &mut Child, limit: Duration) -> Option<std::process::ExitStatus> {
@@ -117,9 +117,14 @@ fn wait_for(child: &mut Child, limit: Duration) -> Option<std::process::ExitStat
 fn a_killed_rank_stops_the_other_and_the_run_resumes_exactly() {
     let d = tempfile::tempdir().unwrap();
     let cfg = config(d.path(), "");
-    let long = sets(&["stage.s1.steps=400", "stage.s1.checkpoint_every=2"]);
-    let mut args: Vec<&str> = long.iter().map(String::as_str).collect();
-    args.extend(["--collective-timeout", "20"]);
+    let args = [
+        "--set",
+        "stage.s1.steps=400",
+        "--set",
+        "stage.s1.checkpoint_every=2",
+        "--collective-timeout",
+        "20",
+    ];
     let port = ports(2);
     let spawn = |r| {
         rank_cmd(&cfg, "killed", r, 2, port, &args)
@@ -153,12 +158,12 @@ fn a_killed_rank_stops_the_other_and_the_run_resumes_exactly() {
     assert!(!st.success(), "rank 0 succeeded without its peer");
     assert!(err.contains("rank 0 of 2"), "{err}");
     // Resumed with both processes, then compared with an uninterrupted run, both to step 20.
-    let mut resume = args.clone();
-    resume.extend(["--resume", "--max-steps", "20"]);
-    launch2(&cfg, "killed", &resume);
-    let mut fresh = args.clone();
-    fresh.extend(["--max-steps", "20"]);
-    launch2(&cfg, "fresh", &fresh);
+    launch2(
+        &cfg,
+        "killed",
+        &[&args[..], &["--resume", "--max-steps", "20"]].concat(),
+    );
+    launch2(&cfg, "fresh", &[&args[..], &["--max-steps", "20"]].concat());
     let ck = |run: &str| {
         let p = d
             .path()
@@ -176,51 +181,28 @@ fn a_killed_rank_stops_the_other_and_the_run_resumes_exactly() {
 fn checkpoints_resume_across_world_sizes() {
     let d = tempfile::tempdir().unwrap();
     let cfg = config(d.path(), "");
-    let s = sets(&["stage.s1.steps=4", "stage.s1.checkpoint_every=2"]);
-    let s: Vec<&str> = s.iter().map(String::as_str).collect();
-    train_s1(
-        &cfg,
-        "one",
-        &["stage.s1.steps=4", "stage.s1.checkpoint_every=2"],
-    );
+    let s = [
+        "--set",
+        "stage.s1.steps=4",
+        "--set",
+        "stage.s1.checkpoint_every=2",
+    ];
+    train1(&cfg, "one", &s);
     let one = final_model(&d.path().join("one"));
+    let first = [&s[..], &["--max-steps", "2"]].concat();
+    let then = [&s[..], &["--resume"]].concat();
     // 2 → 1
-    let mut first = s.clone();
-    first.extend(["--max-steps", "2"]);
     launch2(&cfg, "two-one", &first);
-    let mut c = pali();
-    c.args(["train", "--quiet", "--resume"])
-        .arg(&cfg)
-        .args([
-            "--set",
-            r#"run.out_dir="two-one/out""#,
-            "--set",
-            r#"run.stages=["s1"]"#,
-        ])
-        .args(&s);
-    run_ok(&mut c);
+    train1(&cfg, "two-one", &then);
     // 1 → 2
-    let mut c = pali();
-    c.args(["train", "--quiet", "--max-steps", "2"])
-        .arg(&cfg)
-        .args([
-            "--set",
-            r#"run.out_dir="one-two/out""#,
-            "--set",
-            r#"run.stages=["s1"]"#,
-        ])
-        .args(&s);
-    run_ok(&mut c);
-    let mut then = s.clone();
-    then.push("--resume");
+    train1(&cfg, "one-two", &first);
     launch2(&cfg, "one-two", &then);
     for run in ["two-one", "one-two"] {
         let diff = max_diff(&one, &final_model(&d.path().join(run)));
         eprintln!("{run}: max weight difference to one process {diff}");
         assert!(diff < 1e-5, "{run}: {diff}");
-        let logged = std::fs::read_to_string(d.path().join(run).join("out/metrics.jsonl")).unwrap();
-        let steps = logged.lines().filter(|l| l.contains("\"loss\"")).count();
-        assert_eq!(steps, 4, "{run}: every step logged once:\n{logged}");
+        let steps = logged_steps(&d.path().join(run));
+        assert_eq!(steps, 4, "{run}: every step logged once");
     }
 }
 

@@ -104,7 +104,7 @@ fn train_err(cfg: &Path, args: &[&str]) -> String {
     run_err(pali().arg("train").arg(cfg).args(args))
 }
 
-fn metrics(dir: &Path) -> Vec<serde_json::Value> {
+pub(crate) fn metrics(dir: &Path) -> Vec<serde_json::Value> {
     std::fs::read_to_string(dir.join("out/metrics.jsonl"))
         .unwrap()
         .lines()

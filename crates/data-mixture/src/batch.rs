@@ -182,59 +182,48 @@ pub fn next_share(
     share: Share,
 ) -> Result<Batch> {
     let mine = share.rows(batch_size);
+    // With several ranks and `Fail`, a rank reads only its own rows (no error replaces one).
+    let partial = on_error == OnError::Fail && share.ranks > 1;
     let mut rows = Vec::with_capacity(batch_size);
     let mut skipped = Vec::new();
-    if on_error == OnError::Fail && share.ranks > 1 {
-        let picks: Vec<_> = (0..batch_size)
-            .map(|_| {
+    // Rows of the whole batch drawn so far.
+    let mut filled = 0;
+    while filled < batch_size {
+        // Draw what is missing in stream order, decode it in parallel, each example once.
+        let picks: Vec<_> = (filled..batch_size)
+            .map(|r| {
                 let (s, i) = mix.next_index();
-                (s, i, ((s as u64) << 40) ^ mix.state.sources[s].seen)
+                // The draw's identity (source, examples drawn from it) seeds augmentations.
+                (r, s, i, ((s as u64) << 40) ^ mix.state.sources[s].seen)
             })
             .collect();
-        let drawn = picks[mine]
-            .iter()
-            .map(|&(s, i, draw)| Ok((s, mix.sources[s].get(i)?, draw)))
+        let drawn = picks
+            .into_iter()
+            .filter(|(r, ..)| !partial || mine.contains(r))
+            .map(|(_, s, i, draw)| Ok((s, mix.sources[s].get(i)?, draw)))
             .collect::<Result<Vec<_>>>()?;
         let encoded: Vec<Result<Encoded>> = drawn
             .par_iter()
             .map(|(_, ex, d)| builder.encode(ex, Some(*d)))
             .collect();
         for ((s, ex, _), enc) in drawn.into_iter().zip(encoded) {
-            rows.push((s, ex, enc?));
-        }
-    } else {
-        while rows.len() < batch_size {
-            // Draw what is missing in stream order, decode it in parallel, each example once.
-            let drawn = (rows.len()..batch_size)
-                .map(|_| {
-                    let (s, i) = mix.next_index();
-                    // The draw's identity (source, examples drawn from it) seeds augmentations.
-                    let draw = ((s as u64) << 40) ^ mix.state.sources[s].seen;
-                    Ok((s, mix.sources[s].get(i)?, draw))
-                })
-                .collect::<Result<Vec<_>>>()?;
-            let encoded: Vec<Result<Encoded>> = drawn
-                .par_iter()
-                .map(|(_, ex, d)| builder.encode(ex, Some(*d)))
-                .collect();
-            for ((s, ex, _), enc) in drawn.into_iter().zip(encoded) {
-                match enc {
-                    Ok(enc) => rows.push((s, ex, enc)),
-                    Err(e) if on_error == OnError::Skip => {
-                        skipped.push(e.to_string());
-                        if skipped.len() > 100 * batch_size {
-                            return Err(Error::Invalid(format!(
-                                "too many unreadable examples; last: {e}"
-                            )));
-                        }
+            match enc {
+                Ok(enc) => rows.push((s, ex, enc)),
+                Err(e) if on_error == OnError::Skip => {
+                    skipped.push(e.to_string());
+                    if skipped.len() > 100 * batch_size {
+                        return Err(Error::Invalid(format!(
+                            "too many unreadable examples; last: {e}"
+                        )));
                     }
-                    Err(e) => return Err(e),
                 }
+                Err(e) => return Err(e),
             }
         }
-        if share.ranks > 1 {
-            rows = rows.drain(mine).collect();
-        }
+        filled = if partial { batch_size } else { rows.len() };
+    }
+    if share.ranks > 1 && !partial {
+        rows = rows.drain(mine).collect();
     }
     let mut b = builder.build(rows, skipped)?;
     b.state_after = Some(mix.state.clone());

@@ -118,3 +118,73 @@ fn loader_skips_or_fails_on_unreadable_images() {
         "{e}"
     );
 }
+
+/// Data-parallel shares: rank r's batch is rows r·B/n.. of the one-process batch (with `skip`
+/// too, where an unreadable example shifts every later row), and every rank's mixture state
+/// after the batch is the one-process state.
+#[test]
+fn shares_of_a_batch_are_its_rows() {
+    use pali_data::batch::{next_batch, next_share, BatchBuilder, Share};
+    use pali_data::mixture::Mixture;
+    use std::sync::Arc;
+    let d = tempfile::tempdir().unwrap();
+    let good = r#"{"image": "images/000000.png", "prefix": "caption en", "suffix": "a cat"}"#;
+    let other = r#"{"image": "images/000000.png", "prefix": "caption en", "suffix": "a bird"}"#;
+    let bad = r#"{"image": "images/broken.png", "prefix": "caption en", "suffix": "a dog"}"#;
+    let tok = Arc::new(
+        pali_data::PaliTokenizer::from_file(
+            &Path::new(env!("CARGO_MANIFEST_DIR")).join("../../data/tokenizer/tokenizer.json"),
+        )
+        .unwrap(),
+    );
+    let builder = BatchBuilder {
+        tokenizer: tok,
+        seq: pali_data::SequenceBuilder::new(16),
+        resolution: 16,
+        resize: pali_data::image::ResizeMethod::Bicubic,
+        frames: 1,
+        transforms: Default::default(),
+    };
+    for (on_error, lines) in [
+        (OnError::Fail, vec![good, other, good, other, other]),
+        (OnError::Skip, vec![good, bad, other, good, bad, other]),
+    ] {
+        let p = setup(d.path(), &lines);
+        let ds: Arc<dyn Dataset> = Arc::new(JsonlDataset::open(&p, OnError::Fail, false).unwrap());
+        let mix = || Mixture::new(vec![ds.clone()], &[1.0], 0).unwrap();
+        let mut one = mix();
+        let (whole, next) = (
+            next_batch(&mut one, &builder, 6, on_error).unwrap(),
+            next_batch(&mut one, &builder, 6, on_error).unwrap(),
+        );
+        for ranks in [2, 3] {
+            let t1 = whole.seq_len;
+            let (mut text, mut ids, mut text2) = (Vec::new(), Vec::new(), Vec::new());
+            for rank in 0..ranks {
+                let mut m = mix();
+                let share = Share { rank, ranks };
+                let b = next_share(&mut m, &builder, 6, on_error, share).unwrap();
+                assert_eq!(b.batch_size, 6 / ranks);
+                assert_eq!(b.state_after, whole.state_after, "{on_error:?} {ranks}");
+                assert_eq!(b.skipped, whole.skipped);
+                let px = 3 * 16 * 16;
+                let rows = share.rows(6);
+                assert_eq!(
+                    b.pixel_values,
+                    whole.pixel_values[rows.start * px..rows.end * px]
+                );
+                text.extend(b.text);
+                ids.extend(b.ids);
+                text2.extend(
+                    next_share(&mut m, &builder, 6, on_error, share)
+                        .unwrap()
+                        .text,
+                );
+            }
+            assert_eq!(text, whole.text, "{on_error:?} over {ranks} ranks");
+            assert_eq!(ids, whole.ids);
+            assert_eq!(text2, next.text, "the second batch");
+            assert_eq!(text.len(), 6 * t1);
+        }
+    }
+}

@@ -36,6 +36,16 @@ use crate::optim::Grads;
 /// Set when a rank of this process fails: the others stop waiting at their next operation.
 static ABORT: AtomicBool = AtomicBool::new(false);
 
+/// What the ranks that stop because another failed say ([`follows_another`]).
+const OTHER_FAILED: &str = "another rank of this process failed";
+const RANKS_FAILED: &str = "rank(s) failed";
+
+/// Whether `e` is a rank's stop because another rank failed, rather than a cause.
+pub fn follows_another(e: &Error) -> bool {
+    let e = e.to_string();
+    e.contains(OTHER_FAILED) || e.contains(RANKS_FAILED)
+}
+
 /// Gradient bucket size (f32 elements, 25 MB as PyTorch DDP's default): few collective calls
 /// for many small parameters, and bounded extra memory for the concatenated copy.
 const BUCKET: usize = 25 << 20 >> 2;
@@ -268,7 +278,7 @@ impl<B: Backend> Peer<B> {
                 }
                 Err(RecvTimeoutError::Timeout) => {
                     if ABORT.load(Ordering::Relaxed) {
-                        return Err(self.lost(what, "another rank of this process failed"));
+                        return Err(self.lost(what, OTHER_FAILED));
                     }
                     if Instant::now() > until {
                         let why = format!(
@@ -325,7 +335,7 @@ impl<B: Backend> Peer<B> {
         let failed = self.sum(flag)?.into_scalar().elem::<f64>();
         if failed > 0.0 {
             return Err(Error::Train(format!(
-                "{what}: {failed} rank(s) failed (see their error)"
+                "{what}: {failed} {RANKS_FAILED} (see their error)"
             )));
         }
         Ok(())

@@ -114,7 +114,7 @@ pub fn train_on<B: Backend>(
     };
     // The process's first device runs on this thread (it reports, on node 0); the others each
     // on their own.
-    let outs: Vec<Result<Vec<StageSummary>>> = std::thread::scope(|s| {
+    let mut outs: Vec<Result<Vec<StageSummary>>> = std::thread::scope(|s| {
         let others: Vec<_> = devices[1..]
             .iter()
             .enumerate()
@@ -131,19 +131,12 @@ pub fn train_on<B: Backend>(
             }))
             .collect()
     });
-    // The cause, not a rank that stopped because another failed.
-    let (mut errs, oks): (Vec<_>, Vec<_>) = outs.into_iter().partition(|r| r.is_err());
-    if !errs.is_empty() {
-        let follows = |e: &Result<_>| {
-            e.as_ref().is_err_and(|e| {
-                let e = e.to_string();
-                e.contains("another rank of this process failed") || e.contains("rank(s) failed")
-            })
-        };
-        let i = errs.iter().position(|e| !follows(e)).unwrap_or(0);
-        return errs.swap_remove(i);
-    }
-    Ok(oks.into_iter().next().expect("a rank").expect("ok"))
+    // The cause, not a rank that stopped because another failed; else this thread's result.
+    let cause = outs
+        .iter()
+        .position(|r| r.as_ref().is_err_and(|e| !dist::follows_another(e)))
+        .or_else(|| outs.iter().position(Result::is_err));
+    outs.swap_remove(cause.unwrap_or(0))
 }
 
 /// Held while a rank seeds the backend's generator and draws from it (initialisation, a stage's
@@ -1249,51 +1242,13 @@ mod tests {
     }
 
     /// The loop reports to the observer it is given (and prints nothing itself).
-    #[test]
-    fn two_local_ranks_train_twice_in_one_process() {
-        // An ablation grid trains run after run in one process: the ranks of a run must leave
-        // the collective so that the next run's can join (and an earlier failure must not stop
-        // it). Two ranks on one CPU device, in two threads.
-        let d = tempfile::tempdir().unwrap();
+    /// A 3-step run of the tiny model on 10 synthetic VQA examples (batch 2), in `dir`.
+    fn tiny_run(dir: &Path) -> std::path::PathBuf {
         let tok = concat!(
             env!("CARGO_MANIFEST_DIR"),
             "/../../data/tokenizer/tokenizer.json"
         );
-        let p = d.path().join("run.toml");
-        std::fs::write(
-            &p,
-            format!(
-                "[run]\nname = \"e\"\nout_dir = \"out\"\n[model]\npreset = \"tiny\"\n\
-                 [tokenizer]\npath = \"{tok}\"\n[[stage]]\nname = \"s\"\nresolution = 16\n\
-                 text_len = 12\nsteps = 2\nbatch_size = 2\nlog_every = 1\n\
-                 optim = {{ lr = 1e-3 }}\n\
-                 source = [{{ kind = \"synth\", task = \"vqa\", size = 10 }}]\n"
-            ),
-        )
-        .unwrap();
-        let devices = [Default::default(), Default::default()];
-        let mut finals = Vec::new();
-        for out in ["a", "b"] {
-            let config = RunConfig::load(&p, &[format!("run.out_dir=\"{out}\"")]).unwrap();
-            let s = train::<burn::backend::Flex>(&config, &devices, &TrainOptions::default());
-            let s = s.unwrap_or_else(|e| panic!("run {out}: {e}"));
-            finals.push(s[0].last_loss);
-        }
-        assert_eq!(finals[0], finals[1], "the same run twice");
-        crate::dist::Peer::<burn::backend::Flex>::abort();
-        let config = RunConfig::load(&p, &["run.out_dir=\"c\"".to_string()]).unwrap();
-        let s = train::<burn::backend::Flex>(&config, &devices, &TrainOptions::default());
-        assert_eq!(s.unwrap()[0].last_loss, finals[0], "after a failed run");
-    }
-
-    #[test]
-    fn training_reports_its_progress_as_events() {
-        let d = tempfile::tempdir().unwrap();
-        let tok = concat!(
-            env!("CARGO_MANIFEST_DIR"),
-            "/../../data/tokenizer/tokenizer.json"
-        );
-        let p = d.path().join("run.toml");
+        let p = dir.join("run.toml");
         std::fs::write(
             &p,
             format!(
@@ -1305,6 +1260,37 @@ mod tests {
             ),
         )
         .unwrap();
+        p
+    }
+
+    #[test]
+    fn two_local_ranks_train_twice_in_one_process() {
+        // An ablation grid trains run after run in one process: the collective must forget the
+        // ranks of a run so that the next run's can join, and an earlier failure must not stop
+        // it. Two ranks on one CPU device, in two threads.
+        let d = tempfile::tempdir().unwrap();
+        let p = tiny_run(d.path());
+        let devices = [Default::default(), Default::default()];
+        let mut finals = Vec::new();
+        for out in ["a", "b"] {
+            let sets = [format!("run.out_dir=\"{out}\""), "stage.s.steps=2".into()];
+            let config = RunConfig::load(&p, &sets).unwrap();
+            let s = train::<burn::backend::Flex>(&config, &devices, &TrainOptions::default());
+            let s = s.unwrap_or_else(|e| panic!("run {out}: {e}"));
+            finals.push(s[0].last_loss);
+        }
+        assert_eq!(finals[0], finals[1], "the same run twice");
+        crate::dist::Peer::<burn::backend::Flex>::abort();
+        let sets = ["run.out_dir=\"c\"".to_string(), "stage.s.steps=2".into()];
+        let config = RunConfig::load(&p, &sets).unwrap();
+        let s = train::<burn::backend::Flex>(&config, &devices, &TrainOptions::default());
+        assert_eq!(s.unwrap()[0].last_loss, finals[0], "after a failed run");
+    }
+
+    #[test]
+    fn training_reports_its_progress_as_events() {
+        let d = tempfile::tempdir().unwrap();
+        let p = tiny_run(d.path());
         let config = RunConfig::load(&p, &[]).unwrap();
         let rec = Record::default();
         let opts = TrainOptions {
