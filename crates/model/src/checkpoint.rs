@@ -34,8 +34,13 @@ use crate::error::{io_err, Error, Result};
 pub enum Tower {
     /// A full PaliGemma checkpoint.
     All,
-    /// A SigLIP checkpoint (`SiglipVisionModel` or `SiglipModel`; the text tower is ignored).
+    /// A SigLIP checkpoint (`SiglipVisionModel` or `SiglipModel`) into PaliGemma's image
+    /// encoder; the text tower, the pooling head and the temperature are not used.
     Vision,
+    /// Keys are the module's own parameter paths: a two-tower SigLIP (`SiglipModel`) into
+    /// [`crate::two_tower::TwoTower`], a causal LM (`GemmaForCausalLM`, `model.*`) into a module
+    /// whose decoder field is `model`, a checkpoint pali wrote of the same module.
+    Exact,
     /// A Gemma checkpoint (`GemmaForCausalLM` / `Gemma2ForCausalLM`).
     Language,
 }
@@ -60,20 +65,46 @@ pub fn module_path(key: &str, tower: Tower) -> Option<String> {
             ("model.", "language_model."),
             ("language_model.model.", "language_model."),
         ],
+        Tower::Exact => &[("", "")],
     };
     let tied = ["lm_head.weight", "language_model.lm_head.weight"];
     if tied.contains(&key) {
         return None;
     }
-    if tower == Tower::Vision
-        && (key.starts_with("text_model.") || key == "logit_scale" || key == "logit_bias")
-    {
-        return None; // the other tower of a two-tower SigLIP checkpoint
+    if tower == Tower::Vision && skipped_part(key).is_some() {
+        return None;
     }
     rules
         .iter()
         .find_map(|(from, to)| key.strip_prefix(from).map(|rest| format!("{to}{rest}")))
         .or_else(|| Some(format!("?{key}")))
+}
+
+/// The part of a SigLIP checkpoint that PaliGemma's image encoder does not use, if `key` is
+/// in one: the other tower and the temperature of a two-tower checkpoint, and the pooling
+/// head (PaliGemma uses every patch token).
+pub fn skipped_part(key: &str) -> Option<&'static str> {
+    if key.starts_with("text_model.") {
+        Some("text tower")
+    } else if key.starts_with("vision_model.head.") {
+        Some("pooling head")
+    } else if key == "logit_scale" || key == "logit_bias" {
+        Some("logit scale and bias")
+    } else {
+        None
+    }
+}
+
+/// The parts of `file` that a load into PaliGemma's image encoder leaves out, in first-seen
+/// order (for a one-line notice).
+pub fn skipped_parts(file: &TensorFile) -> Vec<&'static str> {
+    let mut parts = Vec::new();
+    for p in file.names().filter_map(skipped_part) {
+        if !parts.contains(&p) {
+            parts.push(p);
+        }
+    }
+    parts
 }
 
 /// Module path → the legacy hub key (what transformers 4.x and 5.x both load).
@@ -404,7 +435,7 @@ pub fn load_into<B: Backend, M: Module<B>>(
         }
     }
     let only = match tower {
-        Tower::All => None,
+        Tower::All | Tower::Exact => None,
         Tower::Vision => Some("vision_tower."),
         Tower::Language => Some("language_model."),
     };
@@ -502,7 +533,7 @@ pub fn export_tower(src: &Path, tower: Tower, vocab: Option<usize>, out: &Path) 
     let (from, to) = match tower {
         Tower::Language => ("language_model.", "model."),
         Tower::Vision => ("vision_tower.", "vision_model."),
-        Tower::All => {
+        Tower::All | Tower::Exact => {
             return Err(Error::Input(
                 "export_tower: pick the language or the vision tower".into(),
             ))

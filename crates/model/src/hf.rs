@@ -379,7 +379,39 @@ pub fn to_hf_config(c: &PaliGemmaConfig) -> std::result::Result<Value, String> {
     if c.projector != ProjectorKind::Linear {
         return Err("the MLP connector has no HF equivalent (HF PaliGemma uses one Linear)".into());
     }
+    let mut text = gemma_json(&c.text);
+    text.as_object_mut()
+        .unwrap()
+        .insert("num_image_tokens".into(), json!(v.num_patches()));
     let t = &c.text;
+    Ok(json!({
+        "architectures": ["PaliGemmaForConditionalGeneration"],
+        "model_type": "paligemma",
+        "image_token_index": c.image_token_id,
+        "projection_dim": t.hidden_size,
+        "hidden_size": t.hidden_size,
+        "vocab_size": t.vocab_size,
+        "tie_word_embeddings": true,
+        "text_config": text,
+        "vision_config": {
+            "model_type": "siglip_vision_model",
+            "hidden_size": v.hidden_size,
+            "intermediate_size": v.intermediate_size,
+            "num_hidden_layers": v.num_layers,
+            "num_attention_heads": v.num_heads,
+            "patch_size": v.patch_size,
+            "image_size": v.image_size,
+            "layer_norm_eps": v.layer_norm_eps,
+            "hidden_act": "gelu_pytorch_tanh",
+            "projection_dim": t.hidden_size,
+            "num_image_tokens": v.num_patches(),
+            "vision_use_head": false,
+        },
+    }))
+}
+
+/// The decoder's HF config (`GemmaConfig` / `Gemma2Config` fields, transformers 5.24).
+pub fn gemma_json(t: &GemmaConfig) -> Value {
     let gemma2 = t.post_norms;
     let mut text = json!({
         "model_type": if gemma2 { "gemma2" } else { "gemma" },
@@ -394,7 +426,6 @@ pub fn to_hf_config(c: &PaliGemmaConfig) -> std::result::Result<Value, String> {
         "rope_theta": t.rope_theta,
         "rope_parameters": {"rope_type": "default", "rope_theta": t.rope_theta},
         "hidden_activation": "gelu_pytorch_tanh",
-        "num_image_tokens": v.num_patches(),
         "tie_word_embeddings": true,
     });
     if gemma2 {
@@ -420,28 +451,22 @@ pub fn to_hf_config(c: &PaliGemmaConfig) -> std::result::Result<Value, String> {
             .collect();
         m.insert("layer_types".into(), json!(types));
     }
-    Ok(json!({
-        "architectures": ["PaliGemmaForConditionalGeneration"],
-        "model_type": "paligemma",
-        "image_token_index": c.image_token_id,
-        "projection_dim": t.hidden_size,
-        "hidden_size": t.hidden_size,
-        "vocab_size": t.vocab_size,
-        "tie_word_embeddings": true,
-        "text_config": text,
-        "vision_config": {
-            "model_type": "siglip_vision_model",
-            "hidden_size": v.hidden_size,
-            "intermediate_size": v.intermediate_size,
-            "num_hidden_layers": v.num_layers,
-            "num_attention_heads": v.num_heads,
-            "patch_size": v.patch_size,
-            "image_size": v.image_size,
-            "layer_norm_eps": v.layer_norm_eps,
-            "hidden_act": "gelu_pytorch_tanh",
-            "projection_dim": t.hidden_size,
-            "num_image_tokens": v.num_patches(),
-            "vision_use_head": false,
-        },
-    }))
+    text
+}
+
+/// A standalone decoder's `config.json` (`GemmaForCausalLM` / `Gemma2ForCausalLM`): what a
+/// stage-0 language model is saved with. `ids` are `[bos, eos, pad]` ([`special_ids`]).
+pub fn causal_lm_config(t: &GemmaConfig, [bos, eos, pad]: [u64; 3]) -> Value {
+    let mut v = gemma_json(t);
+    let arch = if t.post_norms {
+        "Gemma2ForCausalLM"
+    } else {
+        "GemmaForCausalLM"
+    };
+    let m = v.as_object_mut().unwrap();
+    m.insert("architectures".into(), json!([arch]));
+    m.insert("pad_token_id".into(), json!(pad));
+    m.insert("eos_token_id".into(), json!(eos));
+    m.insert("bos_token_id".into(), json!(bos));
+    v
 }

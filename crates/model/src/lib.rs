@@ -16,6 +16,7 @@ pub mod precision;
 pub mod presets;
 pub mod projector;
 pub mod siglip;
+pub mod two_tower;
 pub mod vqvae;
 
 pub use config::{

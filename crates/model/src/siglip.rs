@@ -1,12 +1,14 @@
 //! SigLIP ViT image encoder, as HF `modeling_siglip.py` (5.24, lines 124-185, 237-356, 566-611)
 //! and big_vision `models/vit.py`: conv patch embedding, learned position embedding (no CLS),
-//! pre-LN blocks (MHA with biases, GELU-tanh MLP), final LayerNorm. No pooling head.
+//! pre-LN blocks (MHA with biases, GELU-tanh MLP), final LayerNorm. PaliGemma uses every patch
+//! token (no head); the stage-0 two-tower model adds SigLIP's attention-pooling head
+//! ([`MapHead`], HF `SiglipMultiheadAttentionPoolingHead`).
 //!
 //! Field names mirror the HF checkpoint keys (`embeddings.patch_embedding`, `encoder.layers.{i}
 //! .self_attn.q_proj`, …) so that checkpoint IO needs no remap table.
 
 use crate::activation::gelu_tanh;
-use burn::module::Module;
+use burn::module::{Module, Param};
 use burn::nn::conv::{Conv2d, Conv2dConfig};
 use burn::nn::{Embedding, EmbeddingConfig, LayerNorm, LayerNormConfig, Linear, LinearConfig};
 use burn::tensor::backend::Backend;
@@ -57,6 +59,29 @@ pub struct SiglipVision<B: Backend> {
     pub embeddings: SiglipEmbeddings<B>,
     pub encoder: SiglipEncoder<B>,
     pub post_layernorm: LayerNorm<B>,
+    /// The attention-pooling head of a contrastive (stage-0) tower; `None` inside PaliGemma.
+    pub head: Option<MapHead<B>>,
+}
+
+/// `torch.nn.MultiheadAttention` as HF's pooling head holds it: one packed `[3D, D]` input
+/// projection (PyTorch layout, rows q | k | v) and an output projection.
+#[derive(Module, Debug)]
+pub struct PoolAttention<B: Backend> {
+    pub in_proj_weight: Param<Tensor<B, 2>>,
+    pub in_proj_bias: Param<Tensor<B, 1>>,
+    pub out_proj: Linear<B>,
+    pub num_heads: usize,
+}
+
+/// Multihead attention pooling (big_vision `MAPHead`): one learned probe attends to every
+/// patch, then LayerNorm and a residual MLP.
+#[derive(Module, Debug)]
+pub struct MapHead<B: Backend> {
+    /// [1, 1, D]
+    pub probe: Param<Tensor<B, 3>>,
+    pub attention: PoolAttention<B>,
+    pub layernorm: LayerNorm<B>,
+    pub mlp: SiglipMlp<B>,
 }
 
 impl SiglipConfig {
@@ -95,6 +120,7 @@ impl SiglipConfig {
             })
             .init(device);
         SiglipVision {
+            head: None,
             embeddings: SiglipEmbeddings {
                 patch_embedding: Conv2dConfig::new([3, d], [self.patch_size; 2])
                     .with_stride([self.patch_size; 2])
@@ -104,6 +130,68 @@ impl SiglipConfig {
             encoder: SiglipEncoder { layers },
             post_layernorm: ln(),
         }
+    }
+}
+
+impl SiglipConfig {
+    /// The encoder with an attention-pooling head (a contrastive tower).
+    pub fn init_with_head<B: Backend>(&self, device: &B::Device) -> SiglipVision<B> {
+        let d = self.hidden_size;
+        // HF's init: Xavier-uniform probe and packed projection (PyTorch's fans of a [1, 1, D]
+        // tensor are D and D), zero projection bias.
+        let xavier = burn::nn::Initializer::XavierUniform { gain: 1.0 };
+        let mut v = self.init(device);
+        v.head = Some(MapHead {
+            probe: xavier.init_with([1, 1, d], Some(d), Some(d), device),
+            attention: PoolAttention {
+                in_proj_weight: xavier.init_with([3 * d, d], Some(d), Some(3 * d), device),
+                in_proj_bias: Param::from_tensor(Tensor::zeros([3 * d], device)),
+                out_proj: LinearConfig::new(d, d).init(device),
+                num_heads: self.num_heads,
+            },
+            layernorm: LayerNormConfig::new(d)
+                .with_epsilon(self.layer_norm_eps)
+                .init(device),
+            mlp: SiglipMlp {
+                fc1: LinearConfig::new(d, self.intermediate_size).init(device),
+                fc2: LinearConfig::new(self.intermediate_size, d).init(device),
+                compute: Compute::F32,
+            },
+        });
+        v
+    }
+}
+
+impl<B: Backend> MapHead<B> {
+    /// # Shapes
+    /// - x: [B, N, D] (the encoder output after `post_layernorm`) → [B, D]
+    pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 2> {
+        let [b, n, d] = x.dims();
+        let a = &self.attention;
+        let h = a.num_heads;
+        let w = a.in_proj_weight.val(); // [3D, D]
+        let bias = a.in_proj_bias.val(); // [3D]
+        let proj = |t: Tensor<B, 3>, i: usize| {
+            let wi = w.clone().slice([i * d..(i + 1) * d, 0..d]).transpose(); // [D, D]
+            let bi = bias.clone().slice(i * d..(i + 1) * d).reshape([1, 1, d]);
+            t.matmul(wi.unsqueeze()) + bi
+        };
+        let probe = self.probe.val().expand([b, 1, d]);
+        let heads = |t: Tensor<B, 3>, len: usize| t.reshape([b, len, h, d / h]).swap_dims(1, 2);
+        let q = heads(proj(probe, 0), 1); // [B, H, 1, Dh]
+        let k = heads(proj(x.clone(), 1), n);
+        let v = heads(proj(x, 2), n);
+        let opts = AttentionModuleOptions {
+            scale: Some(((d / h) as f64).powf(-0.5)),
+            softcap: None,
+            is_causal: false,
+        };
+        let o = Compute::F32.attention(q, k, v, None, opts); // [B, H, 1, Dh]
+        let o = a.out_proj.forward(o.swap_dims(1, 2).reshape([b, 1, d]));
+        let c = self.mlp.compute;
+        let hid = c.linear(&self.mlp.fc1, self.layernorm.forward(o.clone()));
+        let o = o + c.linear(&self.mlp.fc2, gelu_tanh(hid));
+        o.reshape([b, d])
     }
 }
 
@@ -183,6 +271,18 @@ impl<B: Backend> SiglipVision<B> {
             h.push(x.clone());
         }
         self.post_layernorm.forward(x)
+    }
+
+    /// The pooled image embedding of a tower with a head (HF `pooler_output`).
+    ///
+    /// # Shapes
+    /// - pixels: [B, 3, H, W] → [B, D]
+    pub fn pooled(&self, pixels: Tensor<B, 4>) -> Tensor<B, 2> {
+        let head = self
+            .head
+            .as_ref()
+            .expect("pooled() needs a tower built with init_with_head");
+        head.forward(self.forward(pixels, None))
     }
 }
 
