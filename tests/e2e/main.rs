@@ -13,5 +13,6 @@ mod cli_model;
 mod distributed;
 mod parity;
 mod parity_wgpu;
+mod stage0;
 mod train;
 mod vqvae;

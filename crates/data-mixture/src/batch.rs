@@ -57,7 +57,8 @@ pub struct BatchBuilder {
     pub seq: SequenceBuilder,
     pub resolution: usize,
     pub resize: ResizeMethod,
-    /// Images per example; every example must have exactly this many.
+    /// Images per example; every example must have exactly this many. 0: text only (images,
+    /// if any, are not read).
     pub frames: usize,
     /// Downscale, windowing (each image becomes `window²` frames) and augmentations.
     pub transforms: crate::transform::Transforms,
@@ -72,7 +73,7 @@ impl BatchBuilder {
     /// Tokens and pixels of one example; `draw` (unique per draw of the stream) seeds the
     /// augmentations, `None` for none.
     pub fn encode(&self, ex: &Example, draw: Option<u64>) -> Result<Encoded> {
-        if ex.images.len() != self.frames {
+        if self.frames > 0 && ex.images.len() != self.frames {
             return Err(Error::Invalid(format!(
                 "{}: {} images, but the stage expects {} per example",
                 ex.id,
@@ -85,7 +86,7 @@ impl BatchBuilder {
             .train(&self.tokenizer, &ex.prefix, &ex.suffix)
             .map_err(|e| Error::Invalid(format!("{}: {e}", ex.id)))?;
         let mut px = Vec::with_capacity(self.model_frames() * 3 * self.resolution.pow(2));
-        for (k, im) in ex.images.iter().enumerate() {
+        for (k, im) in ex.images.iter().take(self.frames).enumerate() {
             let draw = draw.map(|d| d.wrapping_mul(31).wrapping_add(k as u64));
             px.extend(
                 self.transforms

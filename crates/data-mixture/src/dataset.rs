@@ -316,7 +316,10 @@ pub(crate) fn parse_line(
             None => Err(line_err(path, line_no, format!("missing field `{field}`"))),
         }
     };
+    // A text-only row (stage-0 language-model data): `{"text": ...}`, no image.
+    let text_only = obj.contains_key("text") && !obj.contains_key("image");
     let image_names: Vec<String> = match obj.get("image") {
+        None if text_only => Vec::new(),
         Some(Value::String(s)) => vec![s.clone()],
         Some(Value::Array(a)) if !a.is_empty() => a
             .iter()
@@ -368,8 +371,23 @@ pub(crate) fn parse_line(
             ))
         }
     };
-    let (prefix, suffix) = (text("prefix")?, text("suffix")?);
-    for (field, t) in [("prefix", &prefix), ("suffix", &suffix)] {
+    let (prefix, suffix) = if text_only {
+        if let Some(k) = ["prefix", "suffix"]
+            .into_iter()
+            .find(|k| obj.contains_key(*k))
+        {
+            return Err(line_err(
+                path,
+                line_no,
+                format!("field `{k}`: a text-only row (`text`, no `image`) has no {k}"),
+            ));
+        }
+        (String::new(), text("text")?)
+    } else {
+        (text("prefix")?, text("suffix")?)
+    };
+    let suffix_field = if text_only { "text" } else { "suffix" };
+    for (field, t) in [("prefix", &prefix), (suffix_field, &suffix)] {
         if let Some(tok) = RESERVED.iter().find(|tok| t.contains(*tok)) {
             return Err(line_err(
                 path,

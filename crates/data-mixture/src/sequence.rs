@@ -53,6 +53,9 @@ pub struct SequenceBuilder {
     pub truncation: Truncation,
     /// Loss on prefix tokens too (the paper's "prefix and suffix" loss ablation, §5.2).
     pub loss_on_prefix: bool,
+    /// Text alone, for stage 0: `[BOS] suffix [EOS] [PAD] …` (the prefix and the separator are
+    /// left out), loss on every token after BOS.
+    pub text_only: bool,
 }
 
 impl SequenceBuilder {
@@ -61,11 +64,15 @@ impl SequenceBuilder {
             text_len,
             truncation: Truncation::default(),
             loss_on_prefix: false,
+            text_only: false,
         }
     }
 
     fn prefix_ids(&self, tok: &PaliTokenizer, prefix: &str) -> Result<Vec<u32>> {
         let mut ids = vec![tok.bos];
+        if self.text_only {
+            return Ok(ids);
+        }
         ids.extend(tok.encode(prefix)?);
         ids.extend(tok.encode("\n")?);
         Ok(ids)

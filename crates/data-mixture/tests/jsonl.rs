@@ -42,6 +42,12 @@ fn each_bad_line_is_named() {
             "cannot decode",
         ),
         (r#"[1, 2]"#, "expected a JSON object"),
+        (r#"{"text": 5}"#, "field `text`: expected a string"),
+        (
+            r#"{"text": "a", "suffix": "b"}"#,
+            "field `suffix`: a text-only row",
+        ),
+        (r#"{"text": "a <eos> b"}"#, "field `text`: contains `<eos>`"),
     ];
     for (bad, want) in cases {
         let p = setup(d.path(), &[good, bad]);
@@ -55,6 +61,21 @@ fn each_bad_line_is_named() {
         let ok = JsonlDataset::open(&p, OnError::Skip, true).unwrap();
         assert_eq!((ok.len(), ok.skipped.len()), (1, 1), "{bad}");
     }
+}
+
+/// Stage-0 language-model data: `{"text": ...}` rows have no image and the text as suffix.
+#[test]
+fn text_only_rows_read_as_suffixes() {
+    let d = tempfile::tempdir().unwrap();
+    let p = setup(
+        d.path(),
+        &[r#"{"text": "one two"}"#, r#"{"text": "three", "id": 7}"#],
+    );
+    let ds = JsonlDataset::open(&p, OnError::Fail, true).unwrap();
+    let a = ds.get(0).unwrap();
+    assert!(a.images.is_empty());
+    assert_eq!((a.prefix.as_str(), a.suffix.as_str()), ("", "one two"));
+    assert_eq!(ds.get(1).unwrap().id, "7");
 }
 
 #[test]

@@ -352,10 +352,54 @@ fn default_timescale() -> f64 {
     10_000.0
 }
 
+/// What a stage trains: the paper's stage 0 (unimodal towers) or PaliGemma itself.
+#[derive(Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum StageKind {
+    /// PaliGemma (stages 1, 2 and transfers).
+    #[default]
+    Vlm,
+    /// Stage 0, image side: a SigLIP two-tower model with the sigmoid loss on image–text
+    /// pairs (each example's image and suffix); later stages start from its image encoder.
+    Siglip,
+    /// Stage 0, text side: Gemma next-token pretraining on text alone (each example's
+    /// suffix); later stages start from its decoder.
+    Lm,
+}
+
+impl StageKind {
+    pub fn is_vlm(&self) -> bool {
+        *self == StageKind::Vlm
+    }
+}
+
+/// `[stage.text_tower]`: the text tower of a `kind = "siglip"` stage. Defaults: the image
+/// encoder's width, depth, heads and MLP width; `text_len` positions; the tokenizer's vocabulary.
+#[derive(Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[serde(deny_unknown_fields)]
+pub struct TextTower {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hidden_size: Option<usize>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub num_layers: Option<usize>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub num_heads: Option<usize>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub intermediate_size: Option<usize>,
+}
+
 #[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct Stage {
     pub name: String,
+    /// `vlm` (default), or stage 0: `siglip` / `lm` (see [`StageKind`]). Stage-0 stages come
+    /// first; each writes its tower under `out_dir/NAME/` and the first PaliGemma stage starts
+    /// from it.
+    #[serde(default, skip_serializing_if = "StageKind::is_vlm")]
+    pub kind: StageKind,
+    /// The text tower of a `siglip` stage.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub text_tower: Option<TextTower>,
     pub resolution: usize,
     pub text_len: usize,
     /// Optimizer steps; or leave out and give `epochs` or `examples`, from which the steps are
@@ -901,6 +945,73 @@ impl RunConfig {
         }
     }
 
+    /// Stage-0 stages come first, one of each kind at most, and replace the matching `init_*`
+    /// checkpoint; options that only PaliGemma has are refused on them.
+    fn validate_stage_kinds(&self) -> std::result::Result<(), String> {
+        let mut seen_vlm = false;
+        for (i, s) in self.stages.iter().enumerate() {
+            let at = format!("stage {} (`{}`)", i + 1, s.name);
+            if s.kind.is_vlm() {
+                seen_vlm = true;
+                if s.text_tower.is_some() {
+                    return Err(format!(
+                        "{at}: text_tower applies to kind = \"siglip\" stages"
+                    ));
+                }
+                continue;
+            }
+            let kind = if s.kind == StageKind::Siglip {
+                "siglip"
+            } else {
+                "lm"
+            };
+            if seen_vlm {
+                return Err(format!(
+                    "{at}: a kind = \"{kind}\" stage (stage 0) must come before every PaliGemma \
+                     stage"
+                ));
+            }
+            if let Some(o) = self.stages[..i].iter().find(|o| o.kind == s.kind) {
+                return Err(format!(
+                    "{at}: a second kind = \"{kind}\" stage (the first is `{}`)",
+                    o.name
+                ));
+            }
+            let (key, given) = match s.kind {
+                StageKind::Siglip => ("init_siglip", self.model.init_siglip.is_some()),
+                _ => ("init_gemma", self.model.init_gemma.is_some()),
+            };
+            if given || self.model.init_hf.is_some() {
+                return Err(format!(
+                    "{at}: the kind = \"{kind}\" stage trains the tower that `model.{}` would \
+                     load; give one or the other",
+                    if given { key } else { "init_hf" }
+                ));
+            }
+            if s.kind == StageKind::Lm && s.text_tower.is_some() {
+                return Err(format!(
+                    "{at}: text_tower applies to kind = \"siglip\" stages"
+                ));
+            }
+            if s.kind == StageKind::Siglip && self.model.encoder == EncoderChoice::None {
+                return Err(format!(
+                    "{at}: model.encoder = \"none\" has no image encoder to pretrain"
+                ));
+            }
+            if !s.reset.is_empty() || s.window != 1 || s.llm_dropout != 0.0 || s.grad_accum != 1 {
+                return Err(format!(
+                    "{at}: reset, window, llm_dropout and grad_accum apply to PaliGemma stages"
+                ));
+            }
+            if s.kind == StageKind::Siglip && s.batch_size < 2 {
+                return Err(format!(
+                    "{at}: the sigmoid loss needs negatives: batch_size ≥ 2"
+                ));
+            }
+        }
+        Ok(())
+    }
+
     /// Checks everything that can be checked before training starts.
     pub fn validate(&self, path: &Path) -> Result<()> {
         let err = |m: String| Err(Error::Config(format!("{}: {m}", path.display())));
@@ -935,6 +1046,7 @@ impl RunConfig {
         } else if self.model.preset.is_none() {
             return err("model: give `preset` or `init_hf`".into());
         }
+        self.validate_stage_kinds().or_else(err)?;
         for (i, s) in self.stages.iter().enumerate() {
             let at = format!("stage {} (`{}`)", i + 1, s.name);
             if s.sources.is_empty() {

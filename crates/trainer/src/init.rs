@@ -42,7 +42,16 @@ pub fn unimodal<B: Backend>(
         let loaded = load_into(c.init::<B>(device), &file, Tower::Vision)?;
         let loaded = crate::posemb::set_resolution(loaded, res, want);
         model.vision_tower = loaded.vision_tower;
-        notes.push(format!("image encoder from {} ({res} px)", p.display()));
+        let skipped = pali_model::checkpoint::skipped_parts(&file);
+        let unused = if skipped.is_empty() {
+            String::new()
+        } else {
+            format!("; not used: {}", skipped.join(", "))
+        };
+        notes.push(format!(
+            "image encoder from {} ({res} px{unused})",
+            p.display()
+        ));
     }
     if let Some(p) = &m.init_gemma {
         let (lm, added) = gemma(p, cfg, m.token_init, device)?;

@@ -106,6 +106,18 @@ pub fn holds_run(dir: &Path) -> bool {
     non_empty("metrics.jsonl")
         || dir.join("summary.json").exists()
         || !crate::ckpt::checkpoints(dir).is_empty()
+        || stage0_dirs(dir).any(|d| holds_run(&d))
+}
+
+/// The stage-0 directories a run may hold (`out_dir/NAME/` with a `metrics.jsonl`,
+/// checkpoints or a `final/`).
+fn stage0_dirs(dir: &Path) -> impl Iterator<Item = std::path::PathBuf> {
+    std::fs::read_dir(dir)
+        .into_iter()
+        .flatten()
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.is_dir() && p.file_name().is_some_and(|n| n != "checkpoints"))
+        .filter(|p| p.join("metrics.jsonl").is_file() || p.join("final").is_dir())
 }
 
 /// `DIR.old-1`, `DIR.old-2`, …: the first that does not exist.

@@ -16,9 +16,12 @@ use pali_data::mixture::{FewShot, Mixture};
 use pali_data::transform::Transforms;
 use pali_data::{PaliTokenizer, SequenceBuilder};
 use pali_eval::Task;
-use pali_model::{ImageEncoder, PaliGemmaConfig, ProjectorKind};
+use pali_model::two_tower::{SiglipTextConfig, TwoTowerConfig};
+use pali_model::{GemmaConfig, ImageEncoder, PaliGemmaConfig, ProjectorKind};
 
-use crate::config::{EncoderChoice, ProjectorChoice, RunConfig, SourceKind, Stage};
+use crate::config::{
+    EncoderChoice, ModelSection, ProjectorChoice, RunConfig, SourceKind, Stage, StageKind,
+};
 use crate::error::{Error, Result};
 use crate::optim::{self, Groups};
 use crate::vqvae::VqVaeEncoder;
@@ -30,7 +33,131 @@ pub type MaskEncoders = HashMap<PathBuf, Arc<dyn MaskEncoder>>;
 pub struct RunPlan<'a> {
     pub config: &'a RunConfig,
     pub tokenizer: Arc<PaliTokenizer>,
+    /// Stage 0 (`kind = "siglip"` / `"lm"`), trained first.
+    pub towers: Vec<TowerPlan<'a>>,
+    /// The PaliGemma stages.
     pub stages: Vec<StagePlan<'a>>,
+    /// `[model]` as the first PaliGemma stage starts from it: with the stage-0 towers as
+    /// `init_siglip` / `init_gemma`.
+    pub init: ModelSection,
+}
+
+/// The model a stage-0 stage trains.
+#[derive(Debug, Clone)]
+pub enum TowerModel {
+    Siglip(TwoTowerConfig),
+    /// The decoder, its vocabulary without the `<loc>`/`<seg>` rows when the tokenizer keeps
+    /// them at its end (stage 1 adds them with `token_init`, as the paper does).
+    Lm(GemmaConfig),
+}
+
+/// One stage-0 stage, checked and ready.
+pub struct TowerPlan<'a> {
+    /// Position in the run's stage list.
+    pub index: usize,
+    pub stage: &'a Stage,
+    pub config: &'a RunConfig,
+    pub model: TowerModel,
+    pub groups: Groups,
+    pub train: Vec<Arc<dyn Dataset>>,
+    pub val: Vec<Option<Arc<dyn Dataset>>>,
+    pub eval_set: Option<Arc<dyn Dataset>>,
+    pub tokenizer: Arc<PaliTokenizer>,
+}
+
+impl TowerPlan<'_> {
+    /// The stage's own directory: checkpoints, metrics, and the finished tower.
+    pub fn dir(&self) -> PathBuf {
+        self.config.run.out_dir.join(&self.stage.name)
+    }
+
+    /// The finished tower (an HF checkpoint directory), written once at the end of the stage.
+    pub fn output(&self) -> PathBuf {
+        self.dir().join("final")
+    }
+
+    pub fn mixture(&self) -> Result<Mixture> {
+        mixture(self.stage, &self.train, self.config.run.seed, self.index)
+    }
+
+    pub fn batch_builder(&self) -> BatchBuilder {
+        recipe(
+            self.stage,
+            &self.tokenizer,
+            self.config.run.seed.wrapping_add(self.index as u64),
+        )
+    }
+
+    /// Validation examples: `eval.jsonl`, else the first source's validation split.
+    pub fn validation(&self) -> Option<Arc<dyn Dataset>> {
+        self.eval_set.clone().or_else(|| self.val[0].clone())
+    }
+}
+
+/// The vocabulary of a stage-0 decoder: the tokenizer's, less a `<loc>`/`<seg>` block at its
+/// end.
+pub fn lm_vocab(tok: &PaliTokenizer) -> usize {
+    let v = tok.vocab_size();
+    let mut special: Vec<u32> = tok.loc.iter().chain(&tok.seg).copied().collect();
+    special.sort_unstable();
+    let at_end = special.first().is_some_and(|&first| {
+        special.len() == v - first as usize
+            && special
+                .iter()
+                .enumerate()
+                .all(|(i, &id)| id as usize == first as usize + i)
+    });
+    if at_end {
+        special[0] as usize
+    } else {
+        v
+    }
+}
+
+/// The model of stage-0 stage `stage`.
+fn tower_model(config: &RunConfig, tok: &PaliTokenizer, stage: &Stage) -> Result<TowerModel> {
+    let c = model_config(config, tok, stage.resolution)?;
+    match stage.kind {
+        StageKind::Lm => {
+            let mut t = c.text;
+            t.vocab_size = lm_vocab(tok);
+            Ok(TowerModel::Lm(t))
+        }
+        _ => {
+            let ImageEncoder::Siglip(v) = c.vision else {
+                return Err(Error::Config(format!(
+                    "stage `{}`: the model has no image encoder to pretrain",
+                    stage.name
+                )));
+            };
+            let tt = stage.text_tower.unwrap_or_default();
+            let text = SiglipTextConfig::new(tok.vocab_size(), v.hidden_size)
+                .with_hidden_size(tt.hidden_size.unwrap_or(v.hidden_size))
+                .with_num_layers(tt.num_layers.unwrap_or(v.num_layers))
+                .with_num_heads(tt.num_heads.unwrap_or(v.num_heads))
+                .with_intermediate_size(tt.intermediate_size.unwrap_or(v.intermediate_size))
+                .with_max_position_embeddings(stage.text_len)
+                .with_layer_norm_eps(v.layer_norm_eps);
+            if !text.hidden_size.is_multiple_of(text.num_heads) {
+                return Err(Error::Config(format!(
+                    "stage `{}`: text_tower.hidden_size {} is not a multiple of its {} heads",
+                    stage.name, text.hidden_size, text.num_heads
+                )));
+            }
+            Ok(TowerModel::Siglip(TwoTowerConfig { vision: v, text }))
+        }
+    }
+}
+
+/// A stage's training stream: its sources mixed by weight, seeded by the run's seed and the
+/// stage's position.
+fn mixture(stage: &Stage, train: &[Arc<dyn Dataset>], seed: u64, index: usize) -> Result<Mixture> {
+    let weights: Vec<f64> = stage.sources.iter().map(|s| s.weight).collect();
+    Ok(Mixture::new(
+        train.to_vec(),
+        &weights,
+        seed.wrapping_add(index as u64),
+    )?)
 }
 
 /// One stage, checked and ready.
@@ -77,7 +204,45 @@ impl<'a> RunPlan<'a> {
         let encoders = mask_encoders::<B>(config, device)?;
         let mut stages = Vec::with_capacity(config.stages.len());
         let mut paths = None;
+        let mut towers = Vec::new();
+        let mut init = config.model.clone();
         for (index, stage) in config.stages.iter().enumerate() {
+            let eval_set: Option<Arc<dyn Dataset>> = match &stage.eval.jsonl {
+                Some(p) => Some(Arc::new(JsonlDataset::open(p, stage.on_error, false)?)),
+                None => None,
+            };
+            if !stage.kind.is_vlm() {
+                let model = tower_model(config, &tokenizer, stage)?;
+                let paths = match &model {
+                    TowerModel::Siglip(c) => optim::param_paths::<B, _>(&c.init::<B>(device)),
+                    TowerModel::Lm(c) => optim::param_paths::<B, _>(&crate::stage0::CausalLm {
+                        model: c.init::<B>(device),
+                        sliding_window: c.sliding_window,
+                    }),
+                };
+                let groups = Groups::new(stage);
+                groups.assign(&paths).map_err(|e| {
+                    Error::Config(format!("stage {} (`{}`): {e}", index + 1, stage.name))
+                })?;
+                let plan = TowerPlan {
+                    index,
+                    stage,
+                    config,
+                    model,
+                    groups,
+                    train: sources(stage, config.run.seed, &encoders)?,
+                    val: validation_sources(stage, config.run.seed, &encoders),
+                    eval_set,
+                    tokenizer: tokenizer.clone(),
+                };
+                let out = Some(plan.output().join("model.safetensors"));
+                match stage.kind {
+                    StageKind::Siglip => init.init_siglip = out,
+                    _ => init.init_gemma = out,
+                }
+                towers.push(plan);
+                continue;
+            }
             let model = model_config(config, &tokenizer, stage.resolution)?;
             if let ImageEncoder::Siglip(v) = &model.vision {
                 if stage.resolution < v.patch_size || !stage.resolution.is_multiple_of(v.patch_size)
@@ -107,10 +272,6 @@ impl<'a> RunPlan<'a> {
                 .filter(|(_, g)| !paths.iter().any(|p| g.params.is_match(p)))
                 .map(|(i, g)| format!("group {} (`{}`)", i + 1, g.params.as_str()))
                 .collect();
-            let eval_set: Option<Arc<dyn Dataset>> = match &stage.eval.jsonl {
-                Some(p) => Some(Arc::new(JsonlDataset::open(p, stage.on_error, false)?)),
-                None => None,
-            };
             stages.push(StagePlan {
                 index,
                 stage,
@@ -127,7 +288,9 @@ impl<'a> RunPlan<'a> {
         Ok(Self {
             config,
             tokenizer,
+            towers,
             stages,
+            init,
         })
     }
 }
@@ -135,12 +298,7 @@ impl<'a> RunPlan<'a> {
 impl StagePlan<'_> {
     /// The stage's training stream, seeded by the run's seed and the stage's position.
     pub fn mixture(&self) -> Result<Mixture> {
-        let weights: Vec<f64> = self.stage.sources.iter().map(|s| s.weight).collect();
-        Ok(Mixture::new(
-            self.train.clone(),
-            &weights,
-            self.stream_seed(),
-        )?)
+        mixture(self.stage, &self.train, self.seed(), self.index)
     }
 
     /// The run's seed.
@@ -176,12 +334,14 @@ impl StagePlan<'_> {
 fn recipe(stage: &Stage, tokenizer: &Arc<PaliTokenizer>, seed: u64) -> BatchBuilder {
     let mut seq = SequenceBuilder::new(stage.text_len);
     seq.truncation = stage.truncation;
+    seq.text_only = !stage.kind.is_vlm();
     BatchBuilder {
         tokenizer: tokenizer.clone(),
         seq,
         resolution: stage.resolution,
         resize: stage.resize,
-        frames: 1,
+        // A language-model stage reads no image.
+        frames: usize::from(stage.kind != StageKind::Lm),
         transforms: Transforms {
             downscale: stage.downscale,
             window: stage.window,

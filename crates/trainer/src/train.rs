@@ -34,6 +34,7 @@ use crate::evaluate::{evaluate, Eval};
 pub use crate::events::StageSummary;
 use crate::events::{Event, Observer, Silent, StepLog};
 use crate::inputs::step_inputs;
+use crate::metrics::Metrics;
 use crate::optim::{self, AdamState};
 use crate::posemb::set_resolution;
 use crate::rundir::{check_resume_config, Existing, RunDir};
@@ -177,6 +178,32 @@ fn train_with<B: Backend, C: CheckpointStrategy>(
         obs.on(Event::Info(&line));
     }
 
+    // Stage 0 first (one device; checked in `check_devices`), each in its own directory.
+    let (tower_summaries, opts) = match plan.towers.first() {
+        None => (Vec::new(), *opts),
+        Some(_) => {
+            if opts.existing == Existing::Resume {
+                // The first unfinished stage-0 stage and later ones may change their steps.
+                if let Some(t) = plan.towers.iter().find(|t| !t.output().is_dir()) {
+                    check_resume_config(out_dir, config, t.index)?;
+                }
+            }
+            if plan.towers.iter().any(|t| !t.output().is_dir()) {
+                write_resolved(config)?;
+            }
+            let (done, taken, finished) = crate::stage0::run::<B>(&plan.towers, device, opts)?;
+            if !finished || plan.stages.is_empty() {
+                write_summary(out_dir, &done)?;
+                return Ok(done);
+            }
+            let rest = TrainOptions {
+                max_steps: opts.max_steps.map(|m| m.saturating_sub(taken)),
+                ..*opts
+            };
+            (done, rest)
+        }
+    };
+    let opts = &opts;
     let started = {
         let _alone = SEEDED.lock().unwrap_or_else(|e| e.into_inner());
         start::<Autodiff<B, C>>(&plan, opts, device)
@@ -188,26 +215,23 @@ fn train_with<B: Backend, C: CheckpointStrategy>(
         Some(st) => (st.metrics_bytes, st.global_step),
     };
     let metrics = if lead {
-        let resolved = out_dir.join("config.resolved.toml");
-        std::fs::write(&resolved, toml::to_string_pretty(config).expect("toml"))
-            .map_err(io(&resolved))?;
+        write_resolved(config)?;
         Metrics::open(out_dir, kept, restart_at)?
     } else {
         Metrics::none()
     };
     let mut resolution = resumed
         .as_ref()
-        .map_or(config.stages[0].resolution, |s| s.resolution);
+        .map_or(plan.stages[0].stage.resolution, |s| s.resolution);
     let mut global_step = resumed
         .as_ref()
         .map_or(config.run.start_step, |s| s.global_step);
     let first_stage = resumed.as_ref().map_or(0, |s| s.stage);
     let mut summaries = resumed
         .as_ref()
-        .map(|s| s.stages_done.clone())
-        .unwrap_or_default();
+        .map_or(tower_summaries, |s| s.stages_done.clone());
 
-    for sp in plan.stages.iter().skip(first_stage) {
+    for sp in plan.stages.iter().filter(|sp| sp.index >= first_stage) {
         let (si, stage) = (sp.index, sp.stage);
         let here = resumed.as_ref().filter(|s| s.stage == si);
         let start_step = here.map_or(0, |s| s.stage_step);
@@ -426,10 +450,19 @@ fn train_with<B: Backend, C: CheckpointStrategy>(
     if !lead {
         return Ok(Vec::new());
     }
-    let sp = out_dir.join("summary.json");
-    std::fs::write(&sp, serde_json::to_string_pretty(&summaries).expect("json"))
-        .map_err(io(&sp))?;
+    write_summary(out_dir, &summaries)?;
     Ok(summaries)
+}
+
+/// `config.resolved.toml`: the config the run is made with (a resume is checked against it).
+fn write_resolved(config: &RunConfig) -> Result<()> {
+    let resolved = config.run.out_dir.join("config.resolved.toml");
+    std::fs::write(&resolved, toml::to_string_pretty(config).expect("toml")).map_err(io(&resolved))
+}
+
+fn write_summary(out_dir: &Path, summaries: &[StageSummary]) -> Result<()> {
+    let sp = out_dir.join("summary.json");
+    std::fs::write(&sp, serde_json::to_string_pretty(summaries).expect("json")).map_err(io(&sp))
 }
 
 /// How the steps of stage `sp` are taken; the loop and [`replay`] share it.
@@ -566,6 +599,17 @@ fn check_devices<'d, B: Backend>(
     world: usize,
 ) -> Result<&'d B::Device> {
     let device = devices.first().expect("at least one device");
+    if let Some(s) = config.stages.iter().find(|s| !s.kind.is_vlm()) {
+        if world > 1 {
+            return Err(Error::Config(format!(
+                "stage `{}`: stage 0 trains on one device (its sigmoid loss pairs every image \
+                 with every text of the batch, which data parallelism would split); train it \
+                 in a run of its own on one device and give its tower as model.init_siglip / \
+                 model.init_gemma",
+                s.name
+            )));
+        }
+    }
     for s in &config.stages {
         let parts = s.grad_accum * world;
         if !s.batch_size.is_multiple_of(parts) {
@@ -642,12 +686,12 @@ fn start<AD: AutodiffBackend>(
             let m = match &config.model.init_hf {
                 Some(p) => {
                     let (hf, m) = pali_model::load_hf::<AD>(p, device)?;
-                    set_resolution(m, hf.vision.image_size(), config.stages[0].resolution)
+                    set_resolution(m, hf.vision.image_size(), plan.stages[0].stage.resolution)
                 }
                 None => {
                     let c0 = &plan.stages[0].model;
                     let (m, notes) =
-                        crate::init::unimodal(c0.init::<AD>(device), c0, &config.model, device)?;
+                        crate::init::unimodal(c0.init::<AD>(device), c0, &plan.init, device)?;
                     for n in &notes {
                         opts.observer.on(Event::Info(n));
                     }
@@ -700,7 +744,8 @@ fn enter_stage<AD: AutodiffBackend>(
     for layer in model.language_model.layers.iter_mut() {
         layer.dropout = burn::nn::DropoutConfig::new(stage.llm_dropout).init();
     }
-    if at_start && sp.index > 0 && !stage.carry_optimizer {
+    let first = sp.config.stages.iter().position(|s| s.kind.is_vlm());
+    if at_start && Some(sp.index) != first && !stage.carry_optimizer {
         adam = AdamState::default();
     }
     Ok((model, adam))
@@ -851,111 +896,6 @@ fn stopped(stage: &str, step: u64, e: Error) -> Error {
     Error::Train(format!(
         "stage `{stage}` step {step}: {e}; the last good checkpoint is kept"
     ))
-}
-
-/// Cuts `path` back to its first `n` bytes (a resumed run logs again what came after).
-fn truncate(path: &Path, n: u64) -> Result<()> {
-    match std::fs::metadata(path) {
-        Ok(m) if m.len() > n => {
-            let f = std::fs::OpenOptions::new()
-                .write(true)
-                .open(path)
-                .map_err(io(path))?;
-            f.set_len(n).map_err(io(path))
-        }
-        Ok(_) => Ok(()),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-        Err(e) => Err(io(path)(e)),
-    }
-}
-
-/// `metrics.jsonl` of the run: one JSON object per logged step and per evaluation; the same
-/// numbers go to a TensorBoard event file beside it.
-struct Metrics {
-    path: std::path::PathBuf,
-    /// `None` on the ranks that do not write.
-    events: Option<std::sync::Mutex<crate::tensorboard::EventWriter>>,
-}
-
-fn wall_time() -> f64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0.0, |d| d.as_secs_f64())
-}
-
-impl Metrics {
-    /// The run's metrics in `out_dir`: metrics.jsonl cut back to its first `kept` bytes (all of
-    /// it when `None`), and a new event file (TensorBoard reads every file of a directory). When
-    /// earlier files exist, the new one starts with a restart at `step` — TensorBoard then drops
-    /// their events from `step` on — followed by metrics.jsonl's kept lines of that step, which
-    /// the run does not log again.
-    /// What the other ranks of a data-parallel run hold: they write nothing.
-    fn none() -> Self {
-        Self {
-            path: Default::default(),
-            events: None,
-        }
-    }
-
-    fn open(out_dir: &Path, kept: Option<u64>, step: u64) -> Result<Self> {
-        let path = out_dir.join("metrics.jsonl");
-        let t = wall_time();
-        let earlier = crate::tensorboard::event_files(out_dir).map_err(io(out_dir))?;
-        let mut events =
-            crate::tensorboard::EventWriter::create(out_dir, t, &earlier).map_err(io(out_dir))?;
-        if let Some(n) = kept {
-            truncate(&path, n)?;
-        }
-        if !earlier.is_empty() {
-            events.restart(t, step as i64).map_err(io(events.path()))?;
-            let text = std::fs::read_to_string(&path).unwrap_or_default();
-            for line in text.lines() {
-                let Ok(v) = serde_json::from_str::<serde_json::Value>(line) else {
-                    continue;
-                };
-                if v["step"].as_u64() == Some(step) {
-                    let scalars = crate::tensorboard::scalars_of(&v);
-                    events
-                        .scalars(t, step as i64, &scalars)
-                        .map_err(io(events.path()))?;
-                }
-            }
-        }
-        Ok(Self {
-            path,
-            events: Some(std::sync::Mutex::new(events)),
-        })
-    }
-
-    /// Bytes written so far (0 before the first line).
-    fn len(&self) -> Result<u64> {
-        match std::fs::metadata(&self.path) {
-            Ok(m) => Ok(m.len()),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(0),
-            Err(e) => Err(io(&self.path)(e)),
-        }
-    }
-
-    /// Cuts the file back to its first `n` bytes (a resumed run logs again what came after).
-    fn append(&self, v: &serde_json::Value) -> Result<()> {
-        use std::io::Write;
-        let path: &Path = &self.path;
-        let mut f = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(path)
-            .map_err(io(path))?;
-        writeln!(f, "{v}").map_err(io(path))?;
-        let step = v["step"].as_i64().unwrap_or(0);
-        let Some(events) = &self.events else {
-            return Ok(());
-        };
-        let mut events = events.lock().unwrap_or_else(|e| e.into_inner());
-        let scalars = crate::tensorboard::scalars_of(v);
-        events
-            .scalars(wall_time(), step, &scalars)
-            .map_err(io(events.path()))
-    }
 }
 
 /// Tokens and data problems since the last logged step.
