@@ -110,3 +110,60 @@ impl Observer for Console {
         }
     }
 }
+
+/// The lines a finished stage adds below the run's table: stage 0's retrieval recall or
+/// perplexity, and a VQA evaluation by question type beside its baselines (most frequent
+/// answer; the blind control with grey images, when it ran).
+pub fn stage_details(s: &pali_trainer::train::StageSummary) -> Vec<String> {
+    let Some(m) = &s.eval_metrics else {
+        return Vec::new();
+    };
+    let pct = |v: &serde_json::Value| {
+        v.as_f64()
+            .map_or_else(|| "-".into(), |x| format!("{:.1}%", x * 100.0))
+    };
+    let mut out = Vec::new();
+    if m.get("image_to_text_recall@1").is_some() {
+        out.push(format!(
+            "{}: recall@1 image→text {}, text→image {} among {} pairs (chance {})",
+            s.name,
+            pct(&m["image_to_text_recall@1"]),
+            pct(&m["text_to_image_recall@1"]),
+            m["candidates"],
+            pct(&m["chance_recall@1"]),
+        ));
+    }
+    if let Some(p) = m.get("perplexity").and_then(|p| p.as_f64()) {
+        out.push(format!("{}: validation perplexity {p:.2}", s.name));
+    }
+    if let Some(types) = m.get("by_question_type").and_then(|t| t.as_object()) {
+        let blind = m.get("blind");
+        out.push(format!(
+            "{}: {:<12} {:>8} {:>12} {:>14} {:>14}",
+            s.name, "question", "examples", "exact match", "most frequent", "blind (grey)"
+        ));
+        for (k, v) in types {
+            let b = blind.map_or(serde_json::Value::Null, |b| {
+                b["by_question_type"][k]["exact_match"].clone()
+            });
+            out.push(format!(
+                "{}: {:<12} {:>8} {:>12} {:>14} {:>14}",
+                s.name,
+                k,
+                v["examples"],
+                pct(&v["exact_match"]),
+                pct(&v["majority_baseline"]),
+                pct(&b),
+            ));
+        }
+        if let Some(b) = blind {
+            out.push(format!(
+                "{}: all questions: exact match {}, blind (grey images) {}",
+                s.name,
+                pct(&serde_json::json!(s.eval_accuracy)),
+                pct(&b["exact_match"])
+            ));
+        }
+    }
+    out
+}

@@ -142,7 +142,11 @@ fn run_config(args: &Args, path: &std::path::Path) -> Result<()> {
     let mut sorted = times.clone();
     sorted.sort_by(|a, b| a.total_cmp(b));
     let median = sorted[sorted.len() / 2];
-    let stage = &config.stages[0];
+    let stage = config
+        .stages
+        .iter()
+        .find(|s| s.kind.is_vlm())
+        .context("the run config has no PaliGemma stage to time")?;
     let json = serde_json::json!({
         "what": "train step (forward+backward+optimizer chain) of a run config's first stage",
         "run": path.display().to_string(),

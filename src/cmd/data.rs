@@ -338,11 +338,16 @@ fn inspect(
     };
     // The stream the trainer draws for this stage.
     let plan = RunPlan::new::<crate::backend::Cpu>(&cfg, &Default::default())?;
-    let sp = &plan.stages[si];
-    let st = sp.stage;
+    let st = &cfg.stages[si];
     let tok = plan.tokenizer.clone();
-    let mut mix = sp.mixture()?;
-    let builder = sp.batch_builder();
+    // A stage-0 stage draws its stream as the PaliGemma stages do.
+    let (mut mix, builder) = match plan.stages.iter().find(|sp| sp.index == si) {
+        Some(sp) => (sp.mixture()?, sp.batch_builder()),
+        None => {
+            let tp = plan.towers.iter().find(|t| t.index == si).expect("a stage");
+            (tp.mixture()?, tp.batch_builder())
+        }
+    };
     let mut w = Writer::default();
     for bi in 0..batches {
         let b = next_batch(&mut mix, &builder, st.batch_size, st.on_error)?;
@@ -373,7 +378,9 @@ fn inspect(
         }
         if bi == 0 {
             let r = b.resolution;
-            w.f32("pixel_values", vec![b.batch_size, 3, r, r], &b.pixel_values);
+            if b.frames > 0 {
+                w.f32("pixel_values", vec![b.batch_size, 3, r, r], &b.pixel_values);
+            }
             for (name, v) in [
                 ("text_ids", &b.text),
                 ("mask_ar", &b.mask_ar),

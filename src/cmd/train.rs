@@ -104,7 +104,7 @@ impl Job for TrainJob {
             x.map(|a| format!("{:.1}%", a * 100.0))
                 .unwrap_or_else(|| "-".into())
         };
-        for s in summaries {
+        for s in &summaries {
             println!(
                 "{:<12} {:>6} {:>10.4} {:>10.4} {:>9.1} {:>8} {:>9}",
                 s.name,
@@ -115,6 +115,11 @@ impl Job for TrainJob {
                 pct(s.eval_accuracy),
                 pct(s.eval_baseline)
             );
+        }
+        for s in &summaries {
+            for line in crate::progress::stage_details(s) {
+                println!("{line}");
+            }
         }
         println!("outputs in {}", self.config.run.out_dir.display());
         Ok(())

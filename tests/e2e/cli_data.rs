@@ -53,7 +53,7 @@ fn synth_then_validate_and_inspect() {
     let batch = d.path().join("batch.safetensors");
     let s = run_ok(
         pali()
-            .args(["data", "inspect", "--config"])
+            .args(["data", "inspect", "--stage", "stage1", "--config"])
             .arg(&cfg)
             .arg("--out")
             .arg(&batch),

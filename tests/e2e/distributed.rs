@@ -14,7 +14,7 @@ use crate::train::{config, final_model, max_diff, metrics, train_s1};
 
 /// A base port P with P (the orchestrator) and P + 1 ..= P + n (the processes' tensor
 /// services) free. Tests of this binary run in parallel: each takes its own range.
-fn ports(n: u16) -> u16 {
+pub(crate) fn ports(n: u16) -> u16 {
     static NEXT: AtomicU16 = AtomicU16::new(0);
     let start = 20000 + (std::process::id() % 2000) as u16 * 10;
     loop {

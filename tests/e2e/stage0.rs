@@ -253,3 +253,49 @@ fn misplaced_stage_zero_is_refused() {
         assert!(e.contains(want) && e.lines().count() == 1, "{set}: {e}");
     }
 }
+
+/// In 2 processes rank 0 trains stage 0 alone and both ranks start the PaliGemma stage from
+/// its towers: the towers are bit for bit the 1-process run's, and the PaliGemma weights those
+/// of 1 process with `grad_accum = 2`.
+#[test]
+fn data_parallel_runs_train_stage_zero_on_rank_zero() {
+    let a = tempfile::tempdir().unwrap();
+    let cfg = config(a.path(), 3e-3);
+    run_ok(
+        pali()
+            .arg("train")
+            .arg(&cfg)
+            .args(["--quiet", "--set", "stage.s1.grad_accum=2"]),
+    );
+    let b = tempfile::tempdir().unwrap();
+    let cfg2 = config(b.path(), 3e-3);
+    let port = crate::distributed::ports(2).to_string();
+    run_ok(
+        pali()
+            .args([
+                "launch", "--nproc", "2", "--port", &port, "--", "train", "--quiet",
+            ])
+            .arg(&cfg2),
+    );
+    for file in [
+        "out/siglip/final/model.safetensors",
+        "out/lm/final/model.safetensors",
+    ] {
+        for (x, y) in tensors(&a.path().join(file))
+            .iter()
+            .zip(tensors(&b.path().join(file)))
+        {
+            assert!(x.2 == y.2, "{file}: {} differs in 2 processes", x.0);
+        }
+    }
+    let (x, y) = (
+        tensors(&newest(&a.path().join("out")).join("model.safetensors")),
+        tensors(&newest(&b.path().join("out")).join("model.safetensors")),
+    );
+    let worst = x
+        .iter()
+        .zip(&y)
+        .flat_map(|(p, q)| p.2.iter().zip(&q.2).map(|(u, v)| (u - v).abs()))
+        .fold(0f32, f32::max);
+    assert!(worst <= 1e-6, "PaliGemma weights differ by {worst}");
+}

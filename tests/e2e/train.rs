@@ -483,8 +483,9 @@ fn image_transforms_train_and_stay_deterministic() {
     assert_ne!(loss(&a1), loss(&plain));
 }
 
-/// The README's main job, shortened through `--set`: all three stages run, the resolution
-/// changes, the transfer stage evaluates, and the curves are drawn.
+/// The README's main job, shortened through `--set`: stage 0 and the three PaliGemma stages
+/// run, the resolution changes, the transfer stage evaluates (blind control too), and the
+/// curves are drawn.
 #[test]
 fn quickstart_config_runs_every_stage() {
     let d = tempfile::tempdir().unwrap();
@@ -497,11 +498,19 @@ fn quickstart_config_runs_every_stage() {
             .arg("--quiet")
             .args([
                 "--set",
-                "stage.1.steps=3",
+                "stage.siglip.steps=2",
                 "--set",
-                "stage.2.steps=2",
+                "stage.siglip.eval.examples=8",
                 "--set",
-                "stage.3.steps=2",
+                "stage.lm.steps=2",
+                "--set",
+                "stage.lm.eval.examples=4",
+                "--set",
+                "stage.stage1.steps=3",
+                "--set",
+                "stage.stage2.steps=2",
+                "--set",
+                "stage.transfer.steps=2",
             ])
             .args([
                 "--set",
@@ -516,10 +525,26 @@ fn quickstart_config_runs_every_stage() {
         assert!(s.contains(stage), "{s}");
         assert!(out.join(format!("curves-{stage}.svg")).is_file());
     }
+    for stage in ["siglip", "lm"] {
+        assert!(out.join(format!("{stage}/curves-{stage}.svg")).is_file());
+        assert!(out
+            .join(format!("{stage}/final/model.safetensors"))
+            .is_file());
+    }
+    // The closing lines: stage 0's evaluations, and VQA by question type with the blind
+    // control.
+    assert!(s.contains("siglip: recall@1 image→text"), "{s}");
+    assert!(s.contains("lm: validation perplexity"), "{s}");
+    assert!(
+        s.contains("blind (grey)") && s.contains("transfer: all questions"),
+        "{s}"
+    );
     let summary: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(out.join("summary.json")).unwrap()).unwrap();
-    assert_eq!(summary.as_array().unwrap().len(), 3);
-    assert!(summary[2]["eval_accuracy"].as_f64().is_some());
+    assert_eq!(summary.as_array().unwrap().len(), 5);
+    assert!(summary[4]["eval_accuracy"].as_f64().is_some());
+    let blind = &summary[4]["eval_metrics"]["blind"];
+    assert!(blind["exact_match"].as_f64().is_some(), "{blind}");
     // stage 2 resampled the 4×4 position grid to 8×8
     let ck = std::fs::read_dir(out.join("checkpoints"))
         .unwrap()

@@ -24,6 +24,8 @@ pub enum ImageSource {
     File(PathBuf),
     /// A synthetic scene, rendered natively at the requested resolution.
     Synth(Box<Scene>),
+    /// A constant mid-grey image: what a model sees in the blind control of an evaluation.
+    Grey,
 }
 
 impl ImageSource {
@@ -32,6 +34,7 @@ impl ImageSource {
         match self {
             ImageSource::File(p) => Ok(img::preprocess(&img::load(p)?, res, method)),
             ImageSource::Synth(s) => Ok(img::to_pixel_values(&s.render(res))),
+            ImageSource::Grey => Ok(img::to_pixel_values(&grey(res))),
         }
     }
 
@@ -40,8 +43,13 @@ impl ImageSource {
         match self {
             ImageSource::File(p) => img::load(p),
             ImageSource::Synth(s) => Ok(s.render(res)),
+            ImageSource::Grey => Ok(grey(res)),
         }
     }
+}
+
+fn grey(res: usize) -> img::Rgb {
+    img::Rgb::from_u8(res, res, &vec![128; res * res * 3])
 }
 
 #[derive(Debug, Clone)]

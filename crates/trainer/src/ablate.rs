@@ -214,8 +214,14 @@ impl AblationConfig {
                 let target = match &p.export {
                     Some(e) => dir.join(format!("{}.safetensors", e.tower)),
                     None => {
+                        // Stage-0 steps are not part of the PaliGemma step count.
                         let steps: u64 = config.run.start_step
-                            + config.stages.iter().map(|s| s.steps).sum::<u64>();
+                            + config
+                                .stages
+                                .iter()
+                                .filter(|s| s.kind.is_vlm())
+                                .map(|s| s.steps)
+                                .sum::<u64>();
                         dir.join("checkpoints").join(format!("step-{steps:08}"))
                     }
                 };

@@ -543,6 +543,14 @@ pub struct EvalSection {
     /// JSONL first source is not evaluated (it would be its training data).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub jsonl: Option<PathBuf>,
+    /// Also decode the same examples with every image replaced by a constant grey one (the
+    /// blind control: what the model answers from the text alone).
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub blind: bool,
+}
+
+fn is_false(b: &bool) -> bool {
+    !b
 }
 
 impl Default for EvalSection {
@@ -553,6 +561,7 @@ impl Default for EvalSection {
             task: None,
             decode: greedy(),
             jsonl: None,
+            blind: false,
         }
     }
 }

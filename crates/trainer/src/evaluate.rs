@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use burn::tensor::backend::Backend;
 use pali_data::batch::{BatchBuilder, Encoded};
-use pali_data::dataset::{Dataset, Example};
+use pali_data::dataset::{Dataset, Example, ImageSource};
 use pali_eval::perplexity::{row_nll, Perplexity};
 use pali_eval::run::{predict, references_from_suffix, PredictOptions};
 use pali_eval::{score, DecodeOptions, Prediction, Task};
@@ -61,6 +61,21 @@ pub fn evaluate<B: Backend>(
         transforms: builder.transforms,
     };
     let (preds, _) = predict(model, &plan.model, tok, &examples, &opts, device, |_| {})?;
+    // The blind control: the same questions about a constant grey image. What a model still
+    // answers right then, it answers from the text alone.
+    let blind = if stage.eval.blind {
+        let grey: Vec<Example> = examples
+            .iter()
+            .map(|e| Example {
+                images: vec![ImageSource::Grey; e.images.len()],
+                ..e.clone()
+            })
+            .collect();
+        let (p, _) = predict(model, &plan.model, tok, &grey, &opts, device, |_| {})?;
+        Some(p)
+    } else {
+        None
+    };
     let refs = references_from_suffix(task, &examples);
     let scored: Vec<Prediction> = preds
         .iter()
@@ -71,7 +86,23 @@ pub fn evaluate<B: Backend>(
         })
         .collect();
     let pairs: Vec<_> = scored.iter().zip(refs.iter()).collect();
-    let metrics = score(task, &pairs, None)?;
+    let mut metrics = score(task, &pairs, None)?;
+    if matches!(task, Task::Vqa) {
+        if let Some(m) = metrics.as_object_mut() {
+            m.insert("by_question_type".into(), by_question_type(&preds));
+        }
+    }
+    if let (Some(b), Some(m)) = (&blind, metrics.as_object_mut()) {
+        let right = b
+            .iter()
+            .filter(|p| p.prediction.trim() == p.suffix.trim())
+            .count();
+        let mut bm = serde_json::json!({ "exact_match": right as f64 / b.len().max(1) as f64 });
+        if matches!(task, Task::Vqa) {
+            bm["by_question_type"] = by_question_type(b);
+        }
+        m.insert("blind".into(), bm);
+    }
     let mut correct = 0;
     let mut answers_seen: HashMap<&str, usize> = HashMap::new();
     for p in &preds {
@@ -132,6 +163,44 @@ pub fn evaluate<B: Backend>(
     })
 }
 
+/// Exact match per question type, beside what always giving the type's most frequent answer
+/// scores. The type is the question's first two words after the task prefix (`answer en`),
+/// as VQAv2 groups questions by their leading words: the synthetic world's `what color`,
+/// `where is`, `is there`, `how many`.
+fn by_question_type(preds: &[pali_eval::run::Predicted]) -> serde_json::Value {
+    let mut groups: std::collections::BTreeMap<String, Vec<&pali_eval::run::Predicted>> =
+        Default::default();
+    for p in preds {
+        let mut words = p.prefix.split_whitespace().peekable();
+        if words.peek() == Some(&"answer") {
+            words.next();
+            words.next(); // the language
+        }
+        let kind: Vec<&str> = words.take(2).collect();
+        groups.entry(kind.join(" ")).or_default().push(p);
+    }
+    let out: serde_json::Map<String, serde_json::Value> = groups
+        .into_iter()
+        .map(|(k, ps)| {
+            let n = ps.len() as f64;
+            let right = ps
+                .iter()
+                .filter(|p| p.prediction.trim() == p.suffix.trim())
+                .count() as f64;
+            let mut counts: HashMap<&str, usize> = HashMap::new();
+            for p in &ps {
+                *counts.entry(p.suffix.trim()).or_default() += 1;
+            }
+            let top = counts.values().copied().max().unwrap_or(0) as f64;
+            let v = serde_json::json!({
+                "examples": ps.len(), "exact_match": right / n, "majority_baseline": top / n,
+            });
+            (k, v)
+        })
+        .collect();
+    serde_json::Value::Object(out)
+}
+
 /// Summed suffix NLL and token count of each row of encoded examples, with the masks and loss
 /// weights of a training step; also the number of rows whose text was cut.
 pub fn batch_nll<B: Backend>(
@@ -153,4 +222,44 @@ pub fn batch_nll<B: Backend>(
         inputs.n_img,
     )?;
     Ok((nll, batch.truncated))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn predicted(prefix: &str, suffix: &str, prediction: &str) -> pali_eval::run::Predicted {
+        pali_eval::run::Predicted {
+            id: String::new(),
+            prefix: prefix.into(),
+            suffix: suffix.into(),
+            prediction: prediction.into(),
+            object_scores: Vec::new(),
+            decoded: pali_eval::decode::Decoded {
+                tokens: Vec::new(),
+                logprobs: Vec::new(),
+                finished: true,
+            },
+        }
+    }
+
+    #[test]
+    fn questions_group_by_their_leading_words() {
+        let preds = [
+            predicted("answer en what color is the circle?", "red", "red"),
+            predicted("answer en what color is the square?", "blue", "red"),
+            predicted("answer en what color is the star?", "red", "red"),
+            predicted("answer en how many circles are there?", "2", "1"),
+            predicted("is there a red star?", "yes", "yes"),
+        ];
+        let t = by_question_type(&preds);
+        let c = &t["what color"];
+        assert_eq!(c["examples"], 3);
+        assert!((c["exact_match"].as_f64().unwrap() - 2.0 / 3.0).abs() < 1e-12);
+        assert!((c["majority_baseline"].as_f64().unwrap() - 2.0 / 3.0).abs() < 1e-12);
+        assert_eq!(t["how many"]["exact_match"], 0.0);
+        // Without a task prefix the question starts at once.
+        assert_eq!(t["is there"]["exact_match"], 1.0);
+        assert_eq!(t.as_object().unwrap().len(), 3);
+    }
 }

@@ -43,11 +43,25 @@ pub fn collect(r: &RunSpec, curves: &[String]) -> Result<RunResult> {
         stages.iter().filter_map(|s| s["seconds"].as_f64()).sum(),
     );
     // A stage summary's evaluation as `{prefix}eval/KEY` and `{prefix}val_perplexity/TASK`.
+    // Nested metrics join their keys with `/`: `eval/blind/exact_match`,
+    // `eval/by_question_type/what color/exact_match`.
+    fn flatten(key: String, v: &Value, m: &mut BTreeMap<String, f64>) {
+        match v {
+            Value::Object(o) => {
+                for (k, x) in o {
+                    flatten(format!("{key}/{k}"), x, m);
+                }
+            }
+            _ => {
+                if let Some(x) = v.as_f64() {
+                    m.insert(key, x);
+                }
+            }
+        }
+    }
     let evaluation = |s: &Value, prefix: &str, m: &mut BTreeMap<String, f64>| {
         for (k, v) in s["eval_metrics"].as_object().into_iter().flatten() {
-            if let Some(x) = v.as_f64() {
-                m.insert(format!("{prefix}eval/{k}"), x);
-            }
+            flatten(format!("{prefix}eval/{k}"), v, m);
         }
         for kv in s["val_perplexity"].as_array().into_iter().flatten() {
             if let (Some(k), Some(v)) = (kv[0].as_str(), kv[1].as_f64()) {

@@ -178,26 +178,27 @@ fn train_with<B: Backend, C: CheckpointStrategy>(
         obs.on(Event::Info(&line));
     }
 
-    // Stage 0 first (one device; checked in `check_devices`), each in its own directory.
+    // Stage 0 first, each stage in its own directory, on rank 0's device alone: its loss
+    // couples every example of a batch. The other ranks wait; they start the PaliGemma stages
+    // from rank 0's weights (synced at every stage start).
+    let mut plan = plan;
     let (tower_summaries, opts) = match plan.towers.first() {
         None => (Vec::new(), *opts),
         Some(_) => {
-            if opts.existing == Existing::Resume {
-                // The first unfinished stage-0 stage and later ones may change their steps.
-                if let Some(t) = plan.towers.iter().find(|t| !t.output().is_dir()) {
-                    check_resume_config(out_dir, config, t.index)?;
-                }
-            }
-            if plan.towers.iter().any(|t| !t.output().is_dir()) {
-                write_resolved(config)?;
-            }
-            let (done, taken, finished) = crate::stage0::run::<B>(&plan.towers, device, opts)?;
-            if !finished || plan.stages.is_empty() {
-                write_summary(out_dir, &done)?;
+            let r = if lead {
+                run_stage0::<B>(&plan, device, opts)
+            } else {
+                plan.init = config.model.clone();
+                Ok(Vec::new())
+            };
+            let done = agree(peer, "stage 0", r)?;
+            // Every rank knows where stage 0 stopped: `max_steps` stops it exactly there.
+            let total: u64 = plan.towers.iter().map(|t| t.stage.steps).sum();
+            if opts.max_steps.is_some_and(|m| m < total) || plan.stages.is_empty() {
                 return Ok(done);
             }
             let rest = TrainOptions {
-                max_steps: opts.max_steps.map(|m| m.saturating_sub(taken)),
+                max_steps: opts.max_steps.map(|m| m - total),
                 ..*opts
             };
             (done, rest)
@@ -454,6 +455,31 @@ fn train_with<B: Backend, C: CheckpointStrategy>(
     Ok(summaries)
 }
 
+/// Trains the stage-0 stages (see [`crate::stage0`]); writes `summary.json` when the run ends
+/// there (stopped by `max_steps`, or nothing else to train).
+fn run_stage0<B: Backend>(
+    plan: &RunPlan,
+    device: &B::Device,
+    opts: &TrainOptions,
+) -> Result<Vec<StageSummary>> {
+    let config = plan.config;
+    let out_dir = &config.run.out_dir;
+    if opts.existing == Existing::Resume {
+        // The first unfinished stage-0 stage and later ones may change their steps.
+        if let Some(t) = plan.towers.iter().find(|t| !t.output().is_dir()) {
+            check_resume_config(out_dir, config, t.index)?;
+        }
+    }
+    if plan.towers.iter().any(|t| !t.output().is_dir()) {
+        write_resolved(config)?;
+    }
+    let (done, _, finished) = crate::stage0::run::<B>(&plan.towers, device, opts)?;
+    if !finished || plan.stages.is_empty() {
+        write_summary(out_dir, &done)?;
+    }
+    Ok(done)
+}
+
 /// `config.resolved.toml`: the config the run is made with (a resume is checked against it).
 fn write_resolved(config: &RunConfig) -> Result<()> {
     let resolved = config.run.out_dir.join("config.resolved.toml");
@@ -559,7 +585,10 @@ fn replay_with<B: Backend, C: CheckpointStrategy>(
     each: &mut dyn FnMut(u64, usize),
 ) -> Result<PaliGemma<B>> {
     let plan = RunPlan::new::<B>(config, device)?;
-    let sp = &plan.stages[0];
+    let sp = plan
+        .stages
+        .first()
+        .ok_or_else(|| Error::Config("the run config has no PaliGemma stage".into()))?;
     let stage = sp.stage;
     if steps > stage.steps {
         return Err(Error::Config(format!(
@@ -599,18 +628,7 @@ fn check_devices<'d, B: Backend>(
     world: usize,
 ) -> Result<&'d B::Device> {
     let device = devices.first().expect("at least one device");
-    if let Some(s) = config.stages.iter().find(|s| !s.kind.is_vlm()) {
-        if world > 1 {
-            return Err(Error::Config(format!(
-                "stage `{}`: stage 0 trains on one device (its sigmoid loss pairs every image \
-                 with every text of the batch, which data parallelism would split); train it \
-                 in a run of its own on one device and give its tower as model.init_siglip / \
-                 model.init_gemma",
-                s.name
-            )));
-        }
-    }
-    for s in &config.stages {
+    for s in config.stages.iter().filter(|s| s.kind.is_vlm()) {
         let parts = s.grad_accum * world;
         if !s.batch_size.is_multiple_of(parts) {
             return Err(Error::Config(format!(
