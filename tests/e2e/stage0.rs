@@ -135,6 +135,13 @@ fn paligemma_starts_from_the_stage_zero_towers() {
     assert_eq!(cfg["architectures"][0], "SiglipModel");
     assert_eq!(cfg["text_config"]["max_position_embeddings"], 12);
 
+    let card = std::fs::read_to_string(newest(&o).join("README.md")).unwrap();
+    assert!(
+        card.contains(
+            "SigLIP from this run's stage 0 `siglip`, Gemma from this run's stage 0 `lm`"
+        ),
+        "{card}"
+    );
     let vlm = tensors(&newest(&o).join("model.safetensors"));
     let find = |t: &[(String, Vec<usize>, Vec<f32>)], n: &str| {
         t.iter().find(|x| x.0 == n).map(|x| x.2.clone())

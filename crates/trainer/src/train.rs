@@ -822,10 +822,28 @@ fn model_card(sp: &StagePlan, at: &Position, stages_done: &[StageSummary]) -> St
     let base = if let Some(p) = &m.init_hf {
         format!("the HF checkpoint `{}`", p.display())
     } else {
-        let towers: Vec<String> = [("SigLIP", &m.init_siglip), ("Gemma", &m.init_gemma)]
-            .iter()
-            .filter_map(|(n, p)| p.as_ref().map(|p| format!("{n} from `{}`", p.display())))
-            .collect();
+        let stage0 = |kind| {
+            config
+                .stages
+                .iter()
+                .find(|s| s.kind == kind)
+                .map(|s| format!("this run's stage 0 `{}`", s.name))
+        };
+        let from = |p: &Option<std::path::PathBuf>, kind| {
+            p.as_ref()
+                .map(|p| format!("`{}`", p.display()))
+                .or_else(|| stage0(kind))
+        };
+        let towers: Vec<String> = [
+            (
+                "SigLIP",
+                from(&m.init_siglip, crate::config::StageKind::Siglip),
+            ),
+            ("Gemma", from(&m.init_gemma, crate::config::StageKind::Lm)),
+        ]
+        .into_iter()
+        .filter_map(|(n, p)| p.map(|p| format!("{n} from {p}")))
+        .collect();
         let preset = m.preset.as_deref().unwrap_or("the config's shape");
         if towers.is_empty() {
             format!("random weights (`{preset}`)")
