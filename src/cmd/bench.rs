@@ -514,7 +514,10 @@ pub fn run_data(a: DataArgs) -> Result<()> {
         // The first stage's stream, as the trainer draws it.
         let plan =
             pali_trainer::stage::RunPlan::new::<crate::backend::Cpu>(&c, &Default::default())?;
-        let sp = &plan.stages[0];
+        let sp = plan
+            .stages
+            .first()
+            .context("the run config has no PaliGemma stage")?;
         let st = sp.stage;
         let mut mix = sp.mixture()?;
         let builder = sp.batch_builder();

@@ -219,6 +219,17 @@ fn stage_zero_resumes_exactly() {
     }
     assert!(!b.path().join("out/lm/final").exists());
     assert!(b.path().join("out/siglip/final").is_dir());
+    // Stopped exactly at the end of stage 0: both towers done, the summary written.
+    run_ok(
+        pali()
+            .arg("train")
+            .arg(&cfg)
+            .args(["--quiet", "--resume", "--max-steps", "14"]),
+    );
+    let summary: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(b.path().join("out/summary.json")).unwrap())
+            .unwrap();
+    assert_eq!(summary.as_array().unwrap().len(), 2, "{summary}");
     run_ok(pali().arg("train").arg(&cfg).args(["--quiet", "--resume"]));
     for file in [
         "out/siglip/final/model.safetensors",
@@ -247,7 +258,16 @@ fn stage_zero_resumes_exactly() {
 fn misplaced_stage_zero_is_refused() {
     let d = tempfile::tempdir().unwrap();
     let cfg = config(d.path(), 1e-3);
+    std::fs::write(
+        d.path().join("text.jsonl"),
+        "{\"text\": \"a red circle\"}\n",
+    )
+    .unwrap();
     for (set, want) in [
+        (
+            "stage.2.source=[{ kind = \"jsonl\", path = \"text.jsonl\" }]",
+            "eval.examples > 0 needs validation data",
+        ),
         ("stage.3.kind=\"lm\"", "a second kind = \"lm\" stage"),
         (
             "stage.1.kind=\"vlm\"",

@@ -130,6 +130,12 @@ fn tower_model(config: &RunConfig, tok: &PaliTokenizer, stage: &Stage) -> Result
                     stage.name
                 )));
             };
+            if stage.resolution < v.patch_size || !stage.resolution.is_multiple_of(v.patch_size) {
+                return Err(Error::Config(format!(
+                    "stage `{}`: resolution {} is not a multiple of the patch size {}",
+                    stage.name, stage.resolution, v.patch_size
+                )));
+            }
             let tt = stage.text_tower.unwrap_or_default();
             let text = SiglipTextConfig::new(tok.vocab_size(), v.hidden_size)
                 .with_hidden_size(tt.hidden_size.unwrap_or(v.hidden_size))
@@ -235,6 +241,14 @@ impl<'a> RunPlan<'a> {
                     eval_set,
                     tokenizer: tokenizer.clone(),
                 };
+                if stage.eval.examples > 0 && plan.validation().is_none() {
+                    return Err(Error::Config(format!(
+                        "stage {} (`{}`): eval.examples > 0 needs validation data: a synthetic \
+                         first source, or eval.jsonl",
+                        index + 1,
+                        stage.name
+                    )));
+                }
                 let out = Some(plan.output().join("model.safetensors"));
                 match stage.kind {
                     StageKind::Siglip => init.init_siglip = out,

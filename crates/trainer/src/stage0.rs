@@ -406,8 +406,10 @@ where
             .unwrap_or_default(),
         eval_metrics: eval,
     };
-    save(&model, &adam, stage.steps, None)?;
+    // `final/` first: once it exists the stage is done, and a resume skips it (a resume from
+    // an end-of-stage checkpoint would log its evaluation twice and have no losses to report).
     write_output(tp, &model.valid(), &summary)?;
+    save(&model, &adam, stage.steps, None)?;
     obs.on(Event::StageDone(&summary));
     Ok(Some(summary))
 }

@@ -192,11 +192,10 @@ fn train_with<B: Backend, C: CheckpointStrategy>(
                 Ok(Vec::new())
             };
             let done = agree(peer, "stage 0", r)?;
-            // Every rank knows where stage 0 stopped: `max_steps` stops it exactly there.
-            let total: u64 = plan.towers.iter().map(|t| t.stage.steps).sum();
-            if opts.max_steps.is_some_and(|m| m < total) || plan.stages.is_empty() {
+            if ends_in_stage0(&plan, opts) {
                 return Ok(done);
             }
+            let total: u64 = plan.towers.iter().map(|t| t.stage.steps).sum();
             let rest = TrainOptions {
                 max_steps: opts.max_steps.map(|m| m - total),
                 ..*opts
@@ -473,11 +472,18 @@ fn run_stage0<B: Backend>(
     if plan.towers.iter().any(|t| !t.output().is_dir()) {
         write_resolved(config)?;
     }
-    let (done, _, finished) = crate::stage0::run::<B>(&plan.towers, device, opts)?;
-    if !finished || plan.stages.is_empty() {
+    let (done, _, _) = crate::stage0::run::<B>(&plan.towers, device, opts)?;
+    if ends_in_stage0(plan, opts) {
         write_summary(out_dir, &done)?;
     }
     Ok(done)
+}
+
+/// Whether this invocation ends with stage 0: no PaliGemma stage, or `max_steps` reached by
+/// then (stage 0 stops exactly there, so every rank knows it without asking rank 0).
+fn ends_in_stage0(plan: &RunPlan, opts: &TrainOptions) -> bool {
+    let total: u64 = plan.towers.iter().map(|t| t.stage.steps).sum();
+    plan.stages.is_empty() || opts.max_steps.is_some_and(|m| m <= total)
 }
 
 /// `config.resolved.toml`: the config the run is made with (a resume is checked against it).
@@ -584,7 +590,9 @@ fn replay_with<B: Backend, C: CheckpointStrategy>(
     steps: u64,
     each: &mut dyn FnMut(u64, usize),
 ) -> Result<PaliGemma<B>> {
-    let plan = RunPlan::new::<B>(config, device)?;
+    let mut plan = RunPlan::new::<B>(config, device)?;
+    // Timing needs no trained towers: a config with stage 0 replays from random ones.
+    plan.init = config.model.clone();
     let sp = plan
         .stages
         .first()
@@ -680,7 +688,9 @@ fn start<AD: AutodiffBackend>(
     }
     // Before any weights are loaded: a resumed run continues under its own config.
     if resume {
-        let stage = latest.as_ref().map_or(0, |(_, st)| st.stage);
+        // Without a checkpoint the run is at its first PaliGemma stage (stage 0 is done).
+        let first = plan.stages.first().map_or(0, |sp| sp.index);
+        let stage = latest.as_ref().map_or(first, |(_, st)| st.stage);
         check_resume_config(&config.run.out_dir, config, stage)?;
     }
     AD::seed(device, config.run.seed);
