@@ -5,6 +5,7 @@
 use std::path::{Path, PathBuf};
 
 use crate::common::*;
+use crate::train::max_diff;
 
 fn tokenizer() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("data/tokenizer/tokenizer.json")
@@ -86,6 +87,17 @@ fn newest(dir: &Path) -> PathBuf {
 
 fn tensors(path: &Path) -> Vec<(String, Vec<usize>, Vec<f32>)> {
     all_f32(&open(path))
+}
+
+/// Both stage-0 towers of runs `a` and `b` are the same tensors, bit for bit.
+fn assert_same_towers(a: &Path, b: &Path, when: &str) {
+    for file in [
+        "out/siglip/final/model.safetensors",
+        "out/lm/final/model.safetensors",
+    ] {
+        let (x, y) = (tensors(&a.join(file)), tensors(&b.join(file)));
+        assert!(!x.is_empty() && x == y, "{file} differs {when}");
+    }
 }
 
 /// The towers land in HF layouts, and the PaliGemma stage starts from exactly them: with
@@ -231,24 +243,12 @@ fn stage_zero_resumes_exactly() {
             .unwrap();
     assert_eq!(summary.as_array().unwrap().len(), 2, "{summary}");
     run_ok(pali().arg("train").arg(&cfg).args(["--quiet", "--resume"]));
-    for file in [
-        "out/siglip/final/model.safetensors",
-        "out/lm/final/model.safetensors",
-    ] {
-        for (x, y) in tensors(&a.path().join(file))
-            .iter()
-            .zip(tensors(&b.path().join(file)))
-        {
-            assert!(x.2 == y.2, "{file}: {} differs after resuming", x.0);
-        }
-    }
+    assert_same_towers(a.path(), b.path(), "after resuming");
     let (x, y) = (
         tensors(&newest(&a.path().join("out")).join("model.safetensors")),
         tensors(&newest(&b.path().join("out")).join("model.safetensors")),
     );
-    for (p, q) in x.iter().zip(&y) {
-        assert!(p.2 == q.2, "{}: differs after resuming", p.0);
-    }
+    assert!(x == y, "PaliGemma weights differ after resuming");
     // A second run into the same directory is refused: stage 0 counts as a run.
     let e = run_err(pali().arg("train").arg(&cfg));
     assert!(e.contains("already holds a run"), "{e}");
@@ -304,25 +304,11 @@ fn data_parallel_runs_train_stage_zero_on_rank_zero() {
             ])
             .arg(&cfg2),
     );
-    for file in [
-        "out/siglip/final/model.safetensors",
-        "out/lm/final/model.safetensors",
-    ] {
-        for (x, y) in tensors(&a.path().join(file))
-            .iter()
-            .zip(tensors(&b.path().join(file)))
-        {
-            assert!(x.2 == y.2, "{file}: {} differs in 2 processes", x.0);
-        }
-    }
+    assert_same_towers(a.path(), b.path(), "in 2 processes");
     let (x, y) = (
         tensors(&newest(&a.path().join("out")).join("model.safetensors")),
         tensors(&newest(&b.path().join("out")).join("model.safetensors")),
     );
-    let worst = x
-        .iter()
-        .zip(&y)
-        .flat_map(|(p, q)| p.2.iter().zip(&q.2).map(|(u, v)| (u - v).abs()))
-        .fold(0f32, f32::max);
+    let worst = max_diff(&x, &y);
     assert!(worst <= 1e-6, "PaliGemma weights differ by {worst}");
 }

@@ -384,6 +384,10 @@ pub fn to_hf_config(c: &PaliGemmaConfig) -> std::result::Result<Value, String> {
         .unwrap()
         .insert("num_image_tokens".into(), json!(v.num_patches()));
     let t = &c.text;
+    let mut vision = siglip_vision_json(v, false);
+    let m = vision.as_object_mut().expect("object");
+    m.insert("projection_dim".into(), json!(t.hidden_size));
+    m.insert("num_image_tokens".into(), json!(v.num_patches()));
     Ok(json!({
         "architectures": ["PaliGemmaForConditionalGeneration"],
         "model_type": "paligemma",
@@ -393,21 +397,26 @@ pub fn to_hf_config(c: &PaliGemmaConfig) -> std::result::Result<Value, String> {
         "vocab_size": t.vocab_size,
         "tie_word_embeddings": true,
         "text_config": text,
-        "vision_config": {
-            "model_type": "siglip_vision_model",
-            "hidden_size": v.hidden_size,
-            "intermediate_size": v.intermediate_size,
-            "num_hidden_layers": v.num_layers,
-            "num_attention_heads": v.num_heads,
-            "patch_size": v.patch_size,
-            "image_size": v.image_size,
-            "layer_norm_eps": v.layer_norm_eps,
-            "hidden_act": "gelu_pytorch_tanh",
-            "projection_dim": t.hidden_size,
-            "num_image_tokens": v.num_patches(),
-            "vision_use_head": false,
-        },
+        "vision_config": vision,
     }))
+}
+
+/// The image encoder's HF config (`SiglipVisionConfig` fields); `head`: SigLIP's pooling head
+/// (`vision_use_head`), which PaliGemma's encoder has not.
+pub fn siglip_vision_json(v: &SiglipConfig, head: bool) -> Value {
+    json!({
+        "model_type": "siglip_vision_model",
+        "hidden_size": v.hidden_size,
+        "intermediate_size": v.intermediate_size,
+        "num_hidden_layers": v.num_layers,
+        "num_attention_heads": v.num_heads,
+        "patch_size": v.patch_size,
+        "image_size": v.image_size,
+        "num_channels": 3,
+        "layer_norm_eps": v.layer_norm_eps,
+        "hidden_act": "gelu_pytorch_tanh",
+        "vision_use_head": head,
+    })
 }
 
 /// The decoder's HF config (`GemmaConfig` / `Gemma2Config` fields, transformers 5.24).

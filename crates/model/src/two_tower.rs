@@ -148,19 +148,7 @@ impl TwoTowerConfig {
                 "bos_token_id": bos,
                 "eos_token_id": eos,
             },
-            "vision_config": {
-                "model_type": "siglip_vision_model",
-                "hidden_size": v.hidden_size,
-                "intermediate_size": v.intermediate_size,
-                "num_hidden_layers": v.num_layers,
-                "num_attention_heads": v.num_heads,
-                "image_size": v.image_size,
-                "patch_size": v.patch_size,
-                "num_channels": 3,
-                "layer_norm_eps": v.layer_norm_eps,
-                "hidden_act": "gelu_pytorch_tanh",
-                "vision_use_head": true,
-            },
+            "vision_config": crate::hf::siglip_vision_json(v, true),
         })
     }
 

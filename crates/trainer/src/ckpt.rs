@@ -162,6 +162,28 @@ fn crc_of(path: &Path) -> Result<u32> {
     Ok(crc32fast::hash(&bytes))
 }
 
+/// The newest checkpoint under `out_dir` whose files match their checksums; `skipped` hears
+/// of each damaged one passed over. An error when checkpoints exist but every one is damaged.
+pub fn newest_intact(
+    out_dir: &Path,
+    skipped: &mut dyn FnMut(&Error),
+) -> Result<Option<(PathBuf, RunState)>> {
+    let all = checkpoints(out_dir);
+    for dir in all.iter().rev() {
+        match verify(dir) {
+            Ok(st) => return Ok(Some((dir.clone(), st))),
+            Err(e) => skipped(&e),
+        }
+    }
+    if all.is_empty() {
+        return Ok(None);
+    }
+    Err(Error::Train(format!(
+        "every checkpoint in {} is damaged; nothing to resume from",
+        out_dir.join("checkpoints").display()
+    )))
+}
+
 /// Checks every file of a checkpoint against the checksums in its `state.json`.
 pub fn verify(dir: &Path) -> Result<RunState> {
     let st = load_state(dir)?;

@@ -93,10 +93,7 @@ pub fn evaluate<B: Backend>(
         }
     }
     if let (Some(b), Some(m)) = (&blind, metrics.as_object_mut()) {
-        let right = b
-            .iter()
-            .filter(|p| p.prediction.trim() == p.suffix.trim())
-            .count();
+        let right = b.iter().filter(|p| exact(p)).count();
         let mut bm = serde_json::json!({ "exact_match": right as f64 / b.len().max(1) as f64 });
         if matches!(task, Task::Vqa) {
             bm["by_question_type"] = by_question_type(b);
@@ -106,7 +103,7 @@ pub fn evaluate<B: Backend>(
     let mut correct = 0;
     let mut answers_seen: HashMap<&str, usize> = HashMap::new();
     for p in &preds {
-        correct += usize::from(p.prediction.trim() == p.suffix.trim());
+        correct += usize::from(exact(p));
         *answers_seen.entry(p.suffix.trim()).or_default() += 1;
     }
     let shown = preds
@@ -163,6 +160,11 @@ pub fn evaluate<B: Backend>(
     })
 }
 
+/// The prediction is the reference, whitespace around either aside.
+fn exact(p: &pali_eval::run::Predicted) -> bool {
+    p.prediction.trim() == p.suffix.trim()
+}
+
 /// Exact match per question type, beside what always giving the type's most frequent answer
 /// scores. The type is the question's first two words after the task prefix (`answer en`),
 /// as VQAv2 groups questions by their leading words: the synthetic world's `what color`,
@@ -183,10 +185,7 @@ fn by_question_type(preds: &[pali_eval::run::Predicted]) -> serde_json::Value {
         .into_iter()
         .map(|(k, ps)| {
             let n = ps.len() as f64;
-            let right = ps
-                .iter()
-                .filter(|p| p.prediction.trim() == p.suffix.trim())
-                .count() as f64;
+            let right = ps.iter().filter(|p| exact(p)).count() as f64;
             let mut counts: HashMap<&str, usize> = HashMap::new();
             for p in &ps {
                 *counts.entry(p.suffix.trim()).or_default() += 1;

@@ -111,6 +111,19 @@ impl Groups {
         }
     }
 
+    /// Each group's learning rate at schedule values `sched` (0 when frozen), by its regex:
+    /// what metrics.jsonl logs as `lr`.
+    pub fn lrs(&self, lr: f64, sched: &[f64]) -> serde_json::Map<String, serde_json::Value> {
+        self.groups
+            .iter()
+            .zip(sched)
+            .map(|(g, s)| {
+                let v = lr * g.mult * s * f64::from(u8::from(!g.frozen));
+                (g.params.as_str().to_string(), serde_json::json!(v))
+            })
+            .collect()
+    }
+
     /// Checks coverage of every parameter; returns (path, group) pairs.
     pub fn assign(&self, paths: &[String]) -> Result<Vec<(String, usize)>> {
         paths

@@ -121,12 +121,12 @@ impl<B: Backend> Objective<B> for CausalLm<B> {
 
 /// Runs the stage-0 stages of a plan in order; a stage whose `final/` exists is done and is
 /// skipped (its summary is read back). `opts.max_steps` counts their steps (done before a
-/// resume too). Returns the summaries, the stage-0 steps, and whether every stage finished.
+/// resume too); returns the summaries of the stages done.
 pub(crate) fn run<B: Backend>(
     towers: &[TowerPlan],
     device: &B::Device,
     opts: &TrainOptions,
-) -> Result<(Vec<StageSummary>, u64, bool)> {
+) -> Result<Vec<StageSummary>> {
     let mut summaries = Vec::new();
     let mut before = 0;
     for tp in towers {
@@ -162,33 +162,10 @@ pub(crate) fn run<B: Backend>(
         match s {
             Some(s) => summaries.push(s),
             // Stopped by `max_steps`: the run stops here.
-            None => return Ok((summaries, before, false)),
+            None => return Ok(summaries),
         }
     }
-    Ok((summaries, before, true))
-}
-
-/// The newest intact checkpoint of a stage-0 stage, when resuming.
-fn latest(tp: &TowerPlan, opts: &TrainOptions) -> Result<Option<(std::path::PathBuf, RunState)>> {
-    if opts.existing != Existing::Resume {
-        return Ok(None);
-    }
-    for dir in ckpt::checkpoints(&tp.dir()).into_iter().rev() {
-        match ckpt::verify(&dir) {
-            Ok(st) => return Ok(Some((dir, st))),
-            Err(e) => {
-                let line = format!("skipping a damaged checkpoint: {e}");
-                opts.observer.on(Event::Info(&line));
-            }
-        }
-    }
-    if !ckpt::checkpoints(&tp.dir()).is_empty() {
-        return Err(Error::Train(format!(
-            "every checkpoint in {} is damaged; nothing to resume from",
-            tp.dir().join("checkpoints").display()
-        )));
-    }
-    Ok(None)
+    Ok(summaries)
 }
 
 /// One stage-0 stage. Returns its summary, or `None` when it reached step `limit` first
@@ -203,13 +180,20 @@ fn run_stage<AD, M>(
 where
     AD: AutodiffBackend,
     M: AutodiffModule<AD> + Objective<AD> + Clone,
-    M::InnerModule: Eval<AD::InnerBackend>,
+    M::InnerModule: TowerEval<AD::InnerBackend>,
 {
     let stage = tp.stage;
     let dir = tp.dir();
     std::fs::create_dir_all(&dir).map_err(io(&dir))?;
     let obs = opts.observer;
-    let resumed = latest(tp, opts)?;
+    let resumed = if opts.existing == Existing::Resume {
+        ckpt::newest_intact(&dir, &mut |e| {
+            let line = format!("skipping a damaged checkpoint: {e}");
+            obs.on(Event::Info(&line));
+        })?
+    } else {
+        None
+    };
     // Seeded by the run and the stage's position: the towers do not depend on what came before.
     AD::seed(
         device,
@@ -336,16 +320,7 @@ where
             last_loss = loss_v;
             let tps = window.1 as f64 / window.0.elapsed().as_secs_f64();
             window = (Instant::now(), 0);
-            let lrs: serde_json::Map<String, serde_json::Value> = tp
-                .groups
-                .groups
-                .iter()
-                .zip(&sched)
-                .map(|(g, s)| {
-                    let lr = stage.optim.lr * g.mult * s * f64::from(u8::from(!g.frozen));
-                    (g.params.as_str().to_string(), json!(lr))
-                })
-                .collect();
+            let lrs = tp.groups.lrs(stage.optim.lr, &sched);
             metrics.append(&json!({
                 "step": done, "stage": stage.name, "stage_step": done, "loss": loss_v,
                 "lr": lrs, "grad_norm": grad_norm, "param_norm": param_norm, "tokens_per_s": tps,
@@ -415,7 +390,7 @@ where
 }
 
 /// Writes `final/`: the tower as an HF checkpoint, then renames it into place.
-fn write_output<B: Backend, M: Eval<B>>(
+fn write_output<B: Backend, M: TowerEval<B>>(
     tp: &TowerPlan,
     model: &M,
     summary: &StageSummary,
@@ -459,7 +434,7 @@ fn write_output<B: Backend, M: Eval<B>>(
 }
 
 /// A stage-0 model's end-of-stage evaluation, as a JSON object of named numbers.
-pub trait Eval<B: Backend>: Module<B> {
+pub trait TowerEval<B: Backend>: Module<B> {
     fn evaluate(&self, tp: &TowerPlan, device: &B::Device) -> Result<serde_json::Value>;
 }
 
@@ -489,7 +464,7 @@ fn validation_batches(tp: &TowerPlan, n: usize, size: usize) -> Result<Vec<(Batc
     Ok(out)
 }
 
-impl<B: Backend> Eval<B> for TwoTower<B> {
+impl<B: Backend> TowerEval<B> for TwoTower<B> {
     /// Image→text and text→image recall@1 among up to 256 validation pairs. A retrieved
     /// candidate counts as a hit when its text equals the true one (synthetic captions repeat:
     /// two images with the same caption are equally right).
@@ -533,7 +508,7 @@ impl<B: Backend> Eval<B> for TwoTower<B> {
     }
 }
 
-impl<B: Backend> Eval<B> for CausalLm<B> {
+impl<B: Backend> TowerEval<B> for CausalLm<B> {
     /// Validation perplexity: exp of the mean NLL per token (text and EOS) over up to
     /// `eval.examples` validation texts.
     fn evaluate(&self, tp: &TowerPlan, device: &B::Device) -> Result<serde_json::Value> {

@@ -195,9 +195,8 @@ fn train_with<B: Backend, C: CheckpointStrategy>(
             if ends_in_stage0(&plan, opts) {
                 return Ok(done);
             }
-            let total: u64 = plan.towers.iter().map(|t| t.stage.steps).sum();
             let rest = TrainOptions {
-                max_steps: opts.max_steps.map(|m| m - total),
+                max_steps: opts.max_steps.map(|m| m - stage0_steps(&plan)),
                 ..*opts
             };
             (done, rest)
@@ -472,7 +471,7 @@ fn run_stage0<B: Backend>(
     if plan.towers.iter().any(|t| !t.output().is_dir()) {
         write_resolved(config)?;
     }
-    let (done, _, _) = crate::stage0::run::<B>(&plan.towers, device, opts)?;
+    let done = crate::stage0::run::<B>(&plan.towers, device, opts)?;
     if ends_in_stage0(plan, opts) {
         write_summary(out_dir, &done)?;
     }
@@ -482,8 +481,11 @@ fn run_stage0<B: Backend>(
 /// Whether this invocation ends with stage 0: no PaliGemma stage, or `max_steps` reached by
 /// then (stage 0 stops exactly there, so every rank knows it without asking rank 0).
 fn ends_in_stage0(plan: &RunPlan, opts: &TrainOptions) -> bool {
-    let total: u64 = plan.towers.iter().map(|t| t.stage.steps).sum();
-    plan.stages.is_empty() || opts.max_steps.is_some_and(|m| m <= total)
+    plan.stages.is_empty() || opts.max_steps.is_some_and(|m| m <= stage0_steps(plan))
+}
+
+fn stage0_steps(plan: &RunPlan) -> u64 {
+    plan.towers.iter().map(|t| t.stage.steps).sum()
 }
 
 /// `config.resolved.toml`: the config the run is made with (a resume is checked against it).
@@ -665,27 +667,14 @@ fn start<AD: AutodiffBackend>(
     let config = plan.config;
     // The newest checkpoint whose files match their checksums; damaged ones are named.
     let resume = opts.existing == Existing::Resume;
-    let mut latest = None;
-    if resume {
-        for dir in ckpt::checkpoints(&config.run.out_dir).into_iter().rev() {
-            match ckpt::verify(&dir) {
-                Ok(st) => {
-                    latest = Some((dir, st));
-                    break;
-                }
-                Err(e) => {
-                    let line = format!("skipping a damaged checkpoint: {e}");
-                    opts.observer.on(Event::Info(&line));
-                }
-            }
-        }
-    }
-    if resume && latest.is_none() && !ckpt::checkpoints(&config.run.out_dir).is_empty() {
-        return Err(Error::Train(format!(
-            "every checkpoint in {} is damaged; nothing to resume from",
-            config.run.out_dir.join("checkpoints").display()
-        )));
-    }
+    let latest = if resume {
+        ckpt::newest_intact(&config.run.out_dir, &mut |e| {
+            let line = format!("skipping a damaged checkpoint: {e}");
+            opts.observer.on(Event::Info(&line));
+        })?
+    } else {
+        None
+    };
     // Before any weights are loaded: a resumed run continues under its own config.
     if resume {
         // Without a checkpoint the run is at its first PaliGemma stage (stage 0 is done).
@@ -1120,17 +1109,7 @@ fn log_step(
 ) -> Result<StepLog> {
     let stage = r.stage.stage;
     let tps = window.tokens as f64 / window.since.elapsed().as_secs_f64();
-    let lrs: serde_json::Map<String, serde_json::Value> = r
-        .stage
-        .groups
-        .groups
-        .iter()
-        .zip(r.sched)
-        .map(|(g, s)| {
-            let lr = stage.optim.lr * g.mult * s * f64::from(u8::from(!g.frozen));
-            (g.params.as_str().to_string(), json!(lr))
-        })
-        .collect();
+    let lrs = r.stage.groups.lrs(stage.optim.lr, r.sched);
     let seen: Vec<u64> = r
         .batch
         .state_after
