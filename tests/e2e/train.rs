@@ -434,6 +434,46 @@ fn bad_configs_fail_before_training_with_the_reason() {
         "{e}"
     );
 
+    // Tower changes are checked by field name, value and shape before anything trains.
+    let cfg = config(d.path(), "");
+    for (set, want) in [
+        (
+            "model.text.num_kv_head=4",
+            "model.text.num_kv_head: no such field (fields: ",
+        ),
+        (
+            "model.vision.num_layers=\"two\"",
+            "model.vision.num_layers = \"two\": invalid type",
+        ),
+        (
+            "model.vision.image_size=64",
+            "model.vision.image_size: the resolution is each stage's `resolution`",
+        ),
+        (
+            "model.text.num_kv_heads=3",
+            "num_heads (4) a multiple of num_kv_heads (3)",
+        ),
+    ] {
+        let e = train_err(&cfg, &["--set", set]);
+        assert!(e.contains(want), "{set}: {e}");
+        assert_eq!(e.trim().lines().count(), 1, "{e}");
+    }
+    let siglip = d.path().join("siglip.safetensors");
+    std::fs::write(&siglip, b"").unwrap();
+    let e = train_err(
+        &cfg,
+        &[
+            "--set",
+            "model.encoder=\"none\"",
+            "--set",
+            &format!("model.init_siglip=\"{}\"", siglip.display()),
+        ],
+    );
+    assert!(
+        e.contains("model.encoder = \"none\" has no image encoder to load it into"),
+        "{e}"
+    );
+
     // Settings that are wrong on their own: tests/e2e/bad_input.rs.
     let detect = config(d.path(), "");
     let text = std::fs::read_to_string(&detect).unwrap();
@@ -481,6 +521,46 @@ fn image_transforms_train_and_stay_deterministic() {
     let a2 = run("aug2", &aug);
     assert_eq!(loss(&a1), loss(&a2), "augmentations are seeded");
     assert_ne!(loss(&a1), loss(&plain));
+}
+
+/// `model.text` / `model.vision` change the preset's towers: the trained checkpoint has their
+/// shapes, and its config.json says so.
+#[test]
+fn tower_changes_shape_the_model() {
+    let d = tempfile::tempdir().unwrap();
+    let cfg = config(d.path(), "");
+    train_s1(
+        &cfg,
+        "mha",
+        &[
+            "stage.s1.steps=2",
+            "model.text.num_kv_heads=4",
+            "model.vision.num_layers=3",
+        ],
+    );
+    let model = final_model(&d.path().join("mha"));
+    let shape = |name: &str| {
+        model
+            .iter()
+            .find(|(n, _, _)| n == name)
+            .unwrap_or_else(|| panic!("no {name}"))
+            .1
+            .clone()
+    };
+    // Tiny: width 64, 4 heads of 16: four key heads instead of one.
+    assert_eq!(
+        shape("language_model.model.layers.0.self_attn.k_proj.weight"),
+        [64, 64]
+    );
+    assert!(model
+        .iter()
+        .any(|(n, _, _)| n.starts_with("vision_tower.vision_model.encoder.layers.2.")));
+    let mut ck = entries(&d.path().join("mha/out/checkpoints"), "step-");
+    ck.sort();
+    let conf: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(ck[0].join("config.json")).unwrap()).unwrap();
+    assert_eq!(conf["text_config"]["num_key_value_heads"], 4, "{conf}");
+    assert_eq!(conf["vision_config"]["num_hidden_layers"], 3, "{conf}");
 }
 
 /// The README's main job, shortened through `--set`: stage 0 and the three PaliGemma stages

@@ -128,6 +128,58 @@ pub struct ModelSection {
     pub projector: ProjectorChoice,
     #[serde(default)]
     pub encoder: EncoderChoice,
+    /// Changes to the preset's image encoder, e.g. `vision = { num_layers = 4 }` (field names
+    /// of `pali_model::SiglipConfig`; the resolution is each stage's).
+    #[serde(default, skip_serializing_if = "toml::Table::is_empty")]
+    pub vision: toml::Table,
+    /// Changes to the preset's decoder, e.g. `text = { num_kv_heads = 4 }` (field names of
+    /// `pali_model::GemmaConfig`).
+    #[serde(default, skip_serializing_if = "toml::Table::is_empty")]
+    pub text: toml::Table,
+}
+
+/// `config` with the fields of `changes` replaced (`model.vision` / `model.text`, named `key`):
+/// unknown fields and values of the wrong type are refused by name.
+pub fn with_changes<T>(
+    key: &str,
+    config: &T,
+    changes: &toml::Table,
+) -> std::result::Result<T, String>
+where
+    T: Serialize + serde::de::DeserializeOwned,
+{
+    let serde_json::Value::Object(mut fields) =
+        serde_json::to_value(config).map_err(|e| format!("model.{key}: {e}"))?
+    else {
+        unreachable!("a config struct serialises to an object")
+    };
+    let mut out = None;
+    for (name, value) in changes {
+        if key == "vision" && name == "image_size" {
+            return Err(
+                "model.vision.image_size: the resolution is each stage's `resolution`".into(),
+            );
+        }
+        let Some(slot) = fields.get_mut(name) else {
+            let mut known: Vec<&str> = fields.keys().map(|k| k.as_str()).collect();
+            known.sort();
+            return Err(format!(
+                "model.{key}.{name}: no such field (fields: {})",
+                known.join(", ")
+            ));
+        };
+        *slot = serde_json::to_value(value).map_err(|e| format!("model.{key}.{name}: {e}"))?;
+        // One field at a time, so that a wrong value is named.
+        out = Some(
+            serde_json::from_value::<T>(serde_json::Value::Object(fields.clone()))
+                .map_err(|e| format!("model.{key}.{name} = {value}: {e}"))?,
+        );
+    }
+    match out {
+        Some(c) => Ok(c),
+        None => serde_json::from_value(serde_json::Value::Object(fields))
+            .map_err(|e| format!("model.{key}: {e}")),
+    }
 }
 
 #[derive(Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -1047,6 +1099,32 @@ impl RunConfig {
                     ));
                 }
             }
+        }
+        if self.model.init_hf.is_some() {
+            if let Some(k) = [("vision", &self.model.vision), ("text", &self.model.text)]
+                .iter()
+                .find_map(|(k, t)| (!t.is_empty()).then_some(k))
+            {
+                return err(format!(
+                    "model.{k}: with `init_hf` the checkpoint's config.json defines the model"
+                ));
+            }
+        }
+        with_changes(
+            "vision",
+            &pali_model::SiglipConfig::new(),
+            &self.model.vision,
+        )
+        .map(|_| ())
+        .or_else(err)?;
+        with_changes("text", &pali_model::GemmaConfig::new(), &self.model.text)
+            .map(|_| ())
+            .or_else(err)?;
+        if self.model.init_siglip.is_some() && self.model.encoder == EncoderChoice::None {
+            return err(
+                "model.init_siglip: model.encoder = \"none\" has no image encoder to load it into"
+                    .into(),
+            );
         }
         if let Some(p) = &self.model.init_hf {
             if !p.join("config.json").is_file() {

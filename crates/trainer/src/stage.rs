@@ -396,6 +396,14 @@ pub fn model_config(
         }
         (None, name) => pali_model::presets::preset(name)?,
     };
+    let change = |e: String| Error::Config(e);
+    c.text = crate::config::with_changes("text", &c.text, &config.model.text).map_err(change)?;
+    if let ImageEncoder::Siglip(v) = &mut c.vision {
+        *v = crate::config::with_changes("vision", &*v, &config.model.vision).map_err(change)?;
+    }
+    if let Some(m) = shape_problem(&c) {
+        return Err(Error::Config(format!("model: {m}")));
+    }
     if let ImageEncoder::Siglip(v) = &mut c.vision {
         v.image_size = resolution;
     }
@@ -433,6 +441,40 @@ pub fn model_config(
         c.projector = ProjectorKind::Mlp;
     }
     Ok(c)
+}
+
+/// A tower shape that cannot be built (possible with `model.vision` / `model.text` changes).
+fn shape_problem(c: &PaliGemmaConfig) -> Option<String> {
+    let t = &c.text;
+    let sizes = [
+        t.hidden_size,
+        t.intermediate_size,
+        t.num_layers,
+        t.num_heads,
+        t.head_dim,
+    ];
+    if sizes.contains(&0) || t.num_kv_heads == 0 || t.num_heads % t.num_kv_heads != 0 {
+        return Some(format!(
+            "text: sizes must be > 0 and num_heads ({}) a multiple of num_kv_heads ({})",
+            t.num_heads, t.num_kv_heads
+        ));
+    }
+    if let ImageEncoder::Siglip(v) = &c.vision {
+        let sizes = [
+            v.hidden_size,
+            v.intermediate_size,
+            v.num_layers,
+            v.num_heads,
+            v.patch_size,
+        ];
+        if sizes.contains(&0) || v.hidden_size % v.num_heads != 0 {
+            return Some(format!(
+                "vision: sizes must be > 0 and hidden_size ({}) a multiple of num_heads ({})",
+                v.hidden_size, v.num_heads
+            ));
+        }
+    }
+    None
 }
 
 /// The training split of a stage's sources (few-shot subsets applied).
