@@ -199,6 +199,27 @@ fn every_shipped_ablation_runs_as_a_smoke_test() {
         }
     }
 
+    // The image-side grids start from one stage-0 run: its towers, named by directory.
+    let towers = d.path().join("freezing/_prepare/towers");
+    assert!(towers.join("siglip/final/model.safetensors").is_file());
+    assert!(towers.join("lm/final/model.safetensors").is_file());
+    let resolved = std::fs::read_to_string(
+        d.path()
+            .join("freezing/image_frozen/seed-0/config.resolved.toml"),
+    )
+    .unwrap();
+    assert!(
+        resolved.contains("_prepare/towers/siglip/final")
+            && resolved.contains("_prepare/towers/lm/final"),
+        "{resolved}"
+    );
+    let resolved = std::fs::read_to_string(
+        d.path()
+            .join("encoder/raw_patches/seed-0/config.resolved.toml"),
+    )
+    .unwrap();
+    assert!(!resolved.contains("init_siglip"), "{resolved}");
+
     // token_init: the preparatory decoder was exported without the 1153 new rows, and every
     // variant started from it; the tracked curve starts at step 0.
     let ti = d.path().join("token_init");
@@ -294,6 +315,16 @@ fn bad_ablation_files_name_the_problem() {
         (
             format!("{text}\n[[prepare]]\nname = \"p\"\nexport = {{ tower = \"clip\" }}\n"),
             "prepare `p`: export: unknown tower `clip`",
+        ),
+        (
+            format!(
+                "{text}\n[[prepare]]\nname = \"p\"\nbase = \"{}\"\nexport = {{ tower = \"gemma\" }}\n",
+                Path::new(env!("CARGO_MANIFEST_DIR"))
+                    .join("configs/ablations/base-cpu-stage0.toml")
+                    .display()
+            ),
+            "prepare `p`: `export` needs a PaliGemma stage; a stage-0 run's towers are \
+             `{prepare.p}/STAGE/final`",
         ),
         (
             text.replace(

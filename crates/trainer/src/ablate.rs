@@ -5,9 +5,10 @@
 //!
 //! `[[prepare]]` runs are trained once, before the grid, under `out_dir/_prepare/NAME`; an
 //! override may name their output as `{prepare.NAME}`: the final checkpoint directory, or the
-//! exported tower file with `export`. This is how a grid starts many transfers from one
-//! pretraining (few-shot transfer) or from a pretrained decoder without the new tokens
-//! (new-token init).
+//! exported tower file with `export`, or the run directory of a run with only stage-0 stages
+//! (its towers are `{prepare.NAME}/STAGE/final`). This is how a grid starts many transfers from
+//! one pretraining (few-shot transfer), from a pretrained decoder without the new tokens
+//! (new-token init), or every run from the same stage-0 towers (the image-side grids).
 
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -211,8 +212,18 @@ impl AblationConfig {
                 if self.smoke {
                     shrink(&mut config);
                 }
+                let vlm = config.stages.iter().any(|s| s.kind.is_vlm());
                 let target = match &p.export {
+                    Some(_) if !vlm => {
+                        return Err(Error::Config(format!(
+                            "prepare `{}`: `export` needs a PaliGemma stage; a stage-0 run's \
+                             towers are `{{prepare.{}}}/STAGE/final`",
+                            p.name, p.name
+                        )))
+                    }
                     Some(e) => dir.join(format!("{}.safetensors", e.tower)),
+                    // Stage 0 only: the run directory, whose `STAGE/final/` hold the towers.
+                    None if !vlm => dir.clone(),
                     None => {
                         // Stage-0 steps are not part of the PaliGemma step count.
                         let steps: u64 = config.run.start_step
