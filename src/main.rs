@@ -118,6 +118,22 @@ enum ModelCommand {
         #[arg(long)]
         out: std::path::PathBuf,
     },
+    /// Convert a big_vision PaliGemma checkpoint (`.npz`, the official release format) into an
+    /// HF checkpoint directory (`model.init_hf`, `pali eval`, transformers).
+    Convert {
+        /// The `.npz` file (f32, f16 or bf16 arrays).
+        #[arg(long)]
+        from: std::path::PathBuf,
+        /// The model: a preset or an HF config.json (default: the preset whose shapes match).
+        #[arg(long)]
+        config: Option<String>,
+        /// The PaliGemma tokenizer.json, copied beside the weights with the processor files.
+        #[arg(long)]
+        tokenizer: Option<std::path::PathBuf>,
+        /// Output directory (must not exist).
+        #[arg(long)]
+        out: std::path::PathBuf,
+    },
 }
 
 fn main() -> ExitCode {
@@ -133,6 +149,12 @@ fn main() -> ExitCode {
                 vocab,
                 out,
             } => cmd::model::export(&checkpoint, &tower, vocab, &out),
+            ModelCommand::Convert {
+                from,
+                config,
+                tokenizer,
+                out,
+            } => cmd::model::convert(&from, config.as_deref(), tokenizer.as_deref(), &out),
         },
         Command::Doctor => {
             for line in devices::report() {

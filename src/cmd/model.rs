@@ -1,4 +1,4 @@
-//! `pali model info|list|export`.
+//! `pali model info|list|export|convert`.
 
 use std::path::Path;
 
@@ -83,5 +83,42 @@ pub fn export(checkpoint: &Path, tower: &str, vocab: Option<usize>, out: &Path) 
     let t = pali_model::checkpoint::tower_by_name(tower)?;
     let n = pali_model::checkpoint::export_tower(checkpoint, t, vocab, out)?;
     println!("{n} tensors → {}", out.display());
+    Ok(())
+}
+
+pub fn convert(
+    npz: &Path,
+    config: Option<&str>,
+    tokenizer: Option<&Path>,
+    out: &Path,
+) -> Result<()> {
+    let (name, c) = match config {
+        Some(name) => (name.to_string(), resolve(name)?),
+        None => {
+            let (name, c) = pali_model::big_vision::infer_config(npz)?;
+            (format!("{name} (matched by shapes)"), c)
+        }
+    };
+    // The tokenizer is read first: a bad one must not leave a converted directory behind.
+    let tok = match tokenizer {
+        Some(tok) => {
+            let text = std::fs::read_to_string(tok)
+                .map_err(|e| anyhow::anyhow!("{}: {e}", tok.display()))?;
+            let json: serde_json::Value = serde_json::from_str(&text)
+                .map_err(|e| anyhow::anyhow!("{}: not a tokenizer.json: {e}", tok.display()))?;
+            Some((text, json))
+        }
+        None => None,
+    };
+    let n = pali_model::big_vision::convert(npz, &c, out)?;
+    if let Some((text, json)) = tok {
+        std::fs::write(out.join("tokenizer.json"), &text)?;
+        for (file, j) in
+            hf::processor_files(&c, hf::special_ids(&json)).map_err(anyhow::Error::msg)?
+        {
+            std::fs::write(out.join(file), serde_json::to_string_pretty(&j)?)?;
+        }
+    }
+    println!("{n} tensors → {} (model {name})", out.display());
     Ok(())
 }

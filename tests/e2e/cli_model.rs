@@ -261,3 +261,174 @@ fn missing_devices_are_one_line_errors() {
         one_line(&e, "data parallelism on wgpu is not supported");
     }
 }
+
+/// The tensors of a checkpoint under one naming (hub files name the image encoder
+/// `vision_tower.vision_model.*`, the fixtures `vision_tower.*`), sorted.
+fn weights(path: &std::path::Path) -> Vec<(String, Vec<usize>, Vec<f32>)> {
+    let mut v: Vec<_> = all_f32(&open(path))
+        .into_iter()
+        .map(|(n, s, d)| {
+            (
+                n.replace("vision_tower.vision_model.", "vision_tower."),
+                s,
+                d,
+            )
+        })
+        .collect();
+    v.sort_by(|a, b| a.0.cmp(&b.0));
+    v
+}
+
+/// A big_vision `.npz` in the released layout (scripts/big_vision_reference.py writes the
+/// fixtures' weights that way, checked against HF's own converter) converts to the fixture's
+/// exact weights, and `pali forward` on the result gives HF's logits; bf16 arrays stay bf16;
+/// bad files and wrong configs are one-line errors that leave nothing behind.
+#[test]
+fn big_vision_npz_converts_to_the_hf_checkpoint() {
+    let bv = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/big_vision");
+    let tmp = tempfile::tempdir().unwrap();
+    for (variant, by_shape) in [("tiny-gemma1", true), ("tiny-gemma2", false)] {
+        let fx = fixture(variant);
+        let out = tmp.path().join(variant);
+        let mut cmd = pali();
+        cmd.args(["model", "convert", "--from"])
+            .arg(bv.join(format!("{variant}.npz")))
+            .arg("--tokenizer")
+            .arg(fx.join("tokenizer.json"))
+            .arg("--out")
+            .arg(&out);
+        if !by_shape {
+            cmd.arg("--config").arg(fx.join("config.json"));
+        }
+        let stdout = run_ok(&mut cmd);
+        if by_shape {
+            assert!(
+                stdout.contains("model tiny-gemma1 (matched by shapes)"),
+                "{stdout}"
+            );
+        }
+        let got = weights(&out.join("model.safetensors"));
+        let want = weights(&fx.join("model.safetensors"));
+        assert_eq!(got.len(), want.len(), "{variant}");
+        for (g, w) in got.iter().zip(&want) {
+            assert_eq!((&g.0, &g.1), (&w.0, &w.1), "{variant}");
+            assert!(g.2 == w.2, "{variant}: {} differs", g.0);
+        }
+        for f in ["config.json", "tokenizer.json", "preprocessor_config.json"] {
+            assert!(out.join(f).is_file(), "{variant}: no {f}");
+        }
+        // Logits: the same as from the fixture's own checkpoint, bit for bit, so as close to
+        // HF's as the parity tests measure (max |Δ| 1.2e-5 here).
+        let logits = |ckpt: &std::path::Path, name: &str| {
+            let path = tmp.path().join(format!("{variant}-{name}.safetensors"));
+            run_ok(
+                pali()
+                    .args(["forward", "--checkpoint"])
+                    .arg(ckpt)
+                    .arg("--inputs")
+                    .arg(fx.join("inputs.safetensors"))
+                    .arg("--out")
+                    .arg(&path),
+            );
+            f32s(&open(&path), "logits")
+        };
+        let (g, gs) = logits(&out, "converted");
+        assert!(
+            (g.clone(), gs.clone()) == logits(&fx, "fixture"),
+            "{variant}"
+        );
+        let (w, ws) = f32s(&open(&fx.join("outputs.safetensors")), "logits");
+        compare(&format!("{variant} logits"), &g, &gs, &w, &ws, 2e-5, 1e-5);
+    }
+
+    // Every array bf16 (`|V2`): the weights are the fixture's rounded to bf16, stored as bf16.
+    let out = tmp.path().join("b16");
+    run_ok(
+        pali()
+            .args(["model", "convert", "--from"])
+            .arg(bv.join("tiny-gemma1.b16.npz"))
+            .arg("--out")
+            .arg(&out),
+    );
+    let f32_bytes = std::fs::metadata(tmp.path().join("tiny-gemma1/model.safetensors"))
+        .unwrap()
+        .len();
+    let bf16_bytes = std::fs::metadata(out.join("model.safetensors"))
+        .unwrap()
+        .len();
+    assert!(
+        bf16_bytes * 10 < f32_bytes * 6,
+        "{bf16_bytes} vs {f32_bytes}"
+    );
+    let want = weights(&fixture("tiny-gemma1").join("model.safetensors"));
+    for (g, w) in weights(&out.join("model.safetensors")).iter().zip(&want) {
+        let rounded: Vec<f32> =
+            w.2.iter()
+                .map(|x| burn::tensor::bf16::from_f32(*x).to_f32())
+                .collect();
+        assert!(g.2 == rounded, "{} is not the bf16 rounding", g.0);
+    }
+
+    // Bad input.
+    let truncated = tmp.path().join("truncated.npz");
+    let bytes = std::fs::read(bv.join("tiny-gemma1.npz")).unwrap();
+    std::fs::write(&truncated, &bytes[..bytes.len() / 2]).unwrap();
+    let cases = [
+        (
+            truncated.clone(),
+            vec![],
+            "truncated.npz: not a usable .npz file".to_string(),
+        ),
+        (
+            bv.join("tiny-gemma1.npz"),
+            vec![
+                "--config".to_string(),
+                fixture("tiny-gemma2")
+                    .join("config.json")
+                    .display()
+                    .to_string(),
+            ],
+            "tiny-gemma1.npz: array `params/img/embedding/kernel`: expected shape [8, 8, 3, 48], \
+             found [14, 14, 3, 32]"
+                .to_string(),
+        ),
+        (
+            bv.join("tiny-gemma1.npz"),
+            vec!["--config".to_string(), "paligemma-3b-224".to_string()],
+            "expected shape [14, 14, 3, 1152], found [14, 14, 3, 32]".to_string(),
+        ),
+    ];
+    for (npz, args, want) in cases {
+        let out = tmp.path().join("bad");
+        let e = run_err(
+            pali()
+                .args(["model", "convert", "--from"])
+                .arg(&npz)
+                .args(&args)
+                .arg("--out")
+                .arg(&out),
+        );
+        assert!(e.contains(&want), "{e}");
+        assert_eq!(e.trim().lines().count(), 1, "{e}");
+        assert!(!out.exists());
+        let leftovers: Vec<_> = std::fs::read_dir(tmp.path())
+            .unwrap()
+            .filter(|e| {
+                e.as_ref()
+                    .unwrap()
+                    .file_name()
+                    .to_string_lossy()
+                    .contains("partial")
+            })
+            .collect();
+        assert!(leftovers.is_empty());
+    }
+    let e = run_err(
+        pali()
+            .args(["model", "convert", "--from"])
+            .arg(bv.join("tiny-gemma1.npz"))
+            .arg("--out")
+            .arg(tmp.path().join("b16")),
+    );
+    assert!(e.contains("already exists"), "{e}");
+}

@@ -2,6 +2,7 @@
 //! checkpoint IO, masks and losses. Generic over any Burn `Backend`.
 
 pub mod activation;
+pub mod big_vision;
 pub mod cache;
 pub mod checkpoint;
 pub mod config;
