@@ -563,6 +563,101 @@ fn tower_changes_shape_the_model() {
     assert_eq!(conf["vision_config"]["num_hidden_layers"], 3, "{conf}");
 }
 
+/// `model.init_big_vision` starts from a big_vision `.npz`: the model is the preset its shapes
+/// match, its weights the file's (one step at lr 0 keeps the HF fixture's weights exactly); a
+/// preset that does not fit and a second whole-model start are refused before training.
+#[test]
+fn big_vision_start_loads_the_npz() {
+    let d = tempfile::tempdir().unwrap();
+    let fx = fixture("tiny-gemma1");
+    let npz =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/big_vision/tiny-gemma1.npz");
+    let text = std::fs::read_to_string(config(d.path(), "")).unwrap();
+    let text = text
+        .replacen(
+            "preset = \"tiny\"\n",
+            &format!("init_big_vision = \"{}\"\n", npz.display()),
+            1,
+        )
+        .replace(
+            &format!("path = \"{}\"", tokenizer().display()),
+            &format!("path = \"{}\"", fx.join("tokenizer.json").display()),
+        )
+        .replace("resolution = 32", "resolution = 56")
+        .replace("resolution = 64", "resolution = 112");
+    let cfg = d.path().join("bv.toml");
+    std::fs::write(&cfg, text).unwrap();
+    let stdout = run_ok(
+        pali()
+            .args([
+                "train",
+                "--max-steps",
+                "1",
+                "--set",
+                "stage.1.lr=0.0",
+                "--set",
+                "stage.1.checkpoint_every=1",
+            ])
+            .arg(&cfg),
+    );
+    assert!(stdout.contains("outputs in"), "{stdout}");
+    let mut ck = entries(&d.path().join("out/checkpoints"), "step-");
+    ck.sort();
+    let card = std::fs::read_to_string(ck[0].join("README.md")).unwrap();
+    assert!(card.contains("from the big_vision checkpoint `"), "{card}");
+    let norm = |v: Vec<(String, Vec<usize>, Vec<f32>)>| {
+        let mut v: Vec<_> = v
+            .into_iter()
+            .map(|(n, s, x)| {
+                (
+                    n.replace("vision_tower.vision_model.", "vision_tower."),
+                    s,
+                    x,
+                )
+            })
+            .collect();
+        v.sort_by(|a, b| a.0.cmp(&b.0));
+        v
+    };
+    let got = norm(final_model(d.path()));
+    let want = norm(all_f32(&open(&fx.join("model.safetensors"))));
+    assert_eq!(got.len(), want.len());
+    for (g, w) in got.iter().zip(&want) {
+        assert!(g == w, "{} differs", g.0);
+    }
+    let scratch: Vec<_> = entries(&d.path().join("out"), ".big_vision")
+        .into_iter()
+        .collect();
+    assert!(scratch.is_empty(), "{scratch:?}");
+
+    let e = train_err(
+        &cfg,
+        &[
+            "--set",
+            "model.preset=\"tiny-gemma2\"",
+            "--set",
+            "run.out_dir=\"o2\"",
+        ],
+    );
+    assert!(
+        e.contains("tiny-gemma1.npz: array `params/img/embedding/kernel`: expected shape"),
+        "{e}"
+    );
+    let e = train_err(
+        &cfg,
+        &[
+            "--set",
+            &format!("model.init_hf=\"{}\"", fx.display()),
+            "--set",
+            "run.out_dir=\"o3\"",
+        ],
+    );
+    assert!(
+        e.contains("model.init_big_vision: give either it or `init_hf`"),
+        "{e}"
+    );
+}
+
 /// The README's main job, shortened through `--set`: stage 0 and the three PaliGemma stages
 /// run, the resolution changes, the transfer stage evaluates (blind control too), and the
 /// curves are drawn.

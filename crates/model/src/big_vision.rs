@@ -431,6 +431,16 @@ pub fn infer_config(npz: &Path) -> Result<(&'static str, PaliGemmaConfig)> {
     ))
 }
 
+/// Checks that model `c` fits every array of `npz` (reading only their headers).
+pub fn check(npz: &Path, c: &PaliGemmaConfig) -> Result<()> {
+    let mut archive = Archive::open(npz)?;
+    let found = contents(&mut archive)?;
+    match mismatch(c, &found) {
+        Some(m) => Err(bad(npz, m)),
+        None => Ok(()),
+    }
+}
+
 /// Picks `c.index` of the leading axes of `data` (shape `shape`), views the rest as `c.view`,
 /// permutes it and appends zero rows up to `c.shape`.
 fn apply<T: Copy + Default>(data: &[T], shape: &[usize], c: &Cut) -> Vec<T> {

@@ -112,6 +112,10 @@ pub struct ModelSection {
     /// Initialise from an HF PaliGemma checkpoint directory instead of randomly.
     #[serde(default)]
     pub init_hf: Option<PathBuf>,
+    /// Initialise from a big_vision PaliGemma checkpoint (`.npz`, the official release format);
+    /// the model is `preset` if given (its shapes must match), else the preset that matches.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub init_big_vision: Option<PathBuf>,
     /// Unimodal start: the image encoder from a SigLIP checkpoint (HF `vision_model.*` names;
     /// a safetensors file or a directory).
     #[serde(default)]
@@ -136,6 +140,19 @@ pub struct ModelSection {
     /// `pali_model::GemmaConfig`).
     #[serde(default, skip_serializing_if = "toml::Table::is_empty")]
     pub text: toml::Table,
+}
+
+impl ModelSection {
+    /// The key of a whole-model start (`init_hf`, `init_big_vision`), if any.
+    pub fn whole_start(&self) -> Option<&'static str> {
+        if self.init_hf.is_some() {
+            Some("init_hf")
+        } else if self.init_big_vision.is_some() {
+            Some("init_big_vision")
+        } else {
+            None
+        }
+    }
 }
 
 /// `config` with the fields of `changes` replaced (`model.vision` / `model.text`, named `key`):
@@ -983,6 +1000,7 @@ impl RunConfig {
         fix(&mut self.tokenizer.path);
         for p in [
             &mut self.model.init_hf,
+            &mut self.model.init_big_vision,
             &mut self.model.init_siglip,
             &mut self.model.init_gemma,
         ]
@@ -1042,11 +1060,15 @@ impl RunConfig {
                 StageKind::Siglip => ("init_siglip", self.model.init_siglip.is_some()),
                 _ => ("init_gemma", self.model.init_gemma.is_some()),
             };
-            if given || self.model.init_hf.is_some() {
+            if given || self.model.whole_start().is_some() {
                 return Err(format!(
                     "{at}: the kind = \"{kind}\" stage trains the tower that `model.{}` would \
                      load; give one or the other",
-                    if given { key } else { "init_hf" }
+                    if given {
+                        key
+                    } else {
+                        self.model.whole_start().unwrap_or_default()
+                    }
                 ));
             }
             if s.kind == StageKind::Lm && s.text_tower.is_some() {
@@ -1093,20 +1115,20 @@ impl RunConfig {
                 if !p.exists() {
                     return err(format!("model.{key}: not found: {}", p.display()));
                 }
-                if self.model.init_hf.is_some() {
+                if let Some(whole) = self.model.whole_start() {
                     return err(format!(
-                        "model.{key}: give either `init_hf` or unimodal checkpoints"
+                        "model.{key}: give either `{whole}` or unimodal checkpoints"
                     ));
                 }
             }
         }
-        if self.model.init_hf.is_some() {
+        if let Some(whole) = self.model.whole_start() {
             if let Some(k) = [("vision", &self.model.vision), ("text", &self.model.text)]
                 .iter()
                 .find_map(|(k, t)| (!t.is_empty()).then_some(k))
             {
                 return err(format!(
-                    "model.{k}: with `init_hf` the checkpoint's config.json defines the model"
+                    "model.{k}: with `{whole}` the checkpoint defines the model"
                 ));
             }
         }
@@ -1126,12 +1148,20 @@ impl RunConfig {
                     .into(),
             );
         }
+        if let Some(p) = &self.model.init_big_vision {
+            if self.model.init_hf.is_some() {
+                return err("model.init_big_vision: give either it or `init_hf`".into());
+            }
+            if !p.is_file() {
+                return err(format!("model.init_big_vision: not found: {}", p.display()));
+            }
+        }
         if let Some(p) = &self.model.init_hf {
             if !p.join("config.json").is_file() {
                 return err(format!("model.init_hf: no config.json in {}", p.display()));
             }
-        } else if self.model.preset.is_none() {
-            return err("model: give `preset` or `init_hf`".into());
+        } else if self.model.preset.is_none() && self.model.init_big_vision.is_none() {
+            return err("model: give `preset`, `init_hf` or `init_big_vision`".into());
         }
         self.validate_stage_kinds().or_else(err)?;
         for (i, s) in self.stages.iter().enumerate() {

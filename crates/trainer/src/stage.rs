@@ -391,6 +391,9 @@ pub fn model_config(
         (Some(dir), _) => {
             pali_model::hf::parse_config(&dir.join("config.json"))?.with_position_offset(0)
         }
+        (None, _) if config.model.init_big_vision.is_some() => {
+            big_vision_config(config)?.expect("init_big_vision is set")
+        }
         (None, "tiny") => {
             pali_model::presets::tiny(tok.vocab_size(), tok.image as usize, resolution)
         }
@@ -417,12 +420,16 @@ pub fn model_config(
         )));
     }
     if tok.image as usize != c.image_token_id {
-        if let Some(dir) = &config.model.init_hf {
+        let source = match (&config.model.init_hf, &config.model.init_big_vision) {
+            (Some(dir), _) => Some(dir.join("config.json")),
+            (None, npz) => npz.clone(),
+        };
+        if let Some(source) = source {
             return Err(Error::Config(format!(
                 "tokenizer {} has `<image>` = {} but {} expects {}",
                 tok.path.display(),
                 tok.image,
-                dir.join("config.json").display(),
+                source.display(),
                 c.image_token_id
             )));
         }
@@ -475,6 +482,23 @@ fn shape_problem(c: &PaliGemmaConfig) -> Option<String> {
         }
     }
     None
+}
+
+/// The model of `model.init_big_vision` at its own resolution: `preset` (checked against the
+/// file's shapes) or the preset that matches them.
+pub fn big_vision_config(config: &RunConfig) -> Result<Option<PaliGemmaConfig>> {
+    let Some(npz) = &config.model.init_big_vision else {
+        return Ok(None);
+    };
+    let c = match &config.model.preset {
+        Some(name) => {
+            let c = pali_model::presets::preset(name)?;
+            pali_model::big_vision::check(npz, &c)?;
+            c
+        }
+        None => pali_model::big_vision::infer_config(npz)?.1,
+    };
+    Ok(Some(c))
 }
 
 /// The training split of a stage's sources (few-shot subsets applied).

@@ -700,12 +700,28 @@ fn start<AD: AutodiffBackend>(
             (m, a, Some(st))
         }
         None => {
-            let m = match &config.model.init_hf {
-                Some(p) => {
+            let bv = crate::stage::big_vision_config(config)?;
+            let m = match (&config.model.init_hf, &config.model.init_big_vision, bv) {
+                (Some(p), ..) => {
                     let (hf, m) = pali_model::load_hf::<AD>(p, device)?;
                     set_resolution(m, hf.vision.image_size(), plan.stages[0].stage.resolution)
                 }
-                None => {
+                (None, Some(npz), Some(bv)) => {
+                    // Converted once into a scratch HF directory of the run, loaded, removed.
+                    let tmp = config
+                        .run
+                        .out_dir
+                        .join(format!(".big_vision-{}", std::process::id()));
+                    let _ = std::fs::remove_dir_all(&tmp);
+                    pali_model::big_vision::convert(npz, &bv, &tmp)?;
+                    let loaded = pali_model::load_hf::<AD>(&tmp, device);
+                    let _ = std::fs::remove_dir_all(&tmp);
+                    let (hf, m) = loaded?;
+                    let line = format!("model from the big_vision checkpoint {}", npz.display());
+                    opts.observer.on(Event::Info(&line));
+                    set_resolution(m, hf.vision.image_size(), plan.stages[0].stage.resolution)
+                }
+                _ => {
                     let c0 = &plan.stages[0].model;
                     let (m, notes) =
                         crate::init::unimodal(c0.init::<AD>(device), c0, &plan.init, device)?;
@@ -820,6 +836,8 @@ fn model_card(sp: &StagePlan, at: &Position, stages_done: &[StageSummary]) -> St
     let m = &config.model;
     let base = if let Some(p) = &m.init_hf {
         format!("the HF checkpoint `{}`", p.display())
+    } else if let Some(p) = &m.init_big_vision {
+        format!("the big_vision checkpoint `{}`", p.display())
     } else {
         let stage0 = |kind| {
             config
