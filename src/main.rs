@@ -118,6 +118,17 @@ enum ModelCommand {
         #[arg(long)]
         out: std::path::PathBuf,
     },
+    /// Write a randomly initialised model as an HF checkpoint directory (benchmarks, memory
+    /// measurements, a start for `model.init_hf`).
+    Init {
+        /// Preset name or an HF config.json.
+        model: String,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        /// Output directory (must not exist).
+        #[arg(long)]
+        out: std::path::PathBuf,
+    },
     /// Convert a big_vision PaliGemma checkpoint (`.npz`, the official release format) into an
     /// HF checkpoint directory (`model.init_hf`, `pali eval`, transformers).
     Convert {
@@ -149,6 +160,7 @@ fn main() -> ExitCode {
                 vocab,
                 out,
             } => cmd::model::export(&checkpoint, &tower, vocab, &out),
+            ModelCommand::Init { model, seed, out } => cmd::model::init(&model, seed, &out),
             ModelCommand::Convert {
                 from,
                 config,

@@ -1,4 +1,4 @@
-//! `pali model info|list|export|convert`.
+//! `pali model info|list|export|init|convert`.
 
 use std::path::Path;
 
@@ -120,5 +120,35 @@ pub fn convert(
         }
     }
     println!("{n} tensors → {} (model {name})", out.display());
+    Ok(())
+}
+
+pub fn init(name: &str, seed: u64, out: &Path) -> Result<()> {
+    use burn::tensor::backend::Backend;
+    if out.exists() {
+        anyhow::bail!("{}: already exists; choose a new directory", out.display());
+    }
+    let c = resolve(name)?;
+    let device = Default::default();
+    crate::backend::Cpu::seed(&device, seed);
+    let model = c.init::<crate::backend::Cpu>(&device);
+    let tmp = std::path::PathBuf::from(format!("{}.partial-{}", out.display(), std::process::id()));
+    let written = pali_model::save_hf(&model, &c, &tmp).and_then(|_| {
+        std::fs::rename(&tmp, out).map_err(|e| pali_model::Error::Io {
+            path: out.to_path_buf(),
+            source: e,
+        })
+    });
+    if written.is_err() {
+        let _ = std::fs::remove_dir_all(&tmp);
+    }
+    written?;
+    let n = count_params(&c).total();
+    println!(
+        "{name}: {} parameters ({}) → {}",
+        n,
+        human(n),
+        out.display()
+    );
     Ok(())
 }

@@ -54,6 +54,60 @@ fn probe_logits(model: &PaliGemma<B>, config: &PaliGemmaConfig) -> Vec<f32> {
     to_vec(out.logits).0
 }
 
+/// Streamed saving in shards (HF's `model-0000i-of-0000n.safetensors` + index) reads back
+/// bit-exactly; bf16 saving stores every weight's bf16 rounding in half the bytes.
+#[test]
+fn sharded_and_bf16_saves_read_back() {
+    use pali_model::checkpoint::{save_sharded, SaveDtype};
+    let dev = Default::default();
+    let dir = fixture("tiny-gemma2");
+    let (_, model) = pali_model::load_hf::<B>(&dir, &dev).unwrap();
+    let want = all_f32(&TensorFile::open(&dir).unwrap());
+    let sorted = |mut v: Vec<(String, Vec<usize>, Vec<f32>)>| {
+        for t in &mut v {
+            t.0 = t.0.replace("vision_tower.vision_model.", "vision_tower.");
+        }
+        v.sort_by(|a, b| a.0.cmp(&b.0));
+        v
+    };
+    let want = sorted(want);
+    let out = tempfile::tempdir().unwrap();
+    let files = save_sharded(&model, out.path(), "model", 200_000, SaveDtype::F32).unwrap();
+    assert!(files.len() > 3, "{files:?}");
+    assert!(out.path().join("model.safetensors.index.json").is_file());
+    assert!(!out.path().join("model.safetensors").exists());
+    // At most 200 kB of data per shard, or one tensor (the 400 kB embedding) alone.
+    for f in &files[..files.len() - 1] {
+        let st = TensorFile::open(f).unwrap();
+        let bytes: usize = st
+            .names()
+            .map(|n| 4 * st.shape(n).unwrap().iter().product::<usize>())
+            .sum();
+        assert!(
+            bytes <= 200_000 || st.names().count() == 1,
+            "{f:?}: {bytes}"
+        );
+    }
+    let got = sorted(all_f32(&TensorFile::open(out.path()).unwrap()));
+    assert!(got == want, "sharded save differs");
+
+    let b16 = tempfile::tempdir().unwrap();
+    let files = save_sharded(&model, b16.path(), "model", u64::MAX, SaveDtype::Bf16).unwrap();
+    assert_eq!(files.len(), 1);
+    let f32_size = std::fs::metadata(dir.join("model.safetensors"))
+        .unwrap()
+        .len();
+    assert!(std::fs::metadata(&files[0]).unwrap().len() * 10 < f32_size * 6);
+    let got = sorted(all_f32(&TensorFile::open(b16.path()).unwrap()));
+    for (g, w) in got.iter().zip(&want) {
+        let r: Vec<f32> =
+            w.2.iter()
+                .map(|x| burn::tensor::bf16::from_f32(*x).to_f32())
+                .collect();
+        assert!(g.2 == r, "{}", g.0);
+    }
+}
+
 #[test]
 fn save_then_load_is_bit_exact() {
     let dev = Default::default();

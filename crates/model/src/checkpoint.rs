@@ -184,6 +184,17 @@ impl TensorFile {
         Ok(out)
     }
 
+    /// Opens `STEM.safetensors.index.json` in `dir` if it exists (shards), else
+    /// `STEM.safetensors`.
+    pub fn open_stem(dir: &Path, stem: &str) -> Result<Self> {
+        let index = dir.join(format!("{stem}.safetensors.index.json"));
+        if index.exists() {
+            Self::open(&index)
+        } else {
+            Self::open(&dir.join(format!("{stem}.safetensors")))
+        }
+    }
+
     pub fn names(&self) -> impl Iterator<Item = &str> {
         self.tensors.keys().map(|s| s.as_str())
     }
@@ -232,7 +243,28 @@ impl TensorFile {
                 })
             }
         };
+        self.release(t);
         Ok((vals, t.shape.clone()))
+    }
+
+    /// Drops the pages of a tensor that was read from the process's memory (they stay in the
+    /// page cache and are read again if needed), so that loading a model holds the model and
+    /// one tensor's copy, not also the whole mapped file.
+    fn release(&self, t: &RawTensor) {
+        #[cfg(unix)]
+        {
+            // SAFETY: the map is read-only and file-backed: MADV_DONTNEED only drops pages,
+            // which later reads fault back in from the file with the same contents.
+            let _ = unsafe {
+                self.maps[t.file].1.unchecked_advise_range(
+                    memmap2::UncheckedAdvice::DontNeed,
+                    t.start,
+                    t.end - t.start,
+                )
+            };
+        }
+        #[cfg(not(unix))]
+        let _ = t;
     }
 
     /// The tensor as i64 values (I64, I32, U8, BOOL).
@@ -467,11 +499,51 @@ pub fn load_into<B: Backend, M: Module<B>>(
     Ok(module)
 }
 
+/// Element type of saved weights: f32 (checkpoints, exact resume) or bf16 (exports: half the
+/// bytes; round to nearest even).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum SaveDtype {
+    #[default]
+    F32,
+    Bf16,
+}
+
+impl std::str::FromStr for SaveDtype {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s {
+            "f32" => Ok(SaveDtype::F32),
+            "bf16" => Ok(SaveDtype::Bf16),
+            o => Err(format!("unknown dtype `{o}` (f32 or bf16)")),
+        }
+    }
+}
+
 /// Writes every parameter of `module` to `path` as f32 safetensors with hub (4.x-style) names,
-/// atomically (temp file + rename).
+/// atomically (temp file + rename), one tensor in memory at a time.
 pub fn save_safetensors<B: Backend, M: Module<B>>(module: &M, path: &Path) -> Result<()> {
-    struct V(PathStack, Vec<(String, Vec<usize>, Vec<u8>)>);
-    impl<B: Backend> ModuleVisitor<B> for V {
+    let dir = path.parent().unwrap_or(Path::new("."));
+    let stem = path
+        .file_name()
+        .and_then(|n| n.to_str())
+        .and_then(|n| n.strip_suffix(".safetensors"))
+        .ok_or_else(|| Error::Input(format!("{}: not a .safetensors path", path.display())))?;
+    save_sharded(module, dir, stem, u64::MAX, SaveDtype::F32).map(|_| ())
+}
+
+/// Writes every parameter of `module` under `dir` as `STEM.safetensors`, or as shards of at
+/// most `max_bytes` with `STEM.safetensors.index.json` (HF's layout), streamed: the headers
+/// from the parameters' shapes first, then one tensor at a time. Returns the files written.
+pub fn save_sharded<B: Backend, M: Module<B>>(
+    module: &M,
+    dir: &Path,
+    stem: &str,
+    max_bytes: u64,
+    dtype: SaveDtype,
+) -> Result<Vec<PathBuf>> {
+    // Pass 1: names and shapes (no data read).
+    struct Plan(PathStack, Vec<crate::shards::Entry>, Dtype);
+    impl<B: Backend> ModuleVisitor<B> for Plan {
         fn enter_module(&mut self, name: &str, container: &str) {
             self.0.enter(name, container)
         }
@@ -480,24 +552,77 @@ pub fn save_safetensors<B: Backend, M: Module<B>>(module: &M, path: &Path) -> Re
         }
         fn visit_float<const D: usize>(&mut self, p: &Param<Tensor<B, D>>) {
             let (path, transpose) = self.0.current();
-            let t = p.val();
-            let shape = t.dims().to_vec();
-            let vals: Vec<f32> = t.into_data().convert::<f32>().to_vec().expect("f32 data");
-            let (vals, shape) = if transpose {
-                (
-                    transpose2(&vals, shape[0], shape[1]),
-                    vec![shape[1], shape[0]],
-                )
-            } else {
-                (vals, shape)
-            };
-            let bytes = vals.iter().flat_map(|v| v.to_le_bytes()).collect();
-            self.1.push((hub_key(&path), shape, bytes));
+            let mut shape: Vec<usize> = p.shape().dims::<D>().to_vec();
+            if transpose {
+                shape.swap(0, 1);
+            }
+            self.1.push(crate::shards::Entry {
+                name: hub_key(&path),
+                dtype: self.2,
+                shape,
+            });
         }
     }
-    let mut v = V(PathStack::default(), Vec::new());
-    module.visit(&mut v);
-    write_f32(&v.1, path)
+    let st_dtype = match dtype {
+        SaveDtype::F32 => Dtype::F32,
+        SaveDtype::Bf16 => Dtype::BF16,
+    };
+    let mut plan = Plan(PathStack::default(), Vec::new(), st_dtype);
+    module.visit(&mut plan);
+    let writer = crate::shards::Writer::create(dir, stem, plan.1, max_bytes, &[("format", "pt")])?;
+    // Pass 2: each tensor's bytes, in the same order.
+    struct Put(PathStack, crate::shards::Writer, SaveDtype, Option<Error>);
+    impl<B: Backend> ModuleVisitor<B> for Put {
+        fn enter_module(&mut self, name: &str, container: &str) {
+            self.0.enter(name, container)
+        }
+        fn exit_module(&mut self, _: &str, _: &str) {
+            self.0.exit()
+        }
+        fn visit_float<const D: usize>(&mut self, p: &Param<Tensor<B, D>>) {
+            if self.3.is_some() {
+                return;
+            }
+            let (_, transpose) = self.0.current();
+            let t = p.val();
+            let shape = t.dims().to_vec();
+            let data = t.into_data().convert::<f32>();
+            // Few copies of a tensor at a time: an f32 weight in storage order is written from
+            // the tensor's own bytes (little-endian hosts).
+            let put = match (self.2, transpose) {
+                (SaveDtype::F32, false) if cfg!(target_endian = "little") => {
+                    self.1.put(data.as_bytes())
+                }
+                (dtype, _) => {
+                    let vals = data.as_slice::<f32>().expect("f32 data");
+                    let moved;
+                    let vals = if transpose {
+                        moved = transpose2(vals, shape[0], shape[1]);
+                        &moved[..]
+                    } else {
+                        vals
+                    };
+                    let bytes: Vec<u8> = match dtype {
+                        SaveDtype::F32 => vals.iter().flat_map(|v| v.to_le_bytes()).collect(),
+                        SaveDtype::Bf16 => vals
+                            .iter()
+                            .flat_map(|v| bf16::from_f32(*v).to_le_bytes())
+                            .collect(),
+                    };
+                    self.1.put(&bytes)
+                }
+            };
+            if let Err(e) = put {
+                self.3 = Some(e);
+            }
+        }
+    }
+    let mut put = Put(PathStack::default(), writer, dtype, None);
+    module.visit(&mut put);
+    match put.3 {
+        Some(e) => Err(e),
+        None => put.1.finish(),
+    }
 }
 
 /// Writes (name, shape, little-endian f32 bytes) tensors to a safetensors file atomically

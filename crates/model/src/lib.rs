@@ -16,6 +16,7 @@ pub mod paligemma;
 pub mod precision;
 pub mod presets;
 pub mod projector;
+pub mod shards;
 pub mod siglip;
 pub mod two_tower;
 pub mod vqvae;
@@ -43,7 +44,8 @@ pub fn load_hf<B: Backend>(
     Ok((config, model))
 }
 
-/// Saves `model` as an HF checkpoint directory (`model.safetensors` + `config.json`).
+/// Saves `model` as an HF checkpoint directory (`config.json` + `model.safetensors`, or 5 GB
+/// shards with their index, as HF writes them).
 pub fn save_hf<B: Backend>(
     model: &PaliGemma<B>,
     config: &PaliGemmaConfig,
@@ -56,7 +58,14 @@ pub fn save_hf<B: Backend>(
     std::fs::write(&tmp, serde_json::to_string_pretty(&json).expect("json"))
         .map_err(error::io_err(&tmp))?;
     std::fs::rename(&tmp, &path).map_err(error::io_err(&path))?;
-    checkpoint::save_safetensors(model, &dir.join("model.safetensors"))
+    checkpoint::save_sharded(
+        model,
+        dir,
+        "model",
+        shards::SHARD_BYTES,
+        checkpoint::SaveDtype::F32,
+    )
+    .map(|_| ())
 }
 
 #[cfg(test)]

@@ -208,32 +208,36 @@ fn write_files<B: Backend, M: Module<B>>(
     state: &RunState,
     extras: Option<HfExtras>,
 ) -> Result<()> {
-    pali_model::checkpoint::save_safetensors(model, &tmp.join("model.safetensors"))?;
-    let mut tensors: Vec<(String, Vec<usize>, Vec<u8>)> = Vec::new();
-    for (prefix, map) in [("m", &adam.m), ("v", &adam.v)] {
-        for (k, t) in map {
-            let vals: Vec<f32> = t
-                .clone()
-                .into_data()
-                .convert::<f32>()
-                .to_vec()
-                .expect("f32");
-            tensors.push((format!("{prefix}/{k}"), vec![vals.len()], f32_bytes(&vals)));
-        }
-    }
-    let views: Vec<(String, safetensors::tensor::TensorView)> = tensors
+    // Streamed and sharded as HF does (one tensor in memory at a time): a 3B model's weights
+    // and moments are ~35 GB.
+    use pali_model::checkpoint::{save_sharded, SaveDtype};
+    use pali_model::shards::{Entry, Writer, SHARD_BYTES};
+    save_sharded(model, tmp, "model", SHARD_BYTES, SaveDtype::F32)?;
+    // In name order, so that the same state always writes the same bytes.
+    let mut moments: Vec<(String, &Tensor<B, 1>)> = [("m", &adam.m), ("v", &adam.v)]
+        .into_iter()
+        .flat_map(|(prefix, map)| map.iter().map(move |(k, t)| (format!("{prefix}/{k}"), t)))
+        .collect();
+    moments.sort_by(|a, b| a.0.cmp(&b.0));
+    let entries = moments
         .iter()
-        .map(|(n, s, b)| {
-            (
-                n.clone(),
-                safetensors::tensor::TensorView::new(safetensors::Dtype::F32, s.clone(), b)
-                    .expect("view"),
-            )
+        .map(|(name, t)| Entry {
+            name: name.clone(),
+            dtype: safetensors::Dtype::F32,
+            shape: vec![t.shape().num_elements()],
         })
         .collect();
-    let op = tmp.join("optim.safetensors");
-    safetensors::tensor::serialize_to_file(views, None, &op)
-        .map_err(|e| Error::Train(format!("{}: {e}", op.display())))?;
+    let mut w = Writer::create(tmp, "optim", entries, SHARD_BYTES, &[])?;
+    for (_, t) in moments {
+        let vals: Vec<f32> = t
+            .clone()
+            .into_data()
+            .convert::<f32>()
+            .to_vec()
+            .expect("f32");
+        w.put(&f32_bytes(&vals))?;
+    }
+    w.finish()?;
     if let Some(x) = extras {
         // An MLP connector or a missing encoder has no HF form: such checkpoints stay pali-only.
         if let Ok(json) = pali_model::hf::to_hf_config(x.config) {
@@ -293,7 +297,7 @@ pub fn load_adam<B: Backend>(
     t: HashMap<String, u64>,
     device: &B::Device,
 ) -> Result<AdamState<B>> {
-    let f = TensorFile::open(&dir.join("optim.safetensors"))?;
+    let f = TensorFile::open_stem(dir, "optim")?;
     let mut st = AdamState::<B> {
         t,
         ..Default::default()

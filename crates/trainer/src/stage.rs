@@ -249,7 +249,7 @@ impl<'a> RunPlan<'a> {
                         stage.name
                     )));
                 }
-                let out = Some(plan.output().join("model.safetensors"));
+                let out = Some(plan.output());
                 match stage.kind {
                     StageKind::Siglip => init.init_siglip = out,
                     _ => init.init_gemma = out,
