@@ -10,17 +10,17 @@
 //! Gemma 1's HF `post_attention_layernorm` is big_vision's `pre_ffw_norm`; Gemma 2 keeps four
 //! norms per layer.
 //!
-//! Arrays are read one at a time and their tensors streamed to `model.safetensors` in the
-//! file's own dtype (bf16 stays bf16), so memory holds one array, not the model. The file
+//! Arrays are read one at a time and their tensors streamed to `model.safetensors` (or HF's
+//! 5 GB shards) in the file's own dtype (bf16 stays bf16), so memory holds one array, not the model. The file
 //! carries no hyper-parameters: the model is the preset whose shapes match every array, or a
 //! given config whose shapes must.
 
-use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use crate::config::{ImageEncoder, PaliGemmaConfig};
 use crate::error::{io_err, Error, Result};
 use crate::npz::{Archive, Data, Dtype};
+use crate::shards::{Entry, Writer, SHARD_BYTES};
 
 /// One HF tensor cut from a big_vision array: `index` picks along the array's leading axes
 /// (layer, then k/v or gate/up); the rest is viewed as `view`, axes permuted by `perm`, and
@@ -499,11 +499,11 @@ fn le_bytes(data: &Data, shape: &[usize], c: &Cut) -> Vec<u8> {
     }
 }
 
-fn st_dtype(d: Dtype) -> &'static str {
+fn st_dtype(d: Dtype) -> safetensors::Dtype {
     match d {
-        Dtype::F32 | Dtype::F64 => "F32",
-        Dtype::F16 => "F16",
-        Dtype::Bf16 => "BF16",
+        Dtype::F32 | Dtype::F64 => safetensors::Dtype::F32,
+        Dtype::F16 => safetensors::Dtype::F16,
+        Dtype::Bf16 => safetensors::Dtype::BF16,
     }
 }
 
@@ -524,7 +524,7 @@ pub fn convert(npz: &Path, c: &PaliGemmaConfig, out: &Path) -> Result<usize> {
     let tmp = PathBuf::from(format!("{}.partial-{}", out.display(), std::process::id()));
     let result = (|| {
         std::fs::create_dir_all(&tmp).map_err(io_err(&tmp))?;
-        let n = write_tensors(&mut archive, &found, &want, &tmp.join("model.safetensors"))?;
+        let n = write_tensors(&mut archive, &found, &want, &tmp)?;
         let cp = tmp.join("config.json");
         std::fs::write(&cp, serde_json::to_string_pretty(&config).expect("json"))
             .map_err(io_err(&cp))?;
@@ -537,13 +537,12 @@ pub fn convert(npz: &Path, c: &PaliGemmaConfig, out: &Path) -> Result<usize> {
     result
 }
 
-/// Streams every cut to a safetensors file: the header first (offsets from the shapes), then
-/// one array at a time.
+/// Streams every cut into `dir` (HF's 5 GB shards), one array at a time.
 fn write_tensors(
     archive: &mut Archive,
     found: &[(String, String, Vec<usize>, Dtype)],
     want: &[Array],
-    path: &Path,
+    dir: &Path,
 ) -> Result<usize> {
     let file_of = |key: &str| {
         found
@@ -551,51 +550,28 @@ fn write_tensors(
             .find(|(k, ..)| k == key)
             .expect("checked by `mismatch`")
     };
-    let mut header = serde_json::Map::new();
-    header.insert(
-        "__metadata__".into(),
-        serde_json::json!({"format": "pt", "source": "big_vision npz"}),
-    );
-    let mut at = 0usize;
-    for a in want {
-        let dtype = file_of(&a.key).3;
-        let size = match dtype {
-            Dtype::F64 => 4,
-            d => d.size(),
-        };
-        for c in &a.cuts {
-            let len = size * c.shape.iter().product::<usize>();
-            header.insert(
-                c.name.clone(),
-                serde_json::json!({
-                    "dtype": st_dtype(dtype),
-                    "shape": c.shape,
-                    "data_offsets": [at, at + len],
-                }),
-            );
-            at += len;
-        }
-    }
-    let mut text = serde_json::to_string(&header).expect("json");
-    while text.len() % 8 != 0 {
-        text.push(' ');
-    }
-    let file = std::fs::File::create(path).map_err(io_err(path))?;
-    let mut w = std::io::BufWriter::new(file);
-    let mut put = |b: &[u8]| w.write_all(b).map_err(io_err(path));
-    put(&(text.len() as u64).to_le_bytes())?;
-    put(text.as_bytes())?;
-    let mut n = 0;
+    let entries: Vec<Entry> = want
+        .iter()
+        .flat_map(|a| {
+            let dtype = st_dtype(file_of(&a.key).3);
+            a.cuts.iter().map(move |c| Entry {
+                name: c.name.clone(),
+                dtype,
+                shape: c.shape.clone(),
+            })
+        })
+        .collect();
+    let n = entries.len();
+    let meta = [("format", "pt"), ("source", "big_vision npz")];
+    let mut w = Writer::create(dir, "model", entries, SHARD_BYTES, &meta)?;
     for a in want {
         let (_, name, shape, _) = file_of(&a.key);
         let (_, data) = archive.array(name)?;
         for c in &a.cuts {
-            put(&le_bytes(&data, shape, c))?;
-            n += 1;
+            w.put(&le_bytes(&data, shape, c))?;
         }
     }
-    w.flush().map_err(io_err(path))?;
-    w.get_ref().sync_all().map_err(io_err(path))?;
+    w.finish()?;
     Ok(n)
 }
 
