@@ -114,6 +114,9 @@ enum ModelCommand {
         /// Keep only the first N embedding rows (e.g. drop the `<loc>`/`<seg>` rows).
         #[arg(long)]
         vocab: Option<usize>,
+        /// `f32` or `bf16` (half the bytes; round to nearest even).
+        #[arg(long, default_value = "f32")]
+        save_dtype: String,
         /// Output safetensors file.
         #[arg(long)]
         out: std::path::PathBuf,
@@ -158,8 +161,9 @@ fn main() -> ExitCode {
                 checkpoint,
                 tower,
                 vocab,
+                save_dtype,
                 out,
-            } => cmd::model::export(&checkpoint, &tower, vocab, &out),
+            } => cmd::model::export(&checkpoint, &tower, vocab, &save_dtype, &out),
             ModelCommand::Init { model, seed, out } => cmd::model::init(&model, seed, &out),
             ModelCommand::Convert {
                 from,

@@ -79,9 +79,16 @@ pub fn info(name: &str) -> Result<()> {
     Ok(())
 }
 
-pub fn export(checkpoint: &Path, tower: &str, vocab: Option<usize>, out: &Path) -> Result<()> {
+pub fn export(
+    checkpoint: &Path,
+    tower: &str,
+    vocab: Option<usize>,
+    dtype: &str,
+    out: &Path,
+) -> Result<()> {
     let t = pali_model::checkpoint::tower_by_name(tower)?;
-    let n = pali_model::checkpoint::export_tower(checkpoint, t, vocab, out)?;
+    let dtype = dtype.parse().map_err(anyhow::Error::msg)?;
+    let n = pali_model::checkpoint::export_tower(checkpoint, t, vocab, dtype, out)?;
     println!("{n} tensors → {}", out.display());
     Ok(())
 }

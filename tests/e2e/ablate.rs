@@ -292,6 +292,23 @@ fn model_export_writes_one_tower_and_checks_the_vocabulary() {
     run_ok(&mut export("siglip", &[], "siglip.safetensors"));
     let s = open(&d.path().join("siglip.safetensors"));
     assert!(s.names().all(|n| n.starts_with("vision_model.")));
+    // bf16: the same tensors rounded, in half the bytes.
+    run_ok(&mut export(
+        "siglip",
+        &["--save-dtype", "bf16"],
+        "siglip16.safetensors",
+    ));
+    let h = open(&d.path().join("siglip16.safetensors"));
+    let size = |f: &str| std::fs::metadata(d.path().join(f)).unwrap().len();
+    assert!(size("siglip16.safetensors") * 10 < size("siglip.safetensors") * 6);
+    for n in s.names() {
+        let round: Vec<f32> = f32s(&s, n)
+            .0
+            .iter()
+            .map(|x| burn::tensor::bf16::from_f32(*x).to_f32())
+            .collect();
+        assert!(f32s(&h, n).0 == round, "{n}");
+    }
     let e = run_err(&mut export(
         "gemma",
         &["--vocab", "999999"],

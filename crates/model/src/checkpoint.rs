@@ -625,35 +625,18 @@ pub fn save_sharded<B: Backend, M: Module<B>>(
     }
 }
 
-/// Writes (name, shape, little-endian f32 bytes) tensors to a safetensors file atomically
-/// (temp file + rename), with PyTorch's `format` metadata.
-fn write_f32(tensors: &[(String, Vec<usize>, Vec<u8>)], path: &Path) -> Result<()> {
-    let views: Vec<(String, safetensors::tensor::TensorView)> = tensors
-        .iter()
-        .map(|(n, s, b)| {
-            let view = safetensors::tensor::TensorView::new(Dtype::F32, s.clone(), b)
-                .expect("consistent view");
-            (n.clone(), view)
-        })
-        .collect();
-    let meta = HashMap::from([("format".to_string(), "pt".to_string())]);
-    let tmp = path.with_extension("safetensors.tmp");
-    safetensors::tensor::serialize_to_file(views, Some(meta), &tmp).map_err(|e| {
-        Error::Safetensors {
-            path: tmp.clone(),
-            msg: e.to_string(),
-        }
-    })?;
-    std::fs::rename(&tmp, path).map_err(io_err(path))?;
-    Ok(())
-}
-
 /// Writes one tower of a PaliGemma checkpoint as a unimodal HF checkpoint: the decoder as a
 /// Gemma (`model.*`, what `init_gemma` reads) or the image encoder as a SigLIP
-/// (`vision_model.*`, what `init_siglip` reads), as f32. `vocab` keeps only the first rows of
+/// (`vision_model.*`, what `init_siglip` reads), as f32 or bf16. `vocab` keeps only the first rows of
 /// the embedding: a decoder without the `<loc>`/`<seg>` rows, i.e. a plain Gemma, for the
 /// token-init ablation. Written atomically. Returns the number of tensors written.
-pub fn export_tower(src: &Path, tower: Tower, vocab: Option<usize>, out: &Path) -> Result<usize> {
+pub fn export_tower(
+    src: &Path,
+    tower: Tower,
+    vocab: Option<usize>,
+    dtype: SaveDtype,
+    out: &Path,
+) -> Result<usize> {
     let file = TensorFile::open(src)?;
     let (from, to) = match tower {
         Tower::Language => ("language_model.", "model."),
@@ -665,14 +648,15 @@ pub fn export_tower(src: &Path, tower: Tower, vocab: Option<usize>, out: &Path) 
         }
     };
     let embed = "model.embed_tokens.weight";
-    let mut tensors: Vec<(String, Vec<usize>, Vec<u8>)> = Vec::new();
+    // (file key, exported name, exported shape)
+    let mut plan: Vec<(String, String, Vec<usize>)> = Vec::new();
     for key in file.names() {
         let Some(rest) = module_path(key, Tower::All)
             .and_then(|p| p.strip_prefix(from).map(|r| format!("{to}{r}")))
         else {
             continue;
         };
-        let (mut vals, mut shape) = file.f32(key)?;
+        let mut shape = file.shape(key).expect("listed").to_vec();
         if let (true, Some(v)) = (rest == embed, vocab) {
             if v > shape[0] {
                 return Err(Error::Input(format!(
@@ -681,23 +665,50 @@ pub fn export_tower(src: &Path, tower: Tower, vocab: Option<usize>, out: &Path) 
                     src.display()
                 )));
             }
-            vals.truncate(v * shape[1]);
             shape[0] = v;
         }
-        tensors.push((
-            rest,
-            shape,
-            vals.iter().flat_map(|x| x.to_le_bytes()).collect(),
-        ));
+        plan.push((key.to_string(), rest, shape));
     }
-    if tensors.is_empty() {
+    if plan.is_empty() {
         return Err(Error::Input(format!(
             "{}: no `{from}*` tensors to export",
             src.display()
         )));
     }
-    write_f32(&tensors, out)?;
-    Ok(tensors.len())
+    let st = match dtype {
+        SaveDtype::F32 => Dtype::F32,
+        SaveDtype::Bf16 => Dtype::BF16,
+    };
+    let entries = plan
+        .iter()
+        .map(|(_, name, shape)| crate::shards::Entry {
+            name: name.clone(),
+            dtype: st,
+            shape: shape.clone(),
+        })
+        .collect();
+    let dir = out.parent().unwrap_or(Path::new("."));
+    let stem = out
+        .file_name()
+        .and_then(|n| n.to_str())
+        .and_then(|n| n.strip_suffix(".safetensors"))
+        .ok_or_else(|| Error::Input(format!("{}: not a .safetensors path", out.display())))?;
+    let meta = [("format", "pt")];
+    let mut w = crate::shards::Writer::create(dir, stem, entries, u64::MAX, &meta)?;
+    for (key, _, shape) in &plan {
+        let (mut vals, _) = file.f32(key)?;
+        vals.truncate(shape.iter().product());
+        let bytes: Vec<u8> = match dtype {
+            SaveDtype::F32 => vals.iter().flat_map(|x| x.to_le_bytes()).collect(),
+            SaveDtype::Bf16 => vals
+                .iter()
+                .flat_map(|x| bf16::from_f32(*x).to_le_bytes())
+                .collect(),
+        };
+        w.put(&bytes)?;
+    }
+    w.finish()?;
+    Ok(plan.len())
 }
 
 /// `gemma` → [`Tower::Language`], `siglip` → [`Tower::Vision`] (names used in configs and

@@ -397,7 +397,13 @@ pub fn run_prepares<B: Backend>(
                 ))
             })?;
             let tower = pali_model::checkpoint::tower_by_name(&e.tower)?;
-            pali_model::checkpoint::export_tower(&last, tower, e.vocab, &p.target)?;
+            pali_model::checkpoint::export_tower(
+                &last,
+                tower,
+                e.vocab,
+                pali_model::checkpoint::SaveDtype::F32,
+                &p.target,
+            )?;
             let line = format!("prepare `{}`: exported {}", p.name, p.target.display());
             obs.on(Event::Info(&line));
         }
