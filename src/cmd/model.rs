@@ -117,15 +117,16 @@ pub fn convert(
         }
         None => None,
     };
-    let n = pali_model::big_vision::convert(npz, &c, out)?;
+    // Written inside the new directory before it appears.
+    let mut extra: Vec<(&str, Vec<u8>)> = Vec::new();
     if let Some((text, json)) = tok {
-        std::fs::write(out.join("tokenizer.json"), &text)?;
-        for (file, j) in
-            hf::processor_files(&c, hf::special_ids(&json)).map_err(anyhow::Error::msg)?
-        {
-            std::fs::write(out.join(file), serde_json::to_string_pretty(&j)?)?;
+        extra.push(("tokenizer.json", text.into_bytes()));
+        let files = hf::processor_files(&c, hf::special_ids(&json)).map_err(anyhow::Error::msg)?;
+        for (file, j) in files {
+            extra.push((file, serde_json::to_string_pretty(&j)?.into_bytes()));
         }
     }
+    let n = pali_model::big_vision::convert(npz, &c, &extra, out)?;
     println!("{n} tensors → {} (model {name})", out.display());
     Ok(())
 }
@@ -139,7 +140,7 @@ pub fn init(name: &str, seed: u64, out: &Path) -> Result<()> {
     let device = Default::default();
     crate::backend::Cpu::seed(&device, seed);
     let model = c.init::<crate::backend::Cpu>(&device);
-    let tmp = std::path::PathBuf::from(format!("{}.partial-{}", out.display(), std::process::id()));
+    let tmp = pali_model::big_vision::partial_dir(out);
     let written = pali_model::save_hf(&model, &c, &tmp).and_then(|_| {
         std::fs::rename(&tmp, out).map_err(|e| pali_model::Error::Io {
             path: out.to_path_buf(),

@@ -99,7 +99,9 @@ fn sharded_and_bf16_saves_read_back() {
         .len();
     assert!(std::fs::metadata(&files[0]).unwrap().len() * 10 < f32_size * 6);
     let got = sorted(all_f32(&TensorFile::open(b16.path()).unwrap()));
+    assert_eq!(got.len(), want.len());
     for (g, w) in got.iter().zip(&want) {
+        assert_eq!(g.0, w.0);
         let r: Vec<f32> =
             w.2.iter()
                 .map(|x| burn::tensor::bf16::from_f32(*x).to_f32())

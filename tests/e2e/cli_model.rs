@@ -361,7 +361,10 @@ fn big_vision_npz_converts_to_the_hf_checkpoint() {
         "{bf16_bytes} vs {f32_bytes}"
     );
     let want = weights(&fixture("tiny-gemma1").join("model.safetensors"));
-    for (g, w) in weights(&out.join("model.safetensors")).iter().zip(&want) {
+    let got = weights(&out.join("model.safetensors"));
+    assert_eq!(got.len(), want.len());
+    for (g, w) in got.iter().zip(&want) {
+        assert_eq!(g.0, w.0);
         let rounded: Vec<f32> =
             w.2.iter()
                 .map(|x| burn::tensor::bf16::from_f32(*x).to_f32())

@@ -25,6 +25,7 @@ use crate::shards::{Entry, Writer, SHARD_BYTES};
 /// One HF tensor cut from a big_vision array: `index` picks along the array's leading axes
 /// (layer, then k/v or gate/up); the rest is viewed as `view`, axes permuted by `perm`, and
 /// stored with `rows` rows (more than it has: zero rows appended).
+#[derive(Clone)]
 struct Cut {
     name: String,
     index: Vec<usize>,
@@ -396,6 +397,20 @@ fn mismatch(c: &PaliGemmaConfig, found: &[(String, String, Vec<usize>, Dtype)]) 
         })
 }
 
+/// Why the arrays' dtypes differ (a shard of mixed widths would misalign its tensors), or None.
+fn uniform_dtype(found: &[(String, String, Vec<usize>, Dtype)]) -> Option<String> {
+    let width = |d: Dtype| st_dtype(d);
+    let (_, first, _, d0) = found.first()?;
+    found
+        .iter()
+        .find(|(.., d)| width(*d) != width(*d0))
+        .map(|(_, name, _, d)| {
+            format!(
+                "arrays of mixed dtypes (`{first}` is {d0:?}, `{name}` {d:?}); convert them to one"
+            )
+        })
+}
+
 fn bad(path: &Path, msg: impl std::fmt::Display) -> Error {
     Error::Input(format!("{}: {msg}", path.display()))
 }
@@ -451,6 +466,12 @@ fn apply<T: Copy + Default>(data: &[T], shape: &[usize], c: &Cut) -> Vec<T> {
         offset += i * block;
     }
     let sub = &data[offset..offset + block];
+    // The embedder's cut is viewed as the model's rows; the file may hold fewer (padded below).
+    let identity = c.perm.iter().enumerate().all(|(j, &p)| j == p);
+    assert!(
+        identity || sub.len() == c.view.iter().product::<usize>(),
+        "a permuted cut must match its view"
+    );
     let mut out = permute(sub, &c.view, &c.perm);
     out.resize(c.shape.iter().product(), T::default());
     out
@@ -507,10 +528,25 @@ fn st_dtype(d: Dtype) -> safetensors::Dtype {
     }
 }
 
+/// A sibling of `out` to build it in (`out` appears by one rename): `DIR/.NAME.partial-PID`.
+pub fn partial_dir(out: &Path) -> PathBuf {
+    let name = out
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "out".into());
+    let parent = out.parent().unwrap_or(Path::new("."));
+    parent.join(format!(".{name}.partial-{}", std::process::id()))
+}
+
 /// Converts `npz` for model `c` into the HF checkpoint directory `out` (`model.safetensors`,
-/// `config.json`), which must not exist; it appears whole or not at all. Returns the number of
-/// tensors written.
-pub fn convert(npz: &Path, c: &PaliGemmaConfig, out: &Path) -> Result<usize> {
+/// `config.json`, and `extra` files such as the tokenizer), which must not exist; it appears
+/// whole or not at all. Returns the number of tensors written.
+pub fn convert(
+    npz: &Path,
+    c: &PaliGemmaConfig,
+    extra: &[(&str, Vec<u8>)],
+    out: &Path,
+) -> Result<usize> {
     if out.exists() {
         return Err(bad(out, "already exists; choose a new directory"));
     }
@@ -521,13 +557,20 @@ pub fn convert(npz: &Path, c: &PaliGemmaConfig, out: &Path) -> Result<usize> {
         return Err(bad(npz, m));
     }
     let want = layout(c).map_err(Error::Input)?;
-    let tmp = PathBuf::from(format!("{}.partial-{}", out.display(), std::process::id()));
+    if let Some(d) = uniform_dtype(&found) {
+        return Err(bad(npz, d));
+    }
+    let tmp = partial_dir(out);
     let result = (|| {
         std::fs::create_dir_all(&tmp).map_err(io_err(&tmp))?;
         let n = write_tensors(&mut archive, &found, &want, &tmp)?;
         let cp = tmp.join("config.json");
         std::fs::write(&cp, serde_json::to_string_pretty(&config).expect("json"))
             .map_err(io_err(&cp))?;
+        for (name, bytes) in extra {
+            let p = tmp.join(name);
+            std::fs::write(&p, bytes).map_err(io_err(&p))?;
+        }
         std::fs::rename(&tmp, out).map_err(io_err(out))?;
         Ok(n)
     })();
@@ -566,9 +609,24 @@ fn write_tensors(
     let mut w = Writer::create(dir, "model", entries, SHARD_BYTES, &meta)?;
     for a in want {
         let (_, name, shape, _) = file_of(&a.key);
-        let (_, data) = archive.array(name)?;
+        // The file's bytes once; each cut's block (one layer of a scanned array) is decoded on
+        // its own, so memory holds the array's bytes and one tensor.
+        let (header, bytes, start) = archive.raw(name)?;
+        let size = header.dtype.size();
         for c in &a.cuts {
-            w.put(&le_bytes(&data, shape, c))?;
+            let mut offset = 0;
+            let mut block: usize = shape.iter().product();
+            for (axis, &i) in c.index.iter().enumerate() {
+                block /= shape[axis];
+                offset += i * block;
+            }
+            let piece = &bytes[start + offset * size..start + (offset + block) * size];
+            let data = crate::npz::decode(header.dtype, piece);
+            let whole = Cut {
+                index: Vec::new(),
+                ..c.clone()
+            };
+            w.put(&le_bytes(&data, &[block], &whole))?;
         }
     }
     w.finish()?;

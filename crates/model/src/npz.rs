@@ -41,7 +41,7 @@ impl Dtype {
             "<f4" => Dtype::F32,
             "<f8" => Dtype::F64,
             "<f2" => Dtype::F16,
-            "|V2" => Dtype::Bf16,
+            "|V2" | "<V2" => Dtype::Bf16,
             d => {
                 return Err(format!(
                     "unsupported dtype `{d}` (f32, f64, f16 or bf16 `|V2`)"
@@ -109,7 +109,7 @@ impl Archive {
     pub fn names(&self) -> Vec<String> {
         self.zip
             .file_names()
-            .map(|n| n.trim_end_matches(".npy").to_string())
+            .map(|n| n.strip_suffix(".npy").unwrap_or(n).to_string())
             .collect()
     }
 
@@ -123,12 +123,49 @@ impl Archive {
         let mut head = vec![0u8; 12];
         entry.read_exact(&mut head).map_err(io_err(&path))?;
         let len = header_len(&head).map_err(|m| bad(&path, format!("array `{name}`: {m}")))?;
-        let mut rest = vec![0u8; len.0 + len.1 - head.len()];
+        // A corrupt length must not underflow or ask for gigabytes.
+        let rest = (len.0 + len.1)
+            .checked_sub(head.len())
+            .filter(|n| *n < 1 << 20)
+            .ok_or_else(|| {
+                bad(
+                    &path,
+                    format!("array `{name}`: bad header length {}", len.0),
+                )
+            })?;
+        let mut rest = vec![0u8; rest];
         entry.read_exact(&mut rest).map_err(io_err(&path))?;
         head.extend(rest);
         parse_header(&head)
             .map(|(h, _)| h)
             .map_err(|m| bad(&path, format!("array `{name}`: {m}")))
+    }
+
+    /// Array `name` as its file bytes, with its header and where its data starts (checked to
+    /// be whole): the caller decodes only the pieces it needs.
+    pub fn raw(&mut self, name: &str) -> Result<(Header, Vec<u8>, usize)> {
+        let path = self.path.clone();
+        let mut entry = self
+            .zip
+            .by_name(&format!("{name}.npy"))
+            .map_err(|e| bad(&path, format!("array `{name}`: {e}")))?;
+        let mut bytes = Vec::with_capacity(entry.size() as usize);
+        entry.read_to_end(&mut bytes).map_err(io_err(&path))?;
+        let (header, start) =
+            parse_header(&bytes).map_err(|m| bad(&path, format!("array `{name}`: {m}")))?;
+        let n: usize = header.shape.iter().product();
+        if bytes.len() - start != header.dtype.size() * n {
+            return Err(bad(
+                &path,
+                format!(
+                    "array `{name}`: {} data bytes for shape {:?} of {:?} (truncated?)",
+                    bytes.len() - start,
+                    header.shape,
+                    header.dtype
+                ),
+            ));
+        }
+        Ok((header, bytes, start))
     }
 
     /// Array `name`, whole.
@@ -209,12 +246,17 @@ fn parse_npy(b: &[u8]) -> std::result::Result<(Header, Data), String> {
             header.dtype
         ));
     }
+    Ok((header.clone(), decode(header.dtype, data)))
+}
+
+/// Little-endian values of `dtype` (f64 converted to f32).
+pub fn decode(dtype: Dtype, data: &[u8]) -> Data {
     let u16s = || -> Vec<u16> {
         data.chunks_exact(2)
             .map(|c| u16::from_le_bytes([c[0], c[1]]))
             .collect()
     };
-    let values = match header.dtype {
+    match dtype {
         Dtype::F32 => Data::F32(
             data.chunks_exact(4)
                 .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
@@ -227,8 +269,7 @@ fn parse_npy(b: &[u8]) -> std::result::Result<(Header, Data), String> {
         ),
         Dtype::F16 => Data::F16(u16s()),
         Dtype::Bf16 => Data::Bf16(u16s()),
-    };
-    Ok((header, values))
+    }
 }
 
 /// Writes f32 arrays as an `.npz` (as `np.savez`: stored entries, `.npy` format 1.0).

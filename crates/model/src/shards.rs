@@ -27,13 +27,7 @@ pub struct Entry {
 
 impl Entry {
     pub fn bytes(&self) -> u64 {
-        let size = match self.dtype {
-            Dtype::F64 | Dtype::I64 | Dtype::U64 => 8,
-            Dtype::F32 | Dtype::I32 | Dtype::U32 => 4,
-            Dtype::F16 | Dtype::BF16 | Dtype::I16 | Dtype::U16 => 2,
-            _ => 1,
-        };
-        size * self.shape.iter().product::<usize>() as u64
+        (self.dtype.bitsize() * self.shape.iter().product::<usize>()).div_ceil(8) as u64
     }
 }
 
@@ -52,6 +46,7 @@ pub struct Writer {
     next: usize,
     out: Option<(usize, std::io::BufWriter<std::fs::File>)>,
     metadata: BTreeMap<String, String>,
+    stem: String,
 }
 
 impl Writer {
@@ -110,6 +105,7 @@ impl Writer {
                 .iter()
                 .map(|(k, v)| (k.to_string(), v.to_string()))
                 .collect(),
+            stem: stem.to_string(),
         })
     }
 
@@ -188,6 +184,32 @@ impl Writer {
         Ok(())
     }
 
+    /// Removes files of an earlier save under the same stem that this one does not replace (a
+    /// stale index would be read in preference to a new single file).
+    fn remove_stale(&self) -> Result<()> {
+        let Some(dir) = self.shards[0].path.parent() else {
+            return Ok(());
+        };
+        let stem = self.stem.as_str();
+        let ours: Vec<&Path> = self.shards.iter().map(|s| s.path.as_path()).collect();
+        for e in std::fs::read_dir(dir).map_err(io_err(dir))? {
+            let p = e.map_err(io_err(dir))?.path();
+            let name = p.file_name().and_then(|n| n.to_str()).unwrap_or_default();
+            let shard = name.starts_with(&format!("{stem}-"))
+                && name.contains("-of-")
+                && name.ends_with(".safetensors");
+            let single = name == format!("{stem}.safetensors");
+            let index = name == format!("{stem}.safetensors.index.json");
+            if (shard || single || index)
+                && !ours.contains(&p.as_path())
+                && self.index.as_deref() != Some(p.as_path())
+            {
+                std::fs::remove_file(&p).map_err(io_err(&p))?;
+            }
+        }
+        Ok(())
+    }
+
     /// Closes the last shard, renames every shard into place and writes the index (if
     /// sharded). Returns the files written.
     pub fn finish(mut self) -> Result<Vec<PathBuf>> {
@@ -202,6 +224,7 @@ impl Writer {
             self.open_shard(0)?;
         }
         self.close_shard()?;
+        self.remove_stale()?;
         let mut files = Vec::new();
         for s in &self.shards {
             std::fs::rename(&s.tmp, &s.path).map_err(io_err(&s.path))?;
@@ -284,6 +307,21 @@ mod tests {
             serde_json::from_str(&std::fs::read_to_string(&files[2]).unwrap()).unwrap();
         assert_eq!(index["metadata"]["total_size"], 64);
         assert_eq!(index["weight_map"]["c"], "model-00002-of-00002.safetensors");
+
+        // A single-file save into the same directory removes the earlier shards and index
+        // (the index would be read in preference to the new file).
+        let mut w = Writer::create(d.path(), "model", vec![entry("a", 1)], 1 << 20, &[]).unwrap();
+        w.put(&bytes(&[42.])).unwrap();
+        w.finish().unwrap();
+        let names: Vec<String> = std::fs::read_dir(d.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        assert_eq!(names, ["model.safetensors"]);
+        assert_eq!(
+            TensorFile::open(d.path()).unwrap().f32("a").unwrap().0,
+            [42.]
+        );
     }
 
     #[test]

@@ -156,10 +156,19 @@ fn sync_dir(dir: &Path) -> Result<()> {
         .map_err(io(dir))
 }
 
-/// CRC-32 of a file.
+/// CRC-32 of a file, read in 1 MiB pieces (a shard may be 5 GB).
 fn crc_of(path: &Path) -> Result<u32> {
-    let bytes = std::fs::read(path).map_err(io(path))?;
-    Ok(crc32fast::hash(&bytes))
+    use std::io::Read;
+    let mut f = std::fs::File::open(path).map_err(io(path))?;
+    let mut h = crc32fast::Hasher::new();
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = f.read(&mut buf).map_err(io(path))?;
+        if n == 0 {
+            return Ok(h.finalize());
+        }
+        h.update(&buf[..n]);
+    }
 }
 
 /// The newest checkpoint under `out_dir` whose files match their checksums; `skipped` hears

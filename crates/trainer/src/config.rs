@@ -1131,6 +1131,14 @@ impl RunConfig {
                     "model.{k}: with `{whole}` the checkpoint defines the model"
                 ));
             }
+            if self.model.projector != ProjectorChoice::Linear
+                || self.model.encoder != EncoderChoice::Siglip
+            {
+                return err(format!(
+                    "model.projector / model.encoder: with `{whole}` the checkpoint defines the \
+                     model (a linear projector and a SigLIP encoder)"
+                ));
+            }
         }
         with_changes(
             "vision",

@@ -713,7 +713,7 @@ fn start<AD: AutodiffBackend>(
                         .out_dir
                         .join(format!(".big_vision-{}", std::process::id()));
                     let _ = std::fs::remove_dir_all(&tmp);
-                    pali_model::big_vision::convert(npz, &bv, &tmp)?;
+                    pali_model::big_vision::convert(npz, &bv, &[], &tmp)?;
                     let loaded = pali_model::load_hf::<AD>(&tmp, device);
                     let _ = std::fs::remove_dir_all(&tmp);
                     let (hf, m) = loaded?;
