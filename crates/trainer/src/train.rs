@@ -10,7 +10,7 @@
 //! 3. else a random initialisation from `run.seed` (projector zero-initialised), with the towers
 //!    named by `model.init_siglip` / `model.init_gemma` loaded from unimodal checkpoints.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use burn::backend::autodiff::checkpoint::strategy::{
@@ -84,6 +84,17 @@ pub fn train_on<B: Backend>(
     topo: &Topology,
     opts: &TrainOptions,
 ) -> Result<Vec<StageSummary>> {
+    let out = train_ranks::<B>(config, devices, topo, opts);
+    remove_big_vision_scratch();
+    out
+}
+
+fn train_ranks<B: Backend>(
+    config: &RunConfig,
+    devices: &[B::Device],
+    topo: &Topology,
+    opts: &TrainOptions,
+) -> Result<Vec<StageSummary>> {
     let world = topo.nodes * devices.len();
     let device = check_devices::<B>(config, devices, world)?;
     let run = |device: &B::Device, peer: Option<&Peer<B>>, opts: &TrainOptions| {
@@ -144,6 +155,35 @@ pub fn train_on<B: Backend>(
 /// `reset`): on the CPU backend the ranks of a process share one generator, and draws of another
 /// thread in between would change rank 0's weights.
 static SEEDED: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+/// The HF directory a `model.init_big_vision` file was converted into, shared by this
+/// process's ranks (converted once) and removed when [`train_on`] returns.
+static BIG_VISION: std::sync::Mutex<Option<PathBuf>> = std::sync::Mutex::new(None);
+
+fn big_vision_scratch(
+    config: &RunConfig,
+    npz: &Path,
+    model: &pali_model::PaliGemmaConfig,
+) -> Result<PathBuf> {
+    let mut done = BIG_VISION.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some(dir) = done.as_ref() {
+        return Ok(dir.clone());
+    }
+    let dir = config
+        .run
+        .out_dir
+        .join(format!(".big_vision-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    pali_model::big_vision::convert(npz, model, &[], &dir)?;
+    *done = Some(dir.clone());
+    Ok(dir)
+}
+
+fn remove_big_vision_scratch() {
+    if let Some(dir) = BIG_VISION.lock().unwrap_or_else(|e| e.into_inner()).take() {
+        let _ = std::fs::remove_dir_all(dir);
+    }
+}
 
 /// The result `r` of a step that only rank 0 takes (or that could fail on some ranks only), once
 /// every rank has reached it: a failure anywhere stops every rank.
@@ -707,16 +747,8 @@ fn start<AD: AutodiffBackend>(
                     set_resolution(m, hf.vision.image_size(), plan.stages[0].stage.resolution)
                 }
                 (None, Some(npz), Some(bv)) => {
-                    // Converted once into a scratch HF directory of the run, loaded, removed.
-                    let tmp = config
-                        .run
-                        .out_dir
-                        .join(format!(".big_vision-{}", std::process::id()));
-                    let _ = std::fs::remove_dir_all(&tmp);
-                    pali_model::big_vision::convert(npz, &bv, &[], &tmp)?;
-                    let loaded = pali_model::load_hf::<AD>(&tmp, device);
-                    let _ = std::fs::remove_dir_all(&tmp);
-                    let (hf, m) = loaded?;
+                    let (hf, m) =
+                        pali_model::load_hf::<AD>(&big_vision_scratch(config, npz, &bv)?, device)?;
                     let line = format!("model from the big_vision checkpoint {}", npz.display());
                     opts.observer.on(Event::Info(&line));
                     set_resolution(m, hf.vision.image_size(), plan.stages[0].stage.resolution)
