@@ -350,8 +350,11 @@ fn layout(c: &PaliGemmaConfig) -> std::result::Result<Vec<Array>, String> {
     Ok(a)
 }
 
-/// The arrays of a big_vision `.npz`: key (without `params/`) → (name in the file, shape).
-fn contents(archive: &mut Archive) -> Result<Vec<(String, String, Vec<usize>, Dtype)>> {
+/// An array of the file: key (without `params/`), name in the file, shape, dtype.
+type Found = (String, String, Vec<usize>, Dtype);
+
+/// The arrays of a big_vision `.npz`.
+fn contents(archive: &mut Archive) -> Result<Vec<Found>> {
     let mut out = Vec::new();
     for name in archive.names() {
         let h = archive.header(&name)?;
@@ -363,7 +366,7 @@ fn contents(archive: &mut Archive) -> Result<Vec<(String, String, Vec<usize>, Dt
 
 /// Why `c` does not fit the file's arrays, or None. The embedder may have fewer rows than the
 /// model's vocabulary (big_vision 257152, HF padded to 257216).
-fn mismatch(c: &PaliGemmaConfig, found: &[(String, String, Vec<usize>, Dtype)]) -> Option<String> {
+fn mismatch(c: &PaliGemmaConfig, found: &[Found]) -> Option<String> {
     let want = match layout(c) {
         Ok(w) => w,
         Err(e) => return Some(e),
@@ -398,7 +401,7 @@ fn mismatch(c: &PaliGemmaConfig, found: &[(String, String, Vec<usize>, Dtype)]) 
 }
 
 /// Why the arrays' dtypes differ (a shard of mixed widths would misalign its tensors), or None.
-fn uniform_dtype(found: &[(String, String, Vec<usize>, Dtype)]) -> Option<String> {
+fn uniform_dtype(found: &[Found]) -> Option<String> {
     let width = |d: Dtype| st_dtype(d);
     let (_, first, _, d0) = found.first()?;
     found
@@ -583,7 +586,7 @@ pub fn convert(
 /// Streams every cut into `dir` (HF's 5 GB shards), one array at a time.
 fn write_tensors(
     archive: &mut Archive,
-    found: &[(String, String, Vec<usize>, Dtype)],
+    found: &[Found],
     want: &[Array],
     dir: &Path,
 ) -> Result<usize> {

@@ -132,7 +132,7 @@ impl Writer {
             at += len;
         }
         let mut text = serde_json::to_string(&header).expect("json");
-        while text.len() % 8 != 0 {
+        while !text.len().is_multiple_of(8) {
             text.push(' ');
         }
         let file = std::fs::File::create(&shard.tmp).map_err(io_err(&shard.tmp))?;

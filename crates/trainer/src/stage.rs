@@ -460,7 +460,7 @@ fn shape_problem(c: &PaliGemmaConfig) -> Option<String> {
         t.num_heads,
         t.head_dim,
     ];
-    if sizes.contains(&0) || t.num_kv_heads == 0 || t.num_heads % t.num_kv_heads != 0 {
+    if sizes.contains(&0) || t.num_kv_heads == 0 || !t.num_heads.is_multiple_of(t.num_kv_heads) {
         return Some(format!(
             "text: sizes must be > 0 and num_heads ({}) a multiple of num_kv_heads ({})",
             t.num_heads, t.num_kv_heads

@@ -201,7 +201,7 @@ where
     );
     let (model, mut adam, start) = match &resumed {
         Some((ck, st)) => {
-            let file = TensorFile::open(&ck)?;
+            let file = TensorFile::open(ck)?;
             let m = load_into(init(device), &file, Tower::Exact)?;
             let a = ckpt::load_adam::<AD::InnerBackend>(ck, st.adam_t.clone(), device)?;
             let line = format!(

@@ -727,7 +727,7 @@ fn start<AD: AutodiffBackend>(
         Some((dir, st)) => {
             let dir = &dir;
             let cfg = model_config(config, &plan.tokenizer, st.resolution)?;
-            let file = TensorFile::open(&dir)?;
+            let file = TensorFile::open(dir)?;
             let m = load_into(cfg.init::<AD>(device), &file, Tower::All)?;
             let a = ckpt::load_adam::<AD::InnerBackend>(dir, st.adam_t.clone(), device)?;
             let line = format!(
