@@ -317,6 +317,23 @@ fn big_vision_npz_converts_to_the_hf_checkpoint() {
         for f in ["config.json", "tokenizer.json", "preprocessor_config.json"] {
             assert!(out.join(f).is_file(), "{variant}: no {f}");
         }
+        // The written config has HF's own values and types (transformers 5 refuses a float
+        // `query_pre_attn_scalar`: scripts/hf_roundtrip.py found it).
+        let json = |p: std::path::PathBuf| -> serde_json::Value {
+            serde_json::from_str(&std::fs::read_to_string(p).unwrap()).unwrap()
+        };
+        let (ours, theirs) = (json(out.join("config.json")), json(fx.join("config.json")));
+        for key in [
+            "query_pre_attn_scalar",
+            "num_key_value_heads",
+            "head_dim",
+            "sliding_window",
+        ] {
+            assert_eq!(
+                ours["text_config"][key], theirs["text_config"][key],
+                "{variant}: text_config.{key}"
+            );
+        }
         // Logits: the same as from the fixture's own checkpoint, bit for bit, so as close to
         // HF's as the parity tests measure (max |Δ| 1.2e-5 here).
         let logits = |ckpt: &std::path::Path, name: &str| {

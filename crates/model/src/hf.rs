@@ -439,10 +439,13 @@ pub fn gemma_json(t: &GemmaConfig) -> Value {
     });
     if gemma2 {
         let m = text.as_object_mut().unwrap();
-        m.insert(
-            "query_pre_attn_scalar".into(),
-            json!(t.query_pre_attn_scalar),
-        );
+        // transformers 5 validates `Gemma2Config.query_pre_attn_scalar` as an int (every
+        // released value is one: 256, 144): 20.0 would be refused.
+        let scalar = match t.query_pre_attn_scalar {
+            Some(q) if q.fract() == 0.0 && q.abs() < 1e15 => json!(q as i64),
+            q => json!(q),
+        };
+        m.insert("query_pre_attn_scalar".into(), scalar);
         m.insert(
             "attn_logit_softcapping".into(),
             json!(t.attn_logit_softcapping),
