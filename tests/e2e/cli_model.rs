@@ -382,11 +382,11 @@ fn big_vision_npz_converts_to_the_hf_checkpoint() {
     assert_eq!(got.len(), want.len());
     for (g, w) in got.iter().zip(&want) {
         assert_eq!(g.0, w.0);
-        let rounded: Vec<f32> =
-            w.2.iter()
-                .map(|x| burn::tensor::bf16::from_f32(*x).to_f32())
-                .collect();
-        assert!(g.2 == rounded, "{} is not the bf16 rounding", g.0);
+        assert!(
+            g.2 == bf16_rounded(&w.2),
+            "{} is not the bf16 rounding",
+            g.0
+        );
     }
 
     // Bad input.

@@ -75,6 +75,28 @@ fn layers(
     array(key, &full, cuts)
 }
 
+/// The cuts of a scanned array of pairs `[L, 2, …]` (k/v, gate/up): layer i, member j is
+/// `names[j]`'s weight.
+fn pairs(
+    l: usize,
+    names: [&str; 2],
+    layer: &dyn Fn(usize, &str) -> String,
+    view: &[usize],
+    perm: &[usize],
+) -> Vec<Cut> {
+    (0..l)
+        .flat_map(|i| (0..2).map(move |j| (i, j)))
+        .map(|(i, j)| {
+            cut(
+                layer(i, &format!("{}.weight", names[j])),
+                &[i, j],
+                view,
+                perm,
+            )
+        })
+        .collect()
+}
+
 /// `a` with every cut stored as `shape` (the permuted axes merged: einsum heads flattened).
 fn stored_as(mut a: Array, shape: [usize; 2]) -> Array {
     for c in &mut a.cuts {
@@ -256,22 +278,13 @@ fn layout(c: &PaliGemmaConfig) -> std::result::Result<Vec<Array>, String> {
         ),
         [h * hd, d],
     ));
-    let kv_cuts = (0..l)
-        .flat_map(|i| {
-            ["k_proj", "v_proj"]
-                .into_iter()
-                .enumerate()
-                .map(move |(j, hf)| (i, j, hf))
-        })
-        .map(|(i, j, hf)| {
-            cut(
-                tl(i, &format!("self_attn.{hf}.weight")),
-                &[i, j],
-                &[k, d, hd],
-                &[0, 2, 1],
-            )
-        })
-        .collect();
+    let kv_cuts = pairs(
+        l,
+        ["self_attn.k_proj", "self_attn.v_proj"],
+        &tl,
+        &[k, d, hd],
+        &[0, 2, 1],
+    );
     a.push(stored_as(
         array("llm/layers/attn/kv_einsum/w", &[l, 2, k, d, hd], kv_cuts),
         [k * hd, d],
@@ -287,22 +300,7 @@ fn layout(c: &PaliGemmaConfig) -> std::result::Result<Vec<Array>, String> {
         ),
         [d, h * hd],
     ));
-    let gate_cuts = (0..l)
-        .flat_map(|i| {
-            ["gate_proj", "up_proj"]
-                .into_iter()
-                .enumerate()
-                .map(move |(j, hf)| (i, j, hf))
-        })
-        .map(|(i, j, hf)| {
-            cut(
-                tl(i, &format!("mlp.{hf}.weight")),
-                &[i, j],
-                &[d, f],
-                &[1, 0],
-            )
-        })
-        .collect();
+    let gate_cuts = pairs(l, ["mlp.gate_proj", "mlp.up_proj"], &tl, &[d, f], &[1, 0]);
     a.push(array(
         "llm/layers/mlp/gating_einsum",
         &[l, 2, d, f],

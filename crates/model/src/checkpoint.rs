@@ -368,7 +368,16 @@ fn transpose2(vals: &[f32], rows: usize, cols: usize) -> Vec<f32> {
 
 /// Every parameter of a module: (PyTorch-style path, Burn shape).
 pub fn parameter_shapes<B: Backend, M: Module<B>>(module: &M) -> Vec<(String, Vec<usize>)> {
-    struct V(PathStack, Vec<(String, Vec<usize>)>);
+    parameters(module)
+        .into_iter()
+        .map(|(path, shape, _)| (path, shape))
+        .collect()
+}
+
+/// Every parameter of a module, in visiting order: (PyTorch-style path, Burn shape, stored
+/// transposed in PyTorch files). Reads no data.
+fn parameters<B: Backend, M: Module<B>>(module: &M) -> Vec<(String, Vec<usize>, bool)> {
+    struct V(PathStack, Vec<(String, Vec<usize>, bool)>);
     impl<B: Backend> ModuleVisitor<B> for V {
         fn enter_module(&mut self, name: &str, container: &str) {
             self.0.enter(name, container)
@@ -377,8 +386,9 @@ pub fn parameter_shapes<B: Backend, M: Module<B>>(module: &M) -> Vec<(String, Ve
             self.0.exit()
         }
         fn visit_float<const D: usize>(&mut self, p: &Param<Tensor<B, D>>) {
+            let (path, transpose) = self.0.current();
             self.1
-                .push((self.0.current().0, p.lazy_shape().dims::<D>().to_vec()));
+                .push((path, p.lazy_shape().dims::<D>().to_vec(), transpose));
         }
     }
     let mut v = V(PathStack::default(), Vec::new());
@@ -522,13 +532,18 @@ impl std::str::FromStr for SaveDtype {
 /// Writes every parameter of `module` to `path` as f32 safetensors with hub (4.x-style) names,
 /// atomically (temp file + rename), one tensor in memory at a time.
 pub fn save_safetensors<B: Backend, M: Module<B>>(module: &M, path: &Path) -> Result<()> {
-    let dir = path.parent().unwrap_or(Path::new("."));
+    let (dir, stem) = dir_and_stem(path)?;
+    save_sharded(module, dir, stem, u64::MAX, SaveDtype::F32).map(|_| ())
+}
+
+/// `DIR/STEM.safetensors` → (DIR, STEM).
+fn dir_and_stem(path: &Path) -> Result<(&Path, &str)> {
     let stem = path
         .file_name()
         .and_then(|n| n.to_str())
         .and_then(|n| n.strip_suffix(".safetensors"))
         .ok_or_else(|| Error::Input(format!("{}: not a .safetensors path", path.display())))?;
-    save_sharded(module, dir, stem, u64::MAX, SaveDtype::F32).map(|_| ())
+    Ok((path.parent().unwrap_or(Path::new(".")), stem))
 }
 
 /// Writes every parameter of `module` under `dir` as `STEM.safetensors`, or as shards of at
@@ -542,34 +557,24 @@ pub fn save_sharded<B: Backend, M: Module<B>>(
     dtype: SaveDtype,
 ) -> Result<Vec<PathBuf>> {
     // Pass 1: names and shapes (no data read).
-    struct Plan(PathStack, Vec<crate::shards::Entry>, Dtype);
-    impl<B: Backend> ModuleVisitor<B> for Plan {
-        fn enter_module(&mut self, name: &str, container: &str) {
-            self.0.enter(name, container)
-        }
-        fn exit_module(&mut self, _: &str, _: &str) {
-            self.0.exit()
-        }
-        fn visit_float<const D: usize>(&mut self, p: &Param<Tensor<B, D>>) {
-            let (path, transpose) = self.0.current();
-            let mut shape: Vec<usize> = p.shape().dims::<D>().to_vec();
-            if transpose {
-                shape.swap(0, 1);
-            }
-            self.1.push(crate::shards::Entry {
-                name: hub_key(&path),
-                dtype: self.2,
-                shape,
-            });
-        }
-    }
     let st_dtype = match dtype {
         SaveDtype::F32 => Dtype::F32,
         SaveDtype::Bf16 => Dtype::BF16,
     };
-    let mut plan = Plan(PathStack::default(), Vec::new(), st_dtype);
-    module.visit(&mut plan);
-    let writer = crate::shards::Writer::create(dir, stem, plan.1, max_bytes, &[("format", "pt")])?;
+    let entries = parameters(module)
+        .into_iter()
+        .map(|(path, mut shape, transpose)| {
+            if transpose {
+                shape.swap(0, 1);
+            }
+            crate::shards::Entry {
+                name: hub_key(&path),
+                dtype: st_dtype,
+                shape,
+            }
+        })
+        .collect();
+    let writer = crate::shards::Writer::create(dir, stem, entries, max_bytes, &[("format", "pt")])?;
     // Pass 2: each tensor's bytes, in the same order.
     struct Put(PathStack, crate::shards::Writer, SaveDtype, Option<Error>);
     impl<B: Backend> ModuleVisitor<B> for Put {
@@ -687,12 +692,7 @@ pub fn export_tower(
             shape: shape.clone(),
         })
         .collect();
-    let dir = out.parent().unwrap_or(Path::new("."));
-    let stem = out
-        .file_name()
-        .and_then(|n| n.to_str())
-        .and_then(|n| n.strip_suffix(".safetensors"))
-        .ok_or_else(|| Error::Input(format!("{}: not a .safetensors path", out.display())))?;
+    let (dir, stem) = dir_and_stem(out)?;
     let meta = [("format", "pt")];
     let mut w = crate::shards::Writer::create(dir, stem, entries, u64::MAX, &meta)?;
     for (key, _, shape) in &plan {

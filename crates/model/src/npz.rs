@@ -170,14 +170,9 @@ impl Archive {
 
     /// Array `name`, whole.
     pub fn array(&mut self, name: &str) -> Result<(Header, Data)> {
-        let path = self.path.clone();
-        let mut entry = self
-            .zip
-            .by_name(&format!("{name}.npy"))
-            .map_err(|e| bad(&path, format!("array `{name}`: {e}")))?;
-        let mut bytes = Vec::with_capacity(entry.size() as usize);
-        entry.read_to_end(&mut bytes).map_err(io_err(&path))?;
-        parse_npy(&bytes).map_err(|m| bad(&path, format!("array `{name}`: {m}")))
+        let (header, bytes, start) = self.raw(name)?;
+        let data = decode(header.dtype, &bytes[start..]);
+        Ok((header, data))
     }
 }
 
@@ -231,22 +226,6 @@ fn parse_header(b: &[u8]) -> std::result::Result<(Header, usize), String> {
         })
         .collect::<std::result::Result<_, _>>()?;
     Ok((Header { dtype, shape }, start + hlen))
-}
-
-/// Parses one `.npy` array (format 1.0–3.0).
-fn parse_npy(b: &[u8]) -> std::result::Result<(Header, Data), String> {
-    let (header, start) = parse_header(b)?;
-    let n: usize = header.shape.iter().product();
-    let data = &b[start..];
-    if data.len() != header.dtype.size() * n {
-        return Err(format!(
-            "{} data bytes for shape {:?} of {:?} (truncated?)",
-            data.len(),
-            header.shape,
-            header.dtype
-        ));
-    }
-    Ok((header.clone(), decode(header.dtype, data)))
 }
 
 /// Little-endian values of `dtype` (f64 converted to f32).

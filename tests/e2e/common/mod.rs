@@ -157,3 +157,10 @@ pub fn copy_config(variant: &str, dir: &Path) {
     )
     .unwrap();
 }
+
+/// Each value rounded to bf16 (nearest even) and back: what a bf16 save must store.
+pub fn bf16_rounded(v: &[f32]) -> Vec<f32> {
+    v.iter()
+        .map(|x| burn::tensor::bf16::from_f32(*x).to_f32())
+        .collect()
+}
