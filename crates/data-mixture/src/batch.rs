@@ -198,18 +198,22 @@ pub fn next_share(
                 (r, s, i, ((s as u64) << 40) ^ mix.state.sources[s].seen)
             })
             .collect();
-        let drawn = picks
-            .into_iter()
+        // Read (a shard row, a scene) and encode in parallel; a row that cannot be read is
+        // skipped like one that cannot be decoded.
+        let sources = &mix.sources;
+        let encoded: Vec<(usize, Result<(Example, Encoded)>)> = picks
+            .into_par_iter()
             .filter(|(r, ..)| !partial || mine.contains(r))
-            .map(|(_, s, i, draw)| Ok((s, mix.sources[s].get(i)?, draw)))
-            .collect::<Result<Vec<_>>>()?;
-        let encoded: Vec<Result<Encoded>> = drawn
-            .par_iter()
-            .map(|(_, ex, d)| builder.encode(ex, Some(*d)))
+            .map(|(_, s, i, draw)| {
+                let read = sources[s]
+                    .get(i)
+                    .and_then(|ex| builder.encode(&ex, Some(draw)).map(|enc| (ex, enc)));
+                (s, read)
+            })
             .collect();
-        for ((s, ex, _), enc) in drawn.into_iter().zip(encoded) {
-            match enc {
-                Ok(enc) => rows.push((s, ex, enc)),
+        for (s, read) in encoded {
+            match read {
+                Ok((ex, enc)) => rows.push((s, ex, enc)),
                 Err(e) if on_error == OnError::Skip => {
                     skipped.push(e.to_string());
                     if skipped.len() > 100 * batch_size {

@@ -26,6 +26,22 @@ pub enum ImageSource {
     Synth(Box<Scene>),
     /// A constant mid-grey image: what a model sees in the blind control of an evaluation.
     Grey,
+    /// An encoded file's bytes, as a shard stores them.
+    Encoded(Arc<EncodedImage>),
+}
+
+/// An image file's bytes (JPEG, PNG, …) and where they were read, for errors.
+#[derive(Debug, Clone, PartialEq)]
+pub struct EncodedImage {
+    pub bytes: Vec<u8>,
+    /// `DIR/shard-00003.db:row 17: image 1`.
+    pub at: String,
+}
+
+impl EncodedImage {
+    pub fn decode(&self) -> Result<img::Rgb> {
+        img::decode(&self.bytes, Path::new(&self.at))
+    }
 }
 
 impl ImageSource {
@@ -33,6 +49,7 @@ impl ImageSource {
     pub fn pixels(&self, res: usize, method: ResizeMethod) -> Result<Vec<f32>> {
         match self {
             ImageSource::File(p) => Ok(img::preprocess(&img::load(p)?, res, method)),
+            ImageSource::Encoded(e) => Ok(img::preprocess(&e.decode()?, res, method)),
             ImageSource::Synth(s) => Ok(img::to_pixel_values(&s.render(res))),
             ImageSource::Grey => Ok(img::to_pixel_values(&grey(res))),
         }
@@ -42,6 +59,7 @@ impl ImageSource {
     pub fn rgb(&self, res: usize) -> Result<img::Rgb> {
         match self {
             ImageSource::File(p) => img::load(p),
+            ImageSource::Encoded(e) => e.decode(),
             ImageSource::Synth(s) => Ok(s.render(res)),
             ImageSource::Grey => Ok(grey(res)),
         }
@@ -426,20 +444,24 @@ fn utf8_lines(path: &Path, bytes: &[u8]) -> Vec<Result<String>> {
     bytes
         .split(|b| *b == b'\n')
         .enumerate()
-        .map(|(i, l)| {
-            let l = l.strip_suffix(b"\r").unwrap_or(l);
-            String::from_utf8(l.to_vec()).map_err(|e| {
-                line_err(
-                    path,
-                    i + 1,
-                    format!(
-                        "not UTF-8 (byte {} of the line)",
-                        e.utf8_error().valid_up_to() + 1
-                    ),
-                )
-            })
-        })
+        .map(|(i, l)| utf8_line(path, i + 1, l))
         .collect()
+}
+
+/// Line `line_no` of a JSONL file as text, without its line ending.
+pub(crate) fn utf8_line(path: &Path, line_no: usize, l: &[u8]) -> Result<String> {
+    let l = l.strip_suffix(b"\n").unwrap_or(l);
+    let l = l.strip_suffix(b"\r").unwrap_or(l);
+    String::from_utf8(l.to_vec()).map_err(|e| {
+        line_err(
+            path,
+            line_no,
+            format!(
+                "not UTF-8 (byte {} of the line)",
+                e.utf8_error().valid_up_to() + 1
+            ),
+        )
+    })
 }
 
 impl JsonlDataset {

@@ -33,7 +33,7 @@ pub fn jsonl_images(path: &Path) -> Result<Vec<(usize, String, Vec<PathBuf>)>> {
             .into_iter()
             .filter_map(|s| match s {
                 ImageSource::File(p) => Some(p),
-                ImageSource::Synth(_) | ImageSource::Grey => None,
+                ImageSource::Synth(_) | ImageSource::Grey | ImageSource::Encoded(_) => None,
             })
             .collect();
         out.push((i + 1, line.to_string(), files));

@@ -12,6 +12,7 @@ pub mod masks;
 pub mod mixture;
 pub mod rng;
 pub mod sequence;
+pub mod shards;
 pub mod synth;
 pub mod tasks;
 pub mod tokenizer;

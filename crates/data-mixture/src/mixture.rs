@@ -3,7 +3,8 @@
 //! are normalised, zero weights skipped, each source's share reported).
 //!
 //! Each draw picks a source with probability ∝ weight, then takes the next example of that
-//! source's current epoch permutation (a Fisher–Yates shuffle seeded by seed, source, epoch).
+//! source's current epoch permutation (seeded by seed, source, epoch), evaluated position by
+//! position ([`Permutation`]): a source of a billion rows costs no memory to shuffle.
 
 use std::sync::Arc;
 
@@ -11,7 +12,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::dataset::Dataset;
 use crate::error::{Error, Result};
-use crate::rng::Rng;
+use crate::rng::{Permutation, Rng};
 
 #[derive(Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct SourceState {
@@ -30,6 +31,26 @@ pub struct SourceState {
 pub struct MixtureState {
     pub rng: Rng,
     pub sources: Vec<SourceState>,
+    /// States saved before this field existed continue with the shuffle they started with.
+    #[serde(default = "Shuffle::saved_before")]
+    pub shuffle: Shuffle,
+}
+
+/// How an epoch is shuffled.
+#[derive(Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum Shuffle {
+    /// A shuffled index list per source (8 bytes per example); streams begun before the
+    /// Feistel permutation.
+    FisherYates,
+    /// [`Permutation`]: O(1) memory.
+    Feistel,
+}
+
+impl Shuffle {
+    fn saved_before() -> Self {
+        Shuffle::FisherYates
+    }
 }
 
 pub struct Mixture {
@@ -82,6 +103,7 @@ impl Mixture {
             state: MixtureState {
                 rng: Rng::derive(seed, &[0x006d_6978]),
                 sources: states,
+                shuffle: Shuffle::Feistel,
             },
             perms: vec![(u64::MAX, Vec::new()); n],
         })
@@ -126,6 +148,7 @@ impl Mixture {
             .collect()
     }
 
+    /// The shuffled index list of `source` in `epoch` ([`Shuffle::FisherYates`]).
     fn permutation(&mut self, source: usize, epoch: u64) -> &[usize] {
         if self.perms[source].0 != epoch {
             let mut p: Vec<usize> = (0..self.sources[source].len()).collect();
@@ -148,8 +171,13 @@ impl Mixture {
             }
         }
         let st = self.state.sources[source];
-        let index = self.permutation(source, st.epoch)[st.position];
         let len = self.sources[source].len();
+        let index = match self.state.shuffle {
+            Shuffle::Feistel => {
+                Permutation::new(len, self.seed, &[source as u64, st.epoch]).at(st.position)
+            }
+            Shuffle::FisherYates => self.permutation(source, st.epoch)[st.position],
+        };
         let s = &mut self.state.sources[source];
         s.position += 1;
         s.seen += 1;
@@ -253,6 +281,24 @@ mod tests {
         r.state = serde_json::from_str(&saved).unwrap();
         let again: Vec<_> = (0..200).map(|_| r.next_index()).collect();
         assert_eq!(rest, again);
+    }
+
+    #[test]
+    fn a_state_saved_before_the_feistel_shuffle_keeps_its_order() {
+        let mut m = mix(9);
+        let mut old = serde_json::to_value(&m.state).unwrap();
+        old.as_object_mut().unwrap().remove("shuffle");
+        m.state = serde_json::from_value(old).unwrap();
+        assert_eq!(m.state.shuffle, Shuffle::FisherYates);
+        let mut p: Vec<usize> = (0..10).collect();
+        Rng::derive(9, &[0, 0]).shuffle(&mut p);
+        let from_a: Vec<usize> = (0..100)
+            .map(|_| m.next_index())
+            .filter(|(s, _)| *s == 0)
+            .take(10)
+            .map(|(_, i)| i)
+            .collect();
+        assert_eq!(from_a, p);
     }
 
     #[test]
