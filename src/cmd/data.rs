@@ -1,4 +1,4 @@
-//! `pali data synth|validate|inspect|import`.
+//! `pali data synth|pack|validate|inspect|import|dedup`.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -6,6 +6,7 @@ use std::path::PathBuf;
 use anyhow::{bail, Context, Result};
 use pali_data::batch::next_batch;
 use pali_data::dataset::{write_synth, Dataset, JsonlDataset, OnError};
+use pali_data::shards::{pack_jsonl, PackOptions, ShardDataset};
 use pali_data::{PaliTokenizer, SequenceBuilder};
 use pali_trainer::config::RunConfig;
 use pali_trainer::stage::RunPlan;
@@ -28,7 +29,32 @@ pub enum DataCommand {
         #[arg(long, default_value_t = 0)]
         split: u64,
     },
-    /// Check a JSONL dataset (every line and image) and summarise it.
+    /// Pack JSONL files (big_vision layout) into a shard directory for `kind = "shards"`
+    /// sources: image files stored as they are (or re-encoded at `--max-side`), an index with
+    /// row counts and checksums.
+    Pack {
+        #[arg(required = true)]
+        sources: Vec<PathBuf>,
+        /// A new directory.
+        #[arg(long)]
+        out: PathBuf,
+        /// Start a new shard after this much data (bytes; K/M/G suffixes, e.g. 1G, 512M).
+        #[arg(long, default_value = "1G", value_parser = parse_size)]
+        shard_size: u64,
+        /// Re-encode images whose longest side is over this as JPEG at this side.
+        #[arg(long)]
+        max_side: Option<usize>,
+        #[arg(long, default_value_t = 95)]
+        jpeg_quality: u8,
+        /// Task recorded in every row (default: each JSONL file's stem).
+        #[arg(long)]
+        task: Option<String>,
+        /// Leave out bad lines (counted in the index) instead of stopping at the first.
+        #[arg(long)]
+        skip_bad: bool,
+    },
+    /// Check a JSONL dataset or a shard directory (every row, image and shard checksum) and
+    /// summarise it.
     Validate {
         dataset: PathBuf,
         #[arg(long, default_value = "data/tokenizer/tokenizer.json")]
@@ -269,6 +295,61 @@ pub fn run(cmd: DataCommand) -> Result<()> {
             }
             Ok(())
         }
+        DataCommand::Pack {
+            sources,
+            out,
+            shard_size,
+            max_side,
+            jpeg_quality,
+            task,
+            skip_bad,
+        } => {
+            let opts = PackOptions {
+                shard_bytes: shard_size,
+                max_side,
+                jpeg_quality,
+                task,
+                on_error: if skip_bad {
+                    OnError::Skip
+                } else {
+                    OnError::Fail
+                },
+            };
+            let bar = indicatif::ProgressBar::new_spinner();
+            bar.set_style(
+                indicatif::ProgressStyle::with_template(
+                    "{spinner} packing: {pos} rows ({per_sec})",
+                )
+                .expect("template"),
+            );
+            let index = pack_jsonl(&sources, &out, &opts, &|n| bar.set_position(n))?;
+            bar.finish_and_clear();
+            let bytes: u64 = index.shards.iter().map(|s| s.bytes).sum();
+            println!(
+                "wrote {}: {} rows, {} images, {} shards, {:.1} MB",
+                out.display(),
+                index.rows,
+                index.images,
+                index.shards.len(),
+                bytes as f64 / 1e6
+            );
+            for s in &index.sources {
+                if s.skipped_count > 0 {
+                    println!("{}: {} bad lines left out:", s.path, s.skipped_count);
+                    for p in &s.skipped {
+                        println!("  {p}");
+                    }
+                }
+            }
+            Ok(())
+        }
+        DataCommand::Validate {
+            dataset,
+            tokenizer,
+            text_len,
+        } if dataset.join(pali_data::shards::INDEX).is_file() => {
+            validate_shards(&dataset, &tokenizer, text_len)
+        }
         DataCommand::Validate {
             dataset,
             tokenizer,
@@ -281,6 +362,136 @@ pub fn run(cmd: DataCommand) -> Result<()> {
             out,
         } => inspect(&config, stage.as_deref(), batches, out),
     }
+}
+
+/// `1G`, `512M`, `64K` or bytes.
+fn parse_size(s: &str) -> std::result::Result<u64, String> {
+    let t = s.trim().trim_end_matches(['B', 'b']);
+    let (num, mult) = match t.char_indices().last() {
+        Some((i, 'K' | 'k')) => (&t[..i], 1u64 << 10),
+        Some((i, 'M' | 'm')) => (&t[..i], 1 << 20),
+        Some((i, 'G' | 'g')) => (&t[..i], 1 << 30),
+        _ => (t, 1),
+    };
+    match num.trim().parse::<f64>() {
+        Ok(v) if v > 0.0 => Ok((v * mult as f64) as u64),
+        _ => Err(format!("`{s}`: expected a size such as 1G, 512M or 65536")),
+    }
+}
+
+/// What validation found in a set of rows (merged across threads).
+#[derive(Default)]
+struct Summary {
+    rows: u64,
+    images: u64,
+    max_len: usize,
+    too_long: u64,
+    hist: BTreeMap<usize, u64>,
+    tasks: BTreeMap<String, u64>,
+    problems: Vec<String>,
+    bad: u64,
+}
+
+impl Summary {
+    fn merge(mut self, o: Summary) -> Summary {
+        self.rows += o.rows;
+        self.images += o.images;
+        self.max_len = self.max_len.max(o.max_len);
+        self.too_long += o.too_long;
+        for (k, v) in o.hist {
+            *self.hist.entry(k).or_default() += v;
+        }
+        for (k, v) in o.tasks {
+            *self.tasks.entry(k).or_default() += v;
+        }
+        self.bad += o.bad;
+        self.problems.extend(o.problems);
+        self.problems.truncate(100);
+        self
+    }
+}
+
+fn validate_shards(
+    dir: &std::path::Path,
+    tokenizer: &std::path::Path,
+    text_len: usize,
+) -> Result<()> {
+    use rayon::prelude::*;
+    let tok = PaliTokenizer::from_file(tokenizer)?;
+    let ds = ShardDataset::open(dir)?;
+    let seq = SequenceBuilder::new(usize::MAX - 1);
+    let corrupt: Vec<String> = (0..ds.index.shards.len())
+        .into_par_iter()
+        .filter_map(|k| ds.check_crc(k).err().map(|e| e.to_string()))
+        .collect();
+    let bar = indicatif::ProgressBar::new(ds.len() as u64);
+    let s = (0..ds.len())
+        .into_par_iter()
+        .fold(Summary::default, |mut s, i| {
+            bar.inc(1);
+            let checked = pali_data::shards::check_row(&ds, i).and_then(|r| {
+                match seq.train_unpadded(&tok, &r.prefix, &r.suffix) {
+                    Ok(t) => Ok((t.ids.len(), r)),
+                    Err(e) => {
+                        let (shard, row) = ds.locate(i).expect("read above");
+                        Err(format!("{}: {e}", ds.at(shard, row)))
+                    }
+                }
+            });
+            match checked {
+                Ok((len, r)) => {
+                    s.rows += 1;
+                    s.images += r.images.len() as u64;
+                    s.max_len = s.max_len.max(len);
+                    s.too_long += u64::from(len > text_len + 1);
+                    *s.hist.entry(len.div_ceil(16) * 16).or_default() += 1;
+                    *s.tasks.entry(r.task).or_default() += 1;
+                }
+                Err(e) => {
+                    s.bad += 1;
+                    if s.problems.len() < 100 {
+                        s.problems.push(e);
+                    }
+                }
+            }
+            s
+        })
+        .reduce(Summary::default, Summary::merge);
+    bar.finish_and_clear();
+    println!(
+        "{}: {} rows in {} shards, {} images, {} bad rows, {} corrupt shards",
+        dir.display(),
+        s.rows,
+        ds.index.shards.len(),
+        s.images,
+        s.bad,
+        corrupt.len()
+    );
+    for (task, n) in &s.tasks {
+        println!("  task {task}: {n}");
+    }
+    println!(
+        "text length (tokens incl. BOS, \\n, EOS): max {}; {} longer than text_len+1 = {}",
+        s.max_len,
+        s.too_long,
+        text_len + 1
+    );
+    for (bucket, n) in &s.hist {
+        println!(
+            "  ≤{bucket:>4}: {n:>7} {}",
+            "#".repeat((60 * n).div_ceil(s.rows.max(1)) as usize)
+        );
+    }
+    for p in corrupt.iter().chain(&s.problems) {
+        println!("problem: {p}");
+    }
+    if s.bad > s.problems.len() as u64 {
+        println!("… and {} more bad rows", s.bad - s.problems.len() as u64);
+    }
+    if s.bad > 0 || !corrupt.is_empty() {
+        bail!("{} bad rows, {} corrupt shards", s.bad, corrupt.len());
+    }
+    Ok(())
 }
 
 fn validate(path: &std::path::Path, tokenizer: &std::path::Path, text_len: usize) -> Result<()> {

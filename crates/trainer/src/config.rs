@@ -213,8 +213,9 @@ pub struct TokenizerSection {
     pub path: PathBuf,
 }
 
-/// A data source as written in TOML: `{ kind = "synth", task = "caption", size = 1000 }` or
-/// `{ kind = "jsonl", path = "train.jsonl" }`, each with an optional `weight` (default 1).
+/// A data source as written in TOML: `{ kind = "synth", task = "caption", size = 1000 }`,
+/// `{ kind = "jsonl", path = "train.jsonl" }` or `{ kind = "shards", path = "DIR" }` (written
+/// by `pali data pack`), each with an optional `weight` (default 1).
 #[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
 #[serde(try_from = "SourceToml", into = "SourceToml")]
 pub struct Source {
@@ -238,6 +239,18 @@ pub enum SourceKind {
     Synth { task: SynthTask, size: usize },
     /// A big_vision JSONL file.
     Jsonl { path: PathBuf },
+    /// A shard directory (`pali data pack`), read on demand.
+    Shards { path: PathBuf },
+}
+
+impl SourceKind {
+    /// The file or directory of a source read from disk.
+    pub fn path(&self) -> Option<&Path> {
+        match self {
+            SourceKind::Synth { .. } => None,
+            SourceKind::Jsonl { path } | SourceKind::Shards { path } => Some(path),
+        }
+    }
 }
 
 impl Source {
@@ -245,7 +258,7 @@ impl Source {
     pub fn synth_task(&self) -> Option<SynthTask> {
         match self.kind {
             SourceKind::Synth { task, .. } => Some(task),
-            SourceKind::Jsonl { .. } => None,
+            SourceKind::Jsonl { .. } | SourceKind::Shards { .. } => None,
         }
     }
 }
@@ -276,6 +289,7 @@ struct SourceToml {
 enum SourceType {
     Synth,
     Jsonl,
+    Shards,
 }
 
 impl TryFrom<SourceToml> for Source {
@@ -287,8 +301,16 @@ impl TryFrom<SourceToml> for Source {
                 return Err("kind = \"synth\" needs `task` and `size` (and no `path`)".into())
             }
             (SourceType::Jsonl, None, None, Some(path)) => SourceKind::Jsonl { path },
-            (SourceType::Jsonl, ..) => {
-                return Err("kind = \"jsonl\" needs `path` (and no `task`/`size`)".into())
+            (SourceType::Shards, None, None, Some(path)) => SourceKind::Shards { path },
+            (t @ (SourceType::Jsonl | SourceType::Shards), ..) => {
+                let t = if t == SourceType::Jsonl {
+                    "jsonl"
+                } else {
+                    "shards"
+                };
+                return Err(format!(
+                    "kind = \"{t}\" needs `path` (and no `task`/`size`)"
+                ));
             }
         };
         if !s.weight.is_finite() || s.weight < 0.0 {
@@ -309,6 +331,7 @@ impl From<Source> for SourceToml {
         let (kind, task, size, path) = match s.kind {
             SourceKind::Synth { task, size } => (SourceType::Synth, Some(task), Some(size), None),
             SourceKind::Jsonl { path } => (SourceType::Jsonl, None, None, Some(path)),
+            SourceKind::Shards { path } => (SourceType::Shards, None, None, Some(path)),
         };
         SourceToml {
             kind,
@@ -925,6 +948,11 @@ impl RunConfig {
                         let size = match &src.kind {
                             SourceKind::Synth { size, .. } => *size,
                             SourceKind::Jsonl { path: p } => count_lines(p)?,
+                            SourceKind::Shards { path: p } => {
+                                pali_data::shards::Index::read(p)
+                                    .map_err(|e| Error::Config(e.to_string()))?
+                                    .rows as usize
+                            }
                         };
                         n += src.few_shot.map_or(size, |k| k.min(size));
                     }
@@ -1014,7 +1042,7 @@ impl RunConfig {
                 fix(p);
             }
             for src in &mut s.sources {
-                if let SourceKind::Jsonl { path } = &mut src.kind {
+                if let SourceKind::Jsonl { path } | SourceKind::Shards { path } = &mut src.kind {
                     fix(path);
                 }
                 if let Some(path) = &mut src.vqvae {
@@ -1179,10 +1207,16 @@ impl RunConfig {
             }
             for (k, src) in s.sources.iter().enumerate() {
                 let at = format!("{at}: source {}", k + 1);
-                if let SourceKind::Jsonl { path } = &src.kind {
-                    if !path.is_file() {
+                match &src.kind {
+                    SourceKind::Jsonl { path } if !path.is_file() => {
                         return err(format!("{at}: file not found: {}", path.display()));
                     }
+                    SourceKind::Shards { path } => {
+                        if let Err(e) = pali_data::shards::Index::read(path) {
+                            return err(format!("{at}: {e}"));
+                        }
+                    }
+                    _ => {}
                 }
                 let task = src.synth_task();
                 if task == Some(SynthTask::Segment) {

@@ -13,6 +13,7 @@ use pali_data::batch::BatchBuilder;
 use pali_data::dataset::{Dataset, JsonlDataset, SynthDataset, SynthTask};
 use pali_data::masks::MaskEncoder;
 use pali_data::mixture::{FewShot, Mixture};
+use pali_data::shards::ShardDataset;
 use pali_data::transform::Transforms;
 use pali_data::{PaliTokenizer, SequenceBuilder};
 use pali_eval::Task;
@@ -514,6 +515,7 @@ pub fn sources(stage: &Stage, seed: u64, encoders: &MaskEncoders) -> Result<Vec<
                 SourceKind::Jsonl { path } => {
                     Arc::new(JsonlDataset::open(path, stage.on_error, false)?)
                 }
+                SourceKind::Shards { path } => Arc::new(ShardDataset::open(path)?),
             };
             Ok(match s.few_shot {
                 Some(k) => Arc::new(FewShot::new(d, k, seed)?),
@@ -537,7 +539,7 @@ fn validation_sources(
             SourceKind::Synth { task, size } => {
                 Some(Arc::new(synth(stage, s, *task, *size, seed, 1, encoders)) as Arc<dyn Dataset>)
             }
-            SourceKind::Jsonl { .. } => None,
+            SourceKind::Jsonl { .. } | SourceKind::Shards { .. } => None,
         })
         .collect()
 }

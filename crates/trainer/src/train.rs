@@ -918,7 +918,8 @@ fn model_card(sp: &StagePlan, at: &Position, stages_done: &[StageSummary]) -> St
                 crate::config::SourceKind::Synth { task, size } => {
                     format!("synth {} ({size}) ×{}", task.name(), s.weight)
                 }
-                crate::config::SourceKind::Jsonl { path } => {
+                crate::config::SourceKind::Jsonl { path }
+                | crate::config::SourceKind::Shards { path } => {
                     format!("`{}` ×{}", path.display(), s.weight)
                 }
             })
