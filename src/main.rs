@@ -88,6 +88,8 @@ enum BenchCommand {
     Data(cmd::bench::DataArgs),
     /// Decoding throughput (new tokens/s) of a random model, with and without the KV cache.
     Decode(cmd::bench::DecodeArgs),
+    /// A shard reader's memory: pack N small rows, draw batches, report RSS as it reads.
+    Shards(cmd::bench::ShardsArgs),
     /// All-reduce time and bandwidth over the ranks of a multi-process run:
     /// `pali launch --nproc 2 -- bench allreduce --size-mb 64`.
     Allreduce(cmd::bench::AllReduceArgs),
@@ -205,6 +207,9 @@ fn main() -> ExitCode {
         Command::Bench {
             command: BenchCommand::Decode(args),
         } => cmd::bench::run_decode(args),
+        Command::Bench {
+            command: BenchCommand::Shards(args),
+        } => cmd::bench::run_shards(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

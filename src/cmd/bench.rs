@@ -132,7 +132,7 @@ fn run_config(args: &Args, path: &std::path::Path) -> Result<()> {
         .with_context(|| format!("loading {}", path.display()))?;
     let device = args.device.spec()?;
     let device_name = format!("{device:?}");
-    let (times, tokens) = dispatch(
+    let (times, tokens, waits) = dispatch(
         device,
         ReplayJob {
             args,
@@ -159,6 +159,9 @@ fn run_config(args: &Args, path: &std::path::Path) -> Result<()> {
         "step_seconds_median": median,
         "step_seconds_min": sorted[0],
         "tokens_per_second": tokens as f64 / times.len() as f64 / median,
+        // Time the step waited for the loader (its batches are built on other threads).
+        "data_wait_seconds_mean": waits.iter().sum::<f64>() / waits.len().max(1) as f64,
+        "data_wait_seconds_max": waits.iter().copied().fold(0.0, f64::max),
         "peak_rss_mib": peak_rss_mib(),
         "weights": args.save_weights.as_ref().map(|p| p.display().to_string()),
     });
@@ -172,18 +175,20 @@ struct ReplayJob<'a> {
 }
 
 impl Job for ReplayJob<'_> {
-    /// Seconds of each timed step, and the tokens of those steps.
-    type Output = (Vec<f64>, usize);
+    /// Seconds of each timed step, the tokens of those steps, and the seconds each waited
+    /// for its batch.
+    type Output = (Vec<f64>, usize, Vec<f64>);
     fn run<B: Backend>(self, device: B::Device) -> Result<Self::Output> {
         // At least one untimed step: the clock starts before the run is planned and loaded.
         let warmup = self.args.warmup.max(1) as u64;
         let total = warmup + self.args.steps as u64;
-        let (mut times, mut tokens) = (Vec::new(), 0);
+        let (mut times, mut tokens, mut waits) = (Vec::new(), 0, Vec::new());
         let mut last = Instant::now();
         let model =
-            pali_trainer::train::replay::<B>(self.config, &device, total, &mut |step, n| {
+            pali_trainer::train::replay::<B>(self.config, &device, total, &mut |step, n, w| {
                 if step >= warmup {
                     times.push(last.elapsed().as_secs_f64());
+                    waits.push(w);
                     tokens += n;
                 }
                 last = Instant::now();
@@ -194,7 +199,7 @@ impl Job for ReplayJob<'_> {
         if times.is_empty() {
             bail!("--steps 0: nothing was timed");
         }
-        Ok((times, tokens))
+        Ok((times, tokens, waits))
     }
 }
 
@@ -220,8 +225,13 @@ pub fn step_flops(c: &PaliGemmaConfig, batch: usize, text_len: usize, backward: 
 }
 
 fn peak_rss_mib() -> Option<f64> {
+    status_mib("VmHWM:")
+}
+
+/// A memory figure of `/proc/self/status` (`VmHWM:` peak, `VmRSS:` now), in MiB.
+fn status_mib(field: &str) -> Option<f64> {
     let s = std::fs::read_to_string("/proc/self/status").ok()?;
-    let line = s.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let line = s.lines().find(|l| l.starts_with(field))?;
     let kb: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
     Some(kb / 1024.0)
 }
@@ -448,7 +458,7 @@ pub struct DataArgs {
 }
 
 pub fn run_data(a: DataArgs) -> Result<()> {
-    use pali_data::image::{load, preprocess, ResizeMethod};
+    use pali_data::image::ResizeMethod;
     use rayon::prelude::*;
     let dir = std::env::temp_dir().join(format!("pali-bench-data-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
@@ -462,21 +472,64 @@ pub fn run_data(a: DataArgs) -> Result<()> {
             Ok(p)
         })
         .collect::<Result<_>>()?;
+    // The loader's path from a file: read, decode to bytes, resize, normalise.
     let work = |p: &PathBuf| -> usize {
-        preprocess(
-            &load(p).expect("decodable"),
-            a.resolution,
-            ResizeMethod::Bicubic,
-        )
-        .len()
+        pali_data::dataset::ImageSource::File(p.clone())
+            .pixels(a.resolution, ResizeMethod::Bicubic)
+            .expect("decodable")
+            .len()
     };
     let t = Instant::now();
     let one: usize = files.iter().map(work).sum();
     let single = a.n as f64 / t.elapsed().as_secs_f64();
     let t = Instant::now();
+    for p in &files {
+        pali_data::image::load8(p).expect("decodable");
+    }
+    let decode_only = a.n as f64 / t.elapsed().as_secs_f64();
+    let first = pali_data::image::load8(&files[0])?;
+    let t = Instant::now();
+    for _ in 0..a.n {
+        pali_data::image::preprocess8(&first, a.resolution, ResizeMethod::Bicubic);
+    }
+    let resize_only = a.n as f64 / t.elapsed().as_secs_f64();
+    let t = Instant::now();
     let all: usize = files.par_iter().map(work).sum();
     let parallel = a.n as f64 / t.elapsed().as_secs_f64();
     assert_eq!(one, all);
+    // The same images packed into shards, read back as the loader reads a shard source.
+    let jsonl = dir.join("images.jsonl");
+    let lines: String = files
+        .iter()
+        .map(|p| {
+            serde_json::json!({"image": p.file_name().unwrap().to_string_lossy(), "prefix": "caption en", "suffix": "x"})
+                .to_string()
+                + "\n"
+        })
+        .collect();
+    std::fs::write(&jsonl, lines)?;
+    let shard_dir = dir.join("shards");
+    pali_data::shards::pack_jsonl(
+        &[jsonl],
+        &shard_dir,
+        &pali_data::shards::PackOptions::default(),
+        &|_| {},
+    )?;
+    let shards = pali_data::shards::ShardDataset::open(&shard_dir)?;
+    let from_shard = |i: usize| -> usize {
+        use pali_data::dataset::Dataset;
+        shards.get(i).expect("a row").images[0]
+            .pixels(a.resolution, ResizeMethod::Bicubic)
+            .expect("decodable")
+            .len()
+    };
+    let t = Instant::now();
+    let one_shard: usize = (0..a.n).map(from_shard).sum();
+    let shard_single = a.n as f64 / t.elapsed().as_secs_f64();
+    let t = Instant::now();
+    let all_shard: usize = (0..a.n).into_par_iter().map(from_shard).sum();
+    let shard_parallel = a.n as f64 / t.elapsed().as_secs_f64();
+    assert_eq!((one_shard, all_shard), (one, all));
     // The augmented path: Inception crop + JPEG re-encode + random resize method.
     let aug = pali_data::transform::Transforms {
         augment: pali_data::transform::Augment {
@@ -505,6 +558,10 @@ pub fn run_data(a: DataArgs) -> Result<()> {
         "images": a.n,
         "images_per_s_one_core": single,
         "images_per_s_all_cores": parallel,
+        "decode_only_images_per_s_one_core": decode_only,
+        "resize_only_images_per_s_one_core": resize_only,
+        "shard_images_per_s_one_core": shard_single,
+        "shard_images_per_s_all_cores": shard_parallel,
         "augmented_images_per_s_all_cores": augmented,
         "phash_images_per_s_all_cores": phash,
         "cores": rayon::current_num_threads(),
@@ -530,6 +587,105 @@ pub fn run_data(a: DataArgs) -> Result<()> {
         json["batches_per_s"] = bps.into();
         json["batch_size"] = st.batch_size.into();
     }
+    println!("{}", serde_json::to_string_pretty(&json)?);
+    Ok(())
+}
+
+/// `pali bench shards`: a shard reader's memory against the dataset's size.
+#[derive(clap::Args, Debug)]
+pub struct ShardsArgs {
+    /// Rows to pack (one small synthetic PNG each).
+    #[arg(long, default_value_t = 1_000_000)]
+    pub rows: usize,
+    /// Rows drawn through the loader afterwards.
+    #[arg(long, default_value_t = 200_000)]
+    pub draws: usize,
+    #[arg(long, default_value_t = 256)]
+    pub batch: usize,
+    /// Side of the images (and the resolution they are read at).
+    #[arg(long, default_value_t = 16)]
+    pub image_side: usize,
+    #[arg(long, default_value = "data/tokenizer/tokenizer.json")]
+    pub tokenizer: PathBuf,
+}
+
+pub fn run_shards(a: ShardsArgs) -> Result<()> {
+    use pali_data::shards::{Row, ShardDataset, ShardWriter};
+    use std::sync::Arc;
+    let side = a.image_side;
+    let pngs: Vec<Vec<u8>> = (0..64u64)
+        .map(|i| {
+            let rgb = pali_data::synth::Scene::generate(0, 0, i).render(side);
+            let mut out = std::io::Cursor::new(Vec::new());
+            image::RgbImage::from_raw(side as u32, side as u32, rgb.to_u8())
+                .expect("size")
+                .write_to(&mut out, image::ImageFormat::Png)
+                .expect("PNG in memory");
+            out.into_inner()
+        })
+        .collect();
+    let tmp = std::env::temp_dir().join(format!("pali-bench-shards-{}", std::process::id()));
+    let out = tmp.join("shards");
+    let bar = indicatif::ProgressBar::new(a.rows as u64);
+    let t = Instant::now();
+    let mut w = ShardWriter::create(&out, 64 << 20)?;
+    for i in 0..a.rows {
+        w.push(&Row {
+            id: format!("row-{i}"),
+            task: "caption".into(),
+            prefix: "caption en".into(),
+            suffix: format!("shape number {i}"),
+            images: vec![pngs[i % pngs.len()].clone().into()],
+        })?;
+        if i % 4096 == 0 {
+            bar.set_position(i as u64);
+        }
+    }
+    let index = w.finish(Vec::new())?;
+    bar.finish_and_clear();
+    let pack_rows_per_s = a.rows as f64 / t.elapsed().as_secs_f64();
+    let rss_before_open = status_mib("VmRSS:");
+    let ds: Arc<dyn pali_data::dataset::Dataset> = Arc::new(ShardDataset::open(&out)?);
+    let mut mix = pali_data::mixture::Mixture::new(vec![ds], &[1.0], 0)?;
+    let builder = pali_data::batch::BatchBuilder {
+        tokenizer: Arc::new(pali_data::PaliTokenizer::from_file(&a.tokenizer)?),
+        seq: pali_data::SequenceBuilder::new(32),
+        resolution: side,
+        resize: pali_data::image::ResizeMethod::Bicubic,
+        frames: 1,
+        transforms: Default::default(),
+    };
+    let batches = a.draws.div_ceil(a.batch);
+    let mut rss = Vec::new();
+    let t = Instant::now();
+    for k in 0..batches {
+        pali_data::batch::next_batch(
+            &mut mix,
+            &builder,
+            a.batch,
+            pali_data::dataset::OnError::Fail,
+        )?;
+        if k % (batches / 10).max(1) == 0 || k + 1 == batches {
+            rss.push(serde_json::json!({
+                "drawn": (k + 1) * a.batch,
+                "rss_mib": status_mib("VmRSS:"),
+            }));
+        }
+    }
+    let read_rows_per_s = (batches * a.batch) as f64 / t.elapsed().as_secs_f64();
+    let bytes: u64 = index.shards.iter().map(|s| s.bytes).sum();
+    let _ = std::fs::remove_dir_all(&tmp);
+    let json = serde_json::json!({
+        "what": "pack N rows into shards, then draw batches from them (shuffled, decoded)",
+        "rows": a.rows,
+        "shards": index.shards.len(),
+        "dataset_mb": bytes as f64 / 1e6,
+        "pack_rows_per_s": pack_rows_per_s,
+        "read_rows_per_s": read_rows_per_s,
+        "rss_mib_before_open": rss_before_open,
+        "rss_while_reading": rss,
+        "cores": rayon::current_num_threads(),
+    });
     println!("{}", serde_json::to_string_pretty(&json)?);
     Ok(())
 }

@@ -28,6 +28,10 @@ pub enum DataCommand {
         /// 0 = train, 1 = val, 2 = test.
         #[arg(long, default_value_t = 0)]
         split: u64,
+        /// Write one shard directory per task (`OUT/caption/` …, PNG images inside) instead
+        /// of JSONL + PNG files.
+        #[arg(long)]
+        shards: bool,
     },
     /// Pack JSONL files (big_vision layout) into a shard directory for `kind = "shards"`
     /// sources: image files stored as they are (or re-encoded at `--max-side`), an index with
@@ -113,6 +117,10 @@ pub struct ImportOut {
     /// Image directory as the JSONL should see it (relative to the JSONL file).
     #[arg(long, default_value = "")]
     pub image_dir: String,
+    /// Also pack the JSONL and its images into a shard directory here (`pali data pack`,
+    /// 1 GB shards), for a `kind = "shards"` source.
+    #[arg(long)]
+    pub pack: Option<PathBuf>,
 }
 
 #[derive(clap::Subcommand, Debug)]
@@ -215,6 +223,20 @@ fn import(format: ImportFormat) -> Result<()> {
     };
     import::write_jsonl(&out.out, &got.data)?;
     eprintln!("{} lines → {}", got.data.len(), out.out.display());
+    if let Some(dir) = &out.pack {
+        let index = pack_jsonl(
+            std::slice::from_ref(&out.out),
+            dir,
+            &PackOptions::default(),
+            &|_| {},
+        )?;
+        eprintln!(
+            "{} rows → {} ({} shards)",
+            index.rows,
+            dir.display(),
+            index.shards.len()
+        );
+    }
     if let Some(r) = &out.references {
         import::write_jsonl(r, &got.references)?;
         eprintln!("{} references → {}", got.references.len(), r.display());
@@ -289,7 +311,24 @@ pub fn run(cmd: DataCommand) -> Result<()> {
             resolution,
             seed,
             split,
+            shards,
         } => {
+            if shards {
+                for task in pali_data::dataset::SynthTask::ALL {
+                    let dir = out.join(task.name());
+                    let index = pali_data::shards::pack_synth(
+                        task,
+                        &dir,
+                        n,
+                        resolution,
+                        seed,
+                        split,
+                        &PackOptions::default(),
+                    )?;
+                    println!("wrote {}: {} rows", dir.display(), index.rows);
+                }
+                return Ok(());
+            }
             for f in write_synth(&out, n, resolution, seed, split)? {
                 println!("wrote {}", f.display());
             }

@@ -48,8 +48,12 @@ impl ImageSource {
     /// CHW pixels in [−1, 1] at `res × res`.
     pub fn pixels(&self, res: usize, method: ResizeMethod) -> Result<Vec<f32>> {
         match self {
-            ImageSource::File(p) => Ok(img::preprocess(&img::load(p)?, res, method)),
-            ImageSource::Encoded(e) => Ok(img::preprocess(&e.decode()?, res, method)),
+            ImageSource::File(p) => Ok(img::preprocess8(&img::load8(p)?, res, method)),
+            ImageSource::Encoded(e) => Ok(img::preprocess8(
+                &img::decode8(&e.bytes, Path::new(&e.at))?,
+                res,
+                method,
+            )),
             ImageSource::Synth(s) => Ok(img::to_pixel_values(&s.render(res))),
             ImageSource::Grey => Ok(img::to_pixel_values(&grey(res))),
         }

@@ -22,7 +22,10 @@ use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 use serde_bytes::ByteBuf;
 
-use crate::dataset::{parse_line, utf8_line, Dataset, EncodedImage, Example, ImageSource, OnError};
+use crate::dataset::{
+    parse_line, utf8_line, Dataset, EncodedImage, Example, ImageSource, OnError, SynthDataset,
+    SynthTask,
+};
 use crate::error::{Error, Result};
 use crate::image::{self as img, ResizeMethod};
 
@@ -428,6 +431,47 @@ pub fn pack_jsonl(
     w.finish(infos)
 }
 
+/// Packs `n` examples of a synthetic task (images rendered at `res`, stored as PNG) into
+/// shards at `out`: `pali data synth --shards`, the same rows `pali data synth` writes as
+/// JSONL.
+pub fn pack_synth(
+    task: SynthTask,
+    out: &Path,
+    n: usize,
+    res: usize,
+    seed: u64,
+    split: u64,
+    opts: &PackOptions,
+) -> Result<Index> {
+    let ds = SynthDataset::new(task, seed, split, n, true);
+    let mut w = ShardWriter::create(out, opts.shard_bytes)?;
+    for start in (0..n).step_by(CHUNK) {
+        let rows: Vec<Row> = (start..(start + CHUNK).min(n))
+            .into_par_iter()
+            .map(|i| -> Result<Row> {
+                let e = ds.get(i)?;
+                let rgb = e.images[0].rgb(res)?;
+                let mut png = std::io::Cursor::new(Vec::new());
+                ::image::RgbImage::from_raw(res as u32, res as u32, rgb.to_u8())
+                    .expect("a rendered scene has res² pixels")
+                    .write_to(&mut png, ::image::ImageFormat::Png)
+                    .map_err(|e| Error::Invalid(format!("PNG encode: {e}")))?;
+                Ok(Row {
+                    id: e.id,
+                    task: task.name().into(),
+                    prefix: e.prefix,
+                    suffix: e.suffix,
+                    images: vec![ByteBuf::from(png.into_inner())],
+                })
+            })
+            .collect::<Result<_>>()?;
+        for r in &rows {
+            w.push(r)?;
+        }
+    }
+    w.finish(Vec::new())
+}
+
 /// Idle read connections kept open, over all shards (each holds a file and a small cache).
 const IDLE_CONNECTIONS: usize = 64;
 
@@ -662,6 +706,25 @@ mod tests {
             .unwrap_err()
             .to_string()
             .contains("exists"));
+    }
+
+    #[test]
+    fn synth_shards_hold_what_synth_jsonl_holds() {
+        let t = tempfile::tempdir().unwrap();
+        let files = synth_jsonl(t.path(), 5);
+        let out = t.path().join("vqa");
+        pack_synth(SynthTask::Vqa, &out, 5, 32, 3, 0, &PackOptions::default()).unwrap();
+        let (s, j) = (
+            ShardDataset::open(&out).unwrap(),
+            JsonlDataset::open(&files[1], OnError::Fail, false).unwrap(),
+        );
+        assert!(files[1].ends_with("vqa.jsonl"));
+        for i in 0..5 {
+            let (a, b) = (j.get(i).unwrap(), s.get(i).unwrap());
+            assert_eq!((a.prefix, a.suffix), (b.prefix, b.suffix));
+            assert_eq!(a.images[0].rgb(32).unwrap(), b.images[0].rgb(32).unwrap());
+            assert_eq!(s.row(i).unwrap().task, "vqa");
+        }
     }
 
     #[test]

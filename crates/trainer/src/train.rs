@@ -371,7 +371,9 @@ fn train_with<B: Backend, C: CheckpointStrategy>(
                     obs,
                 )?;
             }
+            let waited = Instant::now();
             let mut batch = loader.recv()?;
+            window.data_wait_s += waited.elapsed().as_secs_f64();
             let done = step + 1;
             // The end-of-stage checkpoint follows the stage's evaluation (below).
             let checkpoint = done % stage.checkpoint_every == 0 && done < stage.steps;
@@ -387,6 +389,7 @@ fn train_with<B: Backend, C: CheckpointStrategy>(
                 .map_err(|e| stopped(&stage.name, done, e))?;
             model = m;
             window.count(&batch);
+            window.steps += 1;
             global_step += 1;
             window.tokens += out.tokens * world;
             guard.record(done, &out.stats.applied);
@@ -611,13 +614,14 @@ impl<'p, 'a, B: Backend> StageSteps<'p, 'a, B> {
 /// The first `steps` optimizer steps of `config`'s first stage, taken as [`train`] takes them
 /// (initial weights, stage entry, data stream, schedule, dropout seeds, [`train_step`]) on one
 /// device, writing nothing: what `pali bench train-step --run` times. After each step has
-/// finished on the device (one weight is read back), `each` gets the step's number and its
-/// tokens (image slots included). Returns the trained weights.
+/// finished on the device (one weight is read back), `each` gets the step's number, its
+/// tokens (image slots included) and the seconds it waited for its batch. Returns the trained
+/// weights.
 pub fn replay<B: Backend>(
     config: &RunConfig,
     device: &B::Device,
     steps: u64,
-    each: &mut dyn FnMut(u64, usize),
+    each: &mut dyn FnMut(u64, usize, f64),
 ) -> Result<PaliGemma<B>> {
     if config.run.gradient_checkpointing {
         replay_with::<B, BalancedCheckpointing>(config, device, steps, each)
@@ -630,7 +634,7 @@ fn replay_with<B: Backend, C: CheckpointStrategy>(
     config: &RunConfig,
     device: &B::Device,
     steps: u64,
-    each: &mut dyn FnMut(u64, usize),
+    each: &mut dyn FnMut(u64, usize, f64),
 ) -> Result<PaliGemma<B>> {
     let mut plan = RunPlan::new::<B>(config, device)?;
     // Timing needs no trained towers: a config with stage 0 replays from random ones.
@@ -660,12 +664,14 @@ fn replay_with<B: Backend, C: CheckpointStrategy>(
     let first = config.run.start_step;
     let stage_steps = StageSteps::new(sp, device, None, first);
     for step in 0..steps {
+        let waited = Instant::now();
         let mut batch = loader.recv()?;
+        let wait = waited.elapsed().as_secs_f64();
         let (m, out, _) =
             stage_steps.take(model, &mut adam, &mut batch, step, first + step, false)?;
         model = m;
         let _ = model.language_model.norm.weight.val().sum().into_scalar();
-        each(step, out.tokens);
+        each(step, out.tokens, wait);
     }
     Ok(model.valid())
 }
@@ -988,6 +994,9 @@ fn stopped(stage: &str, step: u64, e: Error) -> Error {
 struct LogWindow {
     tokens: usize,
     since: Instant,
+    steps: usize,
+    /// Seconds spent waiting for the loader's next batch (0 when it keeps ahead).
+    data_wait_s: f64,
     /// Rows whose text was cut, rows that lost their EOS, examples skipped.
     truncated: usize,
     eos_cut: usize,
@@ -999,6 +1008,8 @@ impl LogWindow {
         Self {
             tokens: 0,
             since: Instant::now(),
+            steps: 0,
+            data_wait_s: 0.0,
             truncated: 0,
             eos_cut: 0,
             skipped: 0,
@@ -1171,6 +1182,7 @@ fn log_step(
         "step": r.global_step, "stage": stage.name, "stage_step": r.done, "loss": read.loss,
         "lr": lrs, "grad_norm": read.grad_norm, "param_norm": read.param_norm,
         "update_norm": read.update_norm, "tokens_per_s": tps, "seen": seen,
+        "data_wait_s": window.data_wait_s / window.steps.max(1) as f64,
         "truncated": window.truncated, "eos_cut": window.eos_cut, "skipped": window.skipped,
     }))?;
     *window = LogWindow::new();
