@@ -341,3 +341,58 @@ fn packed_shards_train_like_their_jsonl_and_resume() {
     assert!(!out.status.success());
     assert!(stdout.contains("shard-00001.db: corrupt"), "{stdout}");
 }
+
+/// Two images per example (a pair, as NLVR2) from packed shards: `images = 2` trains on them;
+/// the same data under `images = 1` is refused naming the row.
+#[test]
+fn two_image_rows_train_with_images_2() {
+    use crate::train::{config, train_s1};
+    let d = tempfile::tempdir().unwrap();
+    let data = d.path().join("data");
+    run_ok(
+        pali()
+            .args(["data", "synth", "--n", "8", "--resolution", "32", "--out"])
+            .arg(&data),
+    );
+    let pairs: String = (0..8)
+        .map(|i| {
+            format!(
+                "{{\"image\": [\"images/{i:06}.png\", \"images/{:06}.png\"], \"prefix\": \"answer en same?\", \"suffix\": \"{}\"}}\n",
+                (i * 3) % 8,
+                if i == (i * 3) % 8 { "yes" } else { "no" }
+            )
+        })
+        .collect();
+    std::fs::write(data.join("pairs.jsonl"), pairs).unwrap();
+    let shards = d.path().join("pairs");
+    run_ok(
+        pali()
+            .args(["data", "pack", "--out"])
+            .arg(&shards)
+            .arg(data.join("pairs.jsonl")),
+    );
+    let cfg = config(d.path(), "");
+    let source = format!(
+        "stage.s1.source=[{{ kind = \"shards\", path = \"{}\" }}]",
+        shards.display()
+    );
+    train_s1(
+        &cfg,
+        "two",
+        &[&source, "stage.s1.images=2", "stage.s1.steps=2"],
+    );
+    assert!(crate::train::entries(&d.path().join("two/out/checkpoints"), "step-").len() >= 1);
+    let mut c = pali();
+    c.args(["train", "--quiet"]).arg(&cfg);
+    c.args([
+        "--set",
+        "run.out_dir=\"one/out\"",
+        "--set",
+        r#"run.stages=["s1"]"#,
+    ]);
+    let e = run_err(c.args(["--set", &source]));
+    assert!(
+        e.contains("2 images, but the stage expects 1 per example"),
+        "{e}"
+    );
+}

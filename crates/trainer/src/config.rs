@@ -529,6 +529,9 @@ pub struct Stage {
     /// Cut each image into `window × window` tiles of `resolution`, each its own frame.
     #[serde(default = "one_usize")]
     pub window: usize,
+    /// Images of every example (NLVR2 pairs, video frames), each its own frame, in order.
+    #[serde(default = "one_usize")]
+    pub images: usize,
     /// Training augmentations: `crop_min_area`, `jpeg_quality = [lo, hi]`, `random_resize`.
     #[serde(default)]
     pub augment: pali_data::transform::Augment,
@@ -1109,9 +1112,15 @@ impl RunConfig {
                     "{at}: model.encoder = \"none\" has no image encoder to pretrain"
                 ));
             }
-            if !s.reset.is_empty() || s.window != 1 || s.llm_dropout != 0.0 || s.grad_accum != 1 {
+            if !s.reset.is_empty()
+                || s.window != 1
+                || s.images != 1
+                || s.llm_dropout != 0.0
+                || s.grad_accum != 1
+            {
                 return Err(format!(
-                    "{at}: reset, window, llm_dropout and grad_accum apply to PaliGemma stages"
+                    "{at}: reset, window, images, llm_dropout and grad_accum apply to PaliGemma \
+                     stages"
                 ));
             }
             if s.kind == StageKind::Siglip && s.batch_size < 2 {
@@ -1251,8 +1260,8 @@ impl RunConfig {
                      task"
                 ));
             }
-            if s.window == 0 || s.downscale == Some(0) {
-                return err(format!("{at}: window and downscale must be > 0"));
+            if s.window == 0 || s.images == 0 || s.downscale == Some(0) {
+                return err(format!("{at}: window, images and downscale must be > 0"));
             }
             if let Err(m) = s.augment.validate() {
                 return err(format!("{at}: {m}"));

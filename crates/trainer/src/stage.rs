@@ -356,7 +356,11 @@ fn recipe(stage: &Stage, tokenizer: &Arc<PaliTokenizer>, seed: u64) -> BatchBuil
         resolution: stage.resolution,
         resize: stage.resize,
         // A language-model stage reads no image.
-        frames: usize::from(stage.kind != StageKind::Lm),
+        frames: if stage.kind == StageKind::Lm {
+            0
+        } else {
+            stage.images
+        },
         transforms: Transforms {
             downscale: stage.downscale,
             window: stage.window,
