@@ -381,7 +381,7 @@ fn two_image_rows_train_with_images_2() {
         "two",
         &[&source, "stage.s1.images=2", "stage.s1.steps=2"],
     );
-    assert!(crate::train::entries(&d.path().join("two/out/checkpoints"), "step-").len() >= 1);
+    assert!(!crate::train::entries(&d.path().join("two/out/checkpoints"), "step-").is_empty());
     let mut c = pali();
     c.args(["train", "--quiet"]).arg(&cfg);
     c.args([

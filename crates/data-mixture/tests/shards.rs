@@ -25,8 +25,18 @@ fn builder(frames: usize) -> BatchBuilder {
     }
 }
 
-/// The batch as the model sees it (ids differ only in how a source names its rows).
-fn model_view(b: &Batch) -> (Vec<u32>, &[i64], &[i64], &[i64], &[usize], &[String]) {
+/// Pixels (as bits), text, loss and attention masks, sources and ids of a batch.
+type View<'a> = (
+    Vec<u32>,
+    &'a [i64],
+    &'a [i64],
+    &'a [i64],
+    &'a [usize],
+    &'a [String],
+);
+
+/// The batch as the model sees it, and where each row came from.
+fn model_view(b: &Batch) -> View<'_> {
     (
         b.pixel_values.iter().map(|x| x.to_bits()).collect(),
         &b.text,
@@ -148,7 +158,13 @@ fn multi_image_rows_keep_their_images() {
     )
     .unwrap();
     let out = t.path().join("pairs");
-    pack_jsonl(&[p.clone()], &out, &PackOptions::default(), &|_| {}).unwrap();
+    pack_jsonl(
+        std::slice::from_ref(&p),
+        &out,
+        &PackOptions::default(),
+        &|_| {},
+    )
+    .unwrap();
     let j: Arc<dyn Dataset> = Arc::new(JsonlDataset::open(&p, OnError::Fail, false).unwrap());
     let s: Arc<dyn Dataset> = Arc::new(ShardDataset::open(&out).unwrap());
     assert_eq!(s.get(0).unwrap().images.len(), 2);

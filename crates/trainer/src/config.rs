@@ -243,16 +243,6 @@ pub enum SourceKind {
     Shards { path: PathBuf },
 }
 
-impl SourceKind {
-    /// The file or directory of a source read from disk.
-    pub fn path(&self) -> Option<&Path> {
-        match self {
-            SourceKind::Synth { .. } => None,
-            SourceKind::Jsonl { path } | SourceKind::Shards { path } => Some(path),
-        }
-    }
-}
-
 impl Source {
     /// The synthetic task of the source, if it is one.
     pub fn synth_task(&self) -> Option<SynthTask> {
