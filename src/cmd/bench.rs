@@ -673,6 +673,32 @@ pub fn run_shards(a: ShardsArgs) -> Result<()> {
         }
     }
     let read_rows_per_s = (batches * a.batch) as f64 / t.elapsed().as_secs_f64();
+    // Random rows of the first shard, undecoded: burn-dataset's SqliteDataset against pali's
+    // reader (which exists because SqliteDataset panics on a bad row).
+    let reader = ShardDataset::open(&out)?;
+    let rows = index.shards[0].rows;
+    let picks: Vec<u64> = {
+        let mut r = pali_data::rng::Rng::new(7);
+        (0..20_000)
+            .map(|_| 1 + r.below(rows as usize) as u64)
+            .collect()
+    };
+    let t = Instant::now();
+    for &row in &picks {
+        reader.read(0, row)?;
+    }
+    let pali_rows_per_s = picks.len() as f64 / t.elapsed().as_secs_f64();
+    let burn = burn_dataset::SqliteDataset::<Row>::from_db_file(
+        reader.shard_path(0),
+        pali_data::shards::SPLIT,
+    )
+    .map_err(|e| anyhow::anyhow!("{e}"))?;
+    let t = Instant::now();
+    for &row in &picks {
+        use burn_dataset::Dataset as _;
+        burn.get(row as usize - 1).context("a row")?;
+    }
+    let burn_rows_per_s = picks.len() as f64 / t.elapsed().as_secs_f64();
     let bytes: u64 = index.shards.iter().map(|s| s.bytes).sum();
     let _ = std::fs::remove_dir_all(&tmp);
     let json = serde_json::json!({
@@ -682,6 +708,10 @@ pub fn run_shards(a: ShardsArgs) -> Result<()> {
         "dataset_mb": bytes as f64 / 1e6,
         "pack_rows_per_s": pack_rows_per_s,
         "read_rows_per_s": read_rows_per_s,
+        "random_row_reads_per_s_one_core": {
+            "pali_shard_reader": pali_rows_per_s,
+            "burn_dataset_sqlite_dataset": burn_rows_per_s,
+        },
         "rss_mib_before_open": rss_before_open,
         "rss_while_reading": rss,
         "cores": rayon::current_num_threads(),

@@ -119,8 +119,14 @@ fn bad_run_settings_are_one_line_errors() {
             r#"run.stages=["s1", "s3"]"#,
             "run.stages: no stage `s3` (stages: s1, s2)",
         ),
-        ("stage.s1.window=0", "window, images and downscale must be > 0"),
-        ("stage.s1.images=0", "window, images and downscale must be > 0"),
+        (
+            "stage.s1.window=0",
+            "window, images and downscale must be > 0",
+        ),
+        (
+            "stage.s1.images=0",
+            "window, images and downscale must be > 0",
+        ),
         (
             r#"stage.s1.source=[{ kind = "shards", path = "nowhere" }]"#,
             "/nowhere/index.json: No such file",
