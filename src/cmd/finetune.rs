@@ -25,7 +25,8 @@ pub struct Args {
     /// checkpoint or a `pali train` checkpoint (`OUT/checkpoints/step-…`).
     #[arg(long)]
     pub checkpoint: PathBuf,
-    /// Training data: big_vision JSONL (`{"image", "prefix", "suffix"}`).
+    /// Training data: big_vision JSONL (`{"image", "prefix", "suffix"}`) or a shard directory
+    /// (`pali data pack`).
     #[arg(long)]
     pub train: PathBuf,
     /// Validation JSONL, decoded and scored at the end (up to forkme.toml's `eval.examples`, 512).
@@ -101,7 +102,16 @@ pub fn run(a: Args) -> Result<()> {
         OnError::Fail
     };
     let train_path = abs(&a.train)?;
-    let n = JsonlDataset::open(&train_path, on_error, false)?.len();
+    let kind = if train_path.join(pali_data::shards::INDEX).is_file() {
+        "shards"
+    } else {
+        "jsonl"
+    };
+    let n = if kind == "shards" {
+        pali_data::shards::ShardDataset::open(&train_path)?.len()
+    } else {
+        JsonlDataset::open(&train_path, on_error, false)?.len()
+    };
     let out = abs(&a.out)?;
     std::fs::create_dir_all(&out)?;
 
@@ -120,7 +130,7 @@ pub fn run(a: Args) -> Result<()> {
             a.resolution.unwrap_or(model.vision.image_size())
         ),
         format!(
-            "stage.1.source=[{{ kind = \"jsonl\", path = {} }}]",
+            "stage.1.source=[{{ kind = \"{kind}\", path = {} }}]",
             quote(&train_path)
         ),
         format!(

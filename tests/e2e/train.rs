@@ -817,6 +817,32 @@ fn finetune_a_checkpoint_on_jsonl() {
         .unwrap();
     let (c, _) = pali_model::load_hf::<burn::backend::Flex>(&ft, &Default::default()).unwrap();
     assert_eq!(c.vision.image_size(), 64);
+    // The same data packed into shards: finetune reads the directory as a shards source.
+    let shards = d.path().join("vqa-shards");
+    run_ok(
+        pali()
+            .args(["data", "pack", "--out"])
+            .arg(&shards)
+            .arg(data.join("vqa.jsonl")),
+    );
+    let out = d.path().join("ft-shards");
+    run_ok(
+        pali()
+            .args(["finetune", "--quiet", "--epochs", "1", "--batch-size", "4"])
+            .args(["--text-len", "40", "--checkpoint"])
+            .arg(&ck)
+            .arg("--train")
+            .arg(&shards)
+            .arg("--out")
+            .arg(&out),
+    );
+    let written = std::fs::read_to_string(out.join("finetune.toml")).unwrap();
+    assert!(
+        written.contains("8 examples × 1 epochs / batch 4 = 2 steps"),
+        "{written}"
+    );
+    let resolved = std::fs::read_to_string(out.join("config.resolved.toml")).unwrap();
+    assert!(resolved.contains(r#"kind = "shards""#), "{resolved}");
 }
 
 /// Resuming exactly at a stage boundary (the checkpoint written when stage 1 ends) starts
