@@ -450,6 +450,10 @@ pub struct DataArgs {
     /// Target resolution.
     #[arg(long, default_value_t = 224)]
     pub resolution: usize,
+    /// Per-pixel noise (± levels) added to the scenes before JPEG encoding, to decode like
+    /// photographs (0: flat synthetic scenes).
+    #[arg(long, default_value_t = 0)]
+    pub noise: u8,
     /// A run config whose first stage's batches are timed too.
     #[arg(long)]
     pub config: Option<PathBuf>,
@@ -467,11 +471,26 @@ pub fn run_data(a: DataArgs) -> Result<()> {
             let rgb = pali_data::synth::Scene::generate(0, 0, i as u64).render(a.source_size);
             let p = dir.join(format!("{i}.jpg"));
             let s = a.source_size as u32;
-            let img = image::RgbImage::from_raw(s, s, rgb.to_u8()).expect("size");
+            let mut px = rgb.to_u8();
+            if a.noise > 0 {
+                // Photographs have texture everywhere: a flat scene's JPEG decodes several
+                // times faster than a photo's.
+                let mut r = pali_data::rng::Rng::new(i as u64);
+                for v in &mut px {
+                    let d = r.below(2 * a.noise as usize + 1) as i32 - a.noise as i32;
+                    *v = (*v as i32 + d).clamp(0, 255) as u8;
+                }
+            }
+            let img = image::RgbImage::from_raw(s, s, px).expect("size");
             img.save_with_format(&p, image::ImageFormat::Jpeg)?;
             Ok(p)
         })
         .collect::<Result<_>>()?;
+    let jpeg_bytes: u64 = files
+        .iter()
+        .map(|p| std::fs::metadata(p).map_or(0, |m| m.len()))
+        .sum();
+    let jpeg_kb = jpeg_bytes as f64 / files.len().max(1) as f64 / 1e3;
     // The loader's path from a file: read, decode to bytes, resize, normalise.
     let work = |p: &PathBuf| -> usize {
         pali_data::dataset::ImageSource::File(p.clone())
@@ -553,7 +572,8 @@ pub fn run_data(a: DataArgs) -> Result<()> {
     let _ = std::fs::remove_dir_all(&dir);
     let mut json = serde_json::json!({
         "what": "decode JPEG + bicubic resize + normalise",
-        "source": format!("{0}x{0} JPEG", a.source_size),
+        "source": format!("{0}x{0} JPEG, noise ±{1}", a.source_size, a.noise),
+        "jpeg_kb_mean": jpeg_kb,
         "resolution": a.resolution,
         "images": a.n,
         "images_per_s_one_core": single,
