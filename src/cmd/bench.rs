@@ -229,7 +229,7 @@ fn peak_rss_mib() -> Option<f64> {
 }
 
 /// A memory figure of `/proc/self/status` (`VmHWM:` peak, `VmRSS:` now), in MiB.
-fn status_mib(field: &str) -> Option<f64> {
+pub(crate) fn status_mib(field: &str) -> Option<f64> {
     let s = std::fs::read_to_string("/proc/self/status").ok()?;
     let line = s.lines().find(|l| l.starts_with(field))?;
     let kb: f64 = line.split_whitespace().nth(1)?.parse().ok()?;

@@ -140,6 +140,21 @@ pub fn init(name: &str, seed: u64, out: &Path) -> Result<()> {
     let device = Default::default();
     crate::backend::Cpu::seed(&device, seed);
     let model = c.init::<crate::backend::Cpu>(&device);
+    // Parameters initialise lazily, on first read: build them all before the save.
+    struct Build;
+    impl<B: Backend> burn::module::ModuleVisitor<B> for Build {
+        fn visit_float<const D: usize>(
+            &mut self,
+            p: &burn::module::Param<burn::tensor::Tensor<B, D>>,
+        ) {
+            let _ = p.val();
+        }
+    }
+    burn::module::Module::visit(&model, &mut Build);
+    // The save's own peak: the resident memory with the model built, then the high-water mark
+    // reset (Linux `clear_refs`), so the peak read after the save is the save's alone.
+    let before = crate::cmd::bench::status_mib("VmRSS:");
+    let reset = std::fs::write("/proc/self/clear_refs", "5").is_ok();
     let tmp = pali_model::big_vision::partial_dir(out);
     let written = pali_model::save_hf(&model, &c, &tmp).and_then(|_| {
         std::fs::rename(&tmp, out).map_err(|e| pali_model::Error::Io {
@@ -158,5 +173,17 @@ pub fn init(name: &str, seed: u64, out: &Path) -> Result<()> {
         human(n),
         out.display()
     );
+    if let (Some(before), Some(peak), true) =
+        (before, crate::cmd::bench::status_mib("VmHWM:"), reset)
+    {
+        let weights = n as f64 * 4.0 / (1u64 << 20) as f64;
+        println!(
+            "memory: {before:.0} MiB resident with the model built ({:.2}× its {weights:.0} MiB of \
+             f32 weights); peak while saving {peak:.0} MiB ({:.2}×, {:+.0} MiB)",
+            before / weights,
+            peak / weights,
+            peak - before
+        );
+    }
     Ok(())
 }
