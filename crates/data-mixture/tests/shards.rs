@@ -187,3 +187,33 @@ fn multi_image_rows_keep_their_images() {
     assert_eq!(y.pixel_values.len(), 2 * 2 * 3 * 16 * 16);
     assert_eq!(model_view(&x), model_view(&y));
 }
+
+/// Data-parallel ranks over shards: each rank reads its own rows of every batch (a disjoint
+/// share), and together they are the one-process batch.
+#[test]
+fn ranks_read_disjoint_shares_of_shard_batches() {
+    use pali_data::batch::{next_share, Share};
+    let t = tempfile::tempdir().unwrap();
+    let (_, shards) = world(t.path());
+    let ds: Arc<dyn Dataset> = Arc::new(ShardDataset::open(&shards[0]).unwrap());
+    let b = builder(1);
+    let mut one = Mixture::new(vec![ds.clone()], &[1.0], 5).unwrap();
+    let mut ranks: Vec<Mixture> = (0..3)
+        .map(|_| Mixture::new(vec![ds.clone()], &[1.0], 5).unwrap())
+        .collect();
+    for k in 0..4 {
+        let whole = next_batch(&mut one, &b, 6, OnError::Fail).unwrap();
+        let mut ids = Vec::new();
+        let mut px = Vec::new();
+        for (rank, m) in ranks.iter_mut().enumerate() {
+            let share = Share { rank, ranks: 3 };
+            let part = next_share(m, &b, 6, OnError::Fail, share).unwrap();
+            assert_eq!(part.batch_size, 2);
+            assert_eq!(part.state_after, whole.state_after, "batch {k}");
+            ids.extend(part.ids);
+            px.extend(part.pixel_values);
+        }
+        assert_eq!(ids, whole.ids, "batch {k}");
+        assert_eq!(px, whole.pixel_values);
+    }
+}
