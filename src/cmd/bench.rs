@@ -462,6 +462,9 @@ pub struct DataArgs {
 }
 
 pub fn run_data(a: DataArgs) -> Result<()> {
+    if a.n == 0 {
+        bail!("--n must be > 0");
+    }
     use pali_data::image::ResizeMethod;
     use rayon::prelude::*;
     let dir = std::env::temp_dir().join(format!("pali-bench-data-{}", std::process::id()));
@@ -632,6 +635,10 @@ pub struct ShardsArgs {
 pub fn run_shards(a: ShardsArgs) -> Result<()> {
     use pali_data::shards::{Row, ShardDataset, ShardWriter};
     use std::sync::Arc;
+    if a.rows == 0 || a.batch == 0 || a.image_side == 0 {
+        bail!("--rows, --batch and --image-side must be > 0");
+    }
+    let tokenizer = Arc::new(pali_data::PaliTokenizer::from_file(&a.tokenizer)?);
     let side = a.image_side;
     let pngs: Vec<Vec<u8>> = (0..64u64)
         .map(|i| {
@@ -644,8 +651,10 @@ pub fn run_shards(a: ShardsArgs) -> Result<()> {
             out.into_inner()
         })
         .collect();
-    let tmp = std::env::temp_dir().join(format!("pali-bench-shards-{}", std::process::id()));
-    let out = tmp.join("shards");
+    let tmp = tempfile::Builder::new()
+        .prefix("pali-bench-shards-")
+        .tempdir()?;
+    let out = tmp.path().join("shards");
     let bar = indicatif::ProgressBar::new(a.rows as u64);
     let t = Instant::now();
     let mut w = ShardWriter::create(&out, 64 << 20)?;
@@ -668,7 +677,7 @@ pub fn run_shards(a: ShardsArgs) -> Result<()> {
     let ds: Arc<dyn pali_data::dataset::Dataset> = Arc::new(ShardDataset::open(&out)?);
     let mut mix = pali_data::mixture::Mixture::new(vec![ds], &[1.0], 0)?;
     let builder = pali_data::batch::BatchBuilder {
-        tokenizer: Arc::new(pali_data::PaliTokenizer::from_file(&a.tokenizer)?),
+        tokenizer,
         seq: pali_data::SequenceBuilder::new(32),
         resolution: side,
         resize: pali_data::image::ResizeMethod::Bicubic,
@@ -720,7 +729,6 @@ pub fn run_shards(a: ShardsArgs) -> Result<()> {
     }
     let burn_rows_per_s = picks.len() as f64 / t.elapsed().as_secs_f64();
     let bytes: u64 = index.shards.iter().map(|s| s.bytes).sum();
-    let _ = std::fs::remove_dir_all(&tmp);
     let json = serde_json::json!({
         "what": "pack N rows into shards, then draw batches from them (shuffled, decoded)",
         "rows": a.rows,

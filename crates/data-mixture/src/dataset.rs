@@ -418,7 +418,7 @@ pub(crate) fn parse_line(
     };
     let suffix_field = if text_only { "text" } else { "suffix" };
     for (field, t) in [("prefix", &prefix), (suffix_field, &suffix)] {
-        if let Some(tok) = RESERVED.iter().find(|tok| t.contains(*tok)) {
+        if let Some(tok) = reserved_in(t) {
             return Err(line_err(
                 path,
                 line_no,
@@ -440,6 +440,11 @@ pub(crate) fn parse_line(
 /// Special tokens a prefix or suffix may not spell out: the tokenizer would encode them as the
 /// special ids, shifting the image slots or ending the sequence early.
 const RESERVED: [&str; 4] = ["<image>", "<bos>", "<eos>", "<pad>"];
+
+/// The first special token `text` spells out, if any.
+pub fn reserved_in(text: &str) -> Option<&'static str> {
+    RESERVED.into_iter().find(|tok| text.contains(tok))
+}
 
 /// The lines of a JSONL file, each checked for UTF-8 on its own (an invalid byte names its
 /// line), a leading byte-order mark dropped.

@@ -78,6 +78,9 @@ pub fn decode8(bytes: &[u8], what: &Path) -> Result<Rgb8> {
     // The header's size is checked before anything is allocated: a small file can claim
     // 40000×40000 pixels (6.4 GB as f32 RGB).
     let (w, h) = decoder.dimensions();
+    if w == 0 || h == 0 {
+        return Err(bad(format!("{w}×{h} pixels: an image has none")));
+    }
     let limit = max_megapixels();
     let mp = w as f64 * h as f64 / 1e6;
     if mp > limit {
@@ -244,10 +247,14 @@ fn resize_hwc<T: Copy + Into<f32>, R>(
     method: ResizeMethod,
     finish: impl FnOnce(&[f32]) -> R,
 ) -> R {
+    if width == 0 || height == 0 || out_w == 0 || out_h == 0 {
+        return finish(&vec![0.0; out_w * out_h * 3]);
+    }
     let cx = coefficients(width, out_w, method);
     let cy = coefficients(height, out_h, method);
     let (row_in, row_out) = (width * 3, out_w * 3);
-    SCRATCH.with_borrow_mut(|[line, mid, out]| {
+    SCRATCH.with_borrow_mut(|bufs| {
+        let [line, mid, out] = bufs;
         // One input row as f32, one spare lane at the end for the last pixel's 4-lane load.
         line.resize(row_in + 1, 0.0);
         mid.resize(height * row_out, 0.0);
@@ -283,7 +290,12 @@ fn resize_hwc<T: Copy + Into<f32>, R>(
                 *o = round8(a);
             }
         }
-        finish(out)
+        let r = finish(out);
+        // A window of a large image can need 100 MB here: give such buffers back.
+        for b in bufs.iter_mut().filter(|b| b.capacity() > 1 << 22) {
+            *b = Vec::new();
+        }
+        r
     })
 }
 
@@ -476,6 +488,9 @@ mod tests {
             (480, 480, 224, 224),
             (20, 30, 64, 48),
             (50, 70, 24, 24),
+            (61, 45, 33, 37),
+            (1, 9, 37, 5),
+            (130, 1, 1, 3),
         ] {
             let bytes: Vec<u8> = (0..w * h * 3).map(|_| r.below(256) as u8).collect();
             let (img8, img) = (

@@ -136,8 +136,10 @@ fn file_crc(path: &Path) -> Result<(u32, u64)> {
 }
 
 /// Writes rows into shards of about `shard_bytes` each, in `OUT.partial-PID` until
-/// [`ShardWriter::finish`] renames it to `OUT`: a stopped or failed pack leaves no directory
-/// that looks like a dataset, and an existing `OUT` is never touched.
+/// [`ShardWriter::finish`] renames it to `OUT`: a failed pack removes it, a killed one leaves
+/// it (it is never taken for a dataset: it has no `index.json` and not the name `OUT`; another
+/// host may be packing into the same parent, so nobody else removes it), and an existing
+/// `OUT` is never touched.
 pub struct ShardWriter {
     out: PathBuf,
     tmp: PathBuf,
@@ -333,6 +335,9 @@ pub fn pack_jsonl(
     opts: &PackOptions,
     progress: &dyn Fn(u64),
 ) -> Result<Index> {
+    if opts.max_side == Some(0) {
+        return Err(Error::Invalid("max_side must be > 0".into()));
+    }
     let mut w = ShardWriter::create(out, opts.shard_bytes)?;
     let mut infos = Vec::new();
     for src in sources {
@@ -504,12 +509,11 @@ impl ShardDataset {
             let len = std::fs::metadata(&p).map_err(io_err(&p))?.len();
             if len != s.bytes {
                 return Err(Error::Invalid(format!(
-                    "{}: {len} bytes, but {} records {} (truncated or replaced; `pali data \
-                     validate {}` checks every shard)",
+                    "{}: {len} bytes, but {} records {} (truncated or replaced: copy the \
+                     shard again, or pack the data again)",
                     p.display(),
                     INDEX,
-                    s.bytes,
-                    dir.display()
+                    s.bytes
                 )));
             }
             starts.push(starts.last().unwrap() + s.rows);
@@ -646,6 +650,14 @@ impl Dataset for ShardDataset {
 pub fn check_row(ds: &ShardDataset, index: usize) -> std::result::Result<Row, String> {
     let (shard, row) = ds.locate(index).map_err(|e| e.to_string())?;
     let r = ds.read(shard, row).map_err(|e| e.to_string())?;
+    for (field, t) in [("prefix", &r.prefix), ("suffix", &r.suffix)] {
+        if let Some(tok) = crate::dataset::reserved_in(t) {
+            return Err(format!(
+                "{}: {field}: contains `{tok}`, which the sequence layout places itself",
+                ds.at(shard, row)
+            ));
+        }
+    }
     for (k, b) in r.images.iter().enumerate() {
         img::decode(b, Path::new(&format!("{}: image {k}", ds.at(shard, row))))
             .map_err(|e| e.to_string())?;
@@ -770,6 +782,31 @@ mod tests {
         assert!(e.contains("shard-00001.db:row 1: not a pali row"), "{e}");
         assert_eq!(check_row(&ds, first).unwrap_err(), e);
         assert!(check_row(&ds, 0).is_ok());
+    }
+
+    #[test]
+    fn validation_names_special_tokens_in_rows_other_tools_wrote() {
+        let t = tempfile::tempdir().unwrap();
+        let out = t.path().join("shards");
+        let mut w = ShardWriter::create(&out, 1 << 20).unwrap();
+        for prefix in ["caption en", "caption en <eos>"] {
+            w.push(&Row {
+                id: "x".into(),
+                task: "caption".into(),
+                prefix: prefix.into(),
+                suffix: "a cat".into(),
+                images: Vec::new(),
+            })
+            .unwrap();
+        }
+        w.finish(Vec::new()).unwrap();
+        let ds = ShardDataset::open(&out).unwrap();
+        assert!(check_row(&ds, 0).is_ok());
+        let e = check_row(&ds, 1).unwrap_err();
+        assert!(
+            e.contains("shard-00000.db:row 2: prefix: contains `<eos>`"),
+            "{e}"
+        );
     }
 
     #[test]

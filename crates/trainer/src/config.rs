@@ -1253,6 +1253,16 @@ impl RunConfig {
             if s.window == 0 || s.images == 0 || s.downscale == Some(0) {
                 return err(format!("{at}: window, images and downscale must be > 0"));
             }
+            if s.images != 1 {
+                if let Some(k) = s.sources.iter().position(|x| x.synth_task().is_some()) {
+                    return err(format!(
+                        "{at}: source {}: a synthetic source has one image per example, the \
+                         stage `images = {}`",
+                        k + 1,
+                        s.images
+                    ));
+                }
+            }
             if let Err(m) = s.augment.validate() {
                 return err(format!("{at}: {m}"));
             }
