@@ -591,32 +591,40 @@ pub fn save_sharded<B: Backend, M: Module<B>>(
             let (_, transpose) = self.0.current();
             let t = p.val();
             let shape = t.dims().to_vec();
+            let dtype = self.2;
+            if !transpose {
+                // In storage order, a tensor is written in pieces of rows (dimension 0) of at
+                // most 64 MB: reading one back from a backend copies it (the model still holds
+                // it), and the copy may be copied again to align it, so whole it would cost
+                // twice its size (4 GB for PaliGemma's embedding).
+                let row: usize = shape[1..].iter().product::<usize>().max(1);
+                let rows_per = (PIECE_VALUES / row).max(1);
+                let put = self.1.put_with(|sink| {
+                    let mut start = 0;
+                    while start < shape[0] {
+                        let n = rows_per.min(shape[0] - start);
+                        let piece = t.clone().narrow(0, start, n).into_data().convert::<f32>();
+                        match dtype {
+                            SaveDtype::F32 if cfg!(target_endian = "little") => {
+                                sink(piece.as_bytes())?
+                            }
+                            _ => sink(&encode(piece.as_slice::<f32>().expect("f32"), dtype))?,
+                        }
+                        start += n;
+                    }
+                    Ok(())
+                });
+                if let Err(e) = put {
+                    self.3 = Some(e);
+                }
+                return;
+            }
+            // A linear weight, transposed to HF's [out, in] (at most mlp × width here).
             let data = t.into_data().convert::<f32>();
-            // Few copies of a tensor at a time: an f32 weight in storage order is written from
-            // the tensor's own bytes (little-endian hosts).
-            let put = match (self.2, transpose) {
-                (SaveDtype::F32, false) if cfg!(target_endian = "little") => {
-                    self.1.put(data.as_bytes())
-                }
-                (dtype, _) => {
-                    let vals = data.as_slice::<f32>().expect("f32 data");
-                    let moved;
-                    let vals = if transpose {
-                        moved = transpose2(vals, shape[0], shape[1]);
-                        &moved[..]
-                    } else {
-                        vals
-                    };
-                    let bytes: Vec<u8> = match dtype {
-                        SaveDtype::F32 => vals.iter().flat_map(|v| v.to_le_bytes()).collect(),
-                        SaveDtype::Bf16 => vals
-                            .iter()
-                            .flat_map(|v| bf16::from_f32(*v).to_le_bytes())
-                            .collect(),
-                    };
-                    self.1.put(&bytes)
-                }
-            };
+            let vals = data.as_slice::<f32>().expect("f32 data");
+            let put = self
+                .1
+                .put(&encode(&transpose2(vals, shape[0], shape[1]), dtype));
             if let Err(e) = put {
                 self.3 = Some(e);
             }
@@ -627,6 +635,24 @@ pub fn save_sharded<B: Backend, M: Module<B>>(
     match put.3 {
         Some(e) => Err(e),
         None => put.1.finish(),
+    }
+}
+
+/// Values of one piece of a tensor written in storage order (64 MB of f32); a few in the unit
+/// tests, so that their saves go through many pieces and are compared with HF's files.
+#[cfg(not(test))]
+const PIECE_VALUES: usize = 16 << 20;
+#[cfg(test)]
+const PIECE_VALUES: usize = 7;
+
+/// f32 values as the little-endian bytes of `dtype`.
+fn encode(vals: &[f32], dtype: SaveDtype) -> Vec<u8> {
+    match dtype {
+        SaveDtype::F32 => vals.iter().flat_map(|v| v.to_le_bytes()).collect(),
+        SaveDtype::Bf16 => vals
+            .iter()
+            .flat_map(|v| bf16::from_f32(*v).to_le_bytes())
+            .collect(),
     }
 }
 

@@ -160,14 +160,33 @@ impl Writer {
             .get(self.next)
             .ok_or_else(|| Error::Input("safetensors writer: more tensors than planned".into()))?;
         if bytes.len() as u64 != e.bytes() {
-            return Err(Error::Input(format!(
-                "safetensors writer: `{}` has {} bytes, its shape {:?} of {:?} needs {}",
-                e.name,
-                bytes.len(),
-                e.shape,
-                e.dtype,
-                e.bytes()
-            )));
+            return Err(self.length_error(bytes.len() as u64));
+        }
+        self.put_with(|sink| sink(bytes))
+    }
+
+    fn length_error(&self, got: u64) -> Error {
+        let e = &self.entries[self.next];
+        Error::Input(format!(
+            "safetensors writer: `{}` has {got} bytes, its shape {:?} of {:?} needs {}",
+            e.name,
+            e.shape,
+            e.dtype,
+            e.bytes()
+        ))
+    }
+
+    /// Writes the next tensor in consecutive pieces: `fill` passes each to the sink it gets, so
+    /// a large tensor never needs to be in memory as bytes whole. Its total length is checked
+    /// after (a wrong one fails the save).
+    pub fn put_with(
+        &mut self,
+        fill: impl FnOnce(&mut dyn FnMut(&[u8]) -> Result<()>) -> Result<()>,
+    ) -> Result<()> {
+        if self.next >= self.entries.len() {
+            return Err(Error::Input(
+                "safetensors writer: more tensors than planned".into(),
+            ));
         }
         let k = self
             .shards
@@ -179,7 +198,15 @@ impl Writer {
             self.open_shard(k)?;
         }
         let (_, w) = self.out.as_mut().expect("open shard");
-        w.write_all(bytes).map_err(io_err(&self.shards[k].tmp))?;
+        let tmp = &self.shards[k].tmp;
+        let mut written = 0u64;
+        fill(&mut |b: &[u8]| {
+            written += b.len() as u64;
+            w.write_all(b).map_err(io_err(tmp))
+        })?;
+        if written != self.entries[self.next].bytes() {
+            return Err(self.length_error(written));
+        }
         self.next += 1;
         Ok(())
     }
