@@ -593,28 +593,7 @@ pub fn save_sharded<B: Backend, M: Module<B>>(
             let shape = t.dims().to_vec();
             let dtype = self.2;
             if !transpose {
-                // In storage order, a tensor is written in pieces of rows (dimension 0) of at
-                // most 64 MB: reading one back from a backend copies it (the model still holds
-                // it), and the copy may be copied again to align it, so whole it would cost
-                // twice its size (4 GB for PaliGemma's embedding).
-                let row: usize = shape[1..].iter().product::<usize>().max(1);
-                let rows_per = (PIECE_VALUES / row).max(1);
-                let put = self.1.put_with(|sink| {
-                    let mut start = 0;
-                    while start < shape[0] {
-                        let n = rows_per.min(shape[0] - start);
-                        let piece = t.clone().narrow(0, start, n).into_data().convert::<f32>();
-                        match dtype {
-                            SaveDtype::F32 if cfg!(target_endian = "little") => {
-                                sink(piece.as_bytes())?
-                            }
-                            _ => sink(&encode(piece.as_slice::<f32>().expect("f32"), dtype))?,
-                        }
-                        start += n;
-                    }
-                    Ok(())
-                });
-                if let Err(e) = put {
+                if let Err(e) = put_in_pieces(&mut self.1, &t, dtype) {
                     self.3 = Some(e);
                 }
                 return;
@@ -644,6 +623,33 @@ pub fn save_sharded<B: Backend, M: Module<B>>(
 const PIECE_VALUES: usize = 16 << 20;
 #[cfg(test)]
 const PIECE_VALUES: usize = 7;
+
+/// Writes `t` in storage order as the writer's next tensor, in pieces of rows (dimension 0) of
+/// at most [`PIECE_VALUES`]: reading a tensor back from a backend copies it (the model still
+/// holds it), and the copy may be copied again to align it, so whole it would cost twice its
+/// size (4 GB for PaliGemma's embedding, 8 GB for its two Adam moments).
+pub fn put_in_pieces<B: Backend, const D: usize>(
+    w: &mut crate::shards::Writer,
+    t: &Tensor<B, D>,
+    dtype: SaveDtype,
+) -> Result<()> {
+    let shape = t.dims();
+    let row: usize = shape[1..].iter().product::<usize>().max(1);
+    let rows_per = (PIECE_VALUES / row).max(1);
+    w.put_with(|sink| {
+        let mut start = 0;
+        while start < shape[0] {
+            let n = rows_per.min(shape[0] - start);
+            let piece = t.clone().narrow(0, start, n).into_data().convert::<f32>();
+            match dtype {
+                SaveDtype::F32 if cfg!(target_endian = "little") => sink(piece.as_bytes())?,
+                _ => sink(&encode(piece.as_slice::<f32>().expect("f32"), dtype))?,
+            }
+            start += n;
+        }
+        Ok(())
+    })
+}
 
 /// f32 values as the little-endian bytes of `dtype`.
 fn encode(vals: &[f32], dtype: SaveDtype) -> Vec<u8> {

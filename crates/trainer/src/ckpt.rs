@@ -70,10 +70,6 @@ fn step_of(dir: &Path) -> u64 {
         .unwrap_or(0)
 }
 
-fn f32_bytes(v: &[f32]) -> Vec<u8> {
-    v.iter().flat_map(|x| x.to_le_bytes()).collect()
-}
-
 /// Extra files that make a checkpoint directory a self-contained HF checkpoint
 /// (`config.json`, `tokenizer.json`) when the architecture has an HF equivalent.
 pub struct HfExtras<'a> {
@@ -238,13 +234,7 @@ fn write_files<B: Backend, M: Module<B>>(
         .collect();
     let mut w = Writer::create(tmp, "optim", entries, SHARD_BYTES, &[])?;
     for (_, t) in moments {
-        let vals: Vec<f32> = t
-            .clone()
-            .into_data()
-            .convert::<f32>()
-            .to_vec()
-            .expect("f32");
-        w.put(&f32_bytes(&vals))?;
+        pali_model::checkpoint::put_in_pieces(&mut w, t, SaveDtype::F32)?;
     }
     w.finish()?;
     if let Some(x) = extras {
