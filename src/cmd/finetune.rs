@@ -22,7 +22,8 @@ const FORKME: &str = include_str!("../../configs/transfer/forkme.toml");
 #[derive(clap::Args, Debug)]
 pub struct Args {
     /// An HF-style checkpoint directory (`config.json` + safetensors): an HF PaliGemma
-    /// checkpoint or a `pali train` checkpoint (`OUT/checkpoints/step-…`).
+    /// checkpoint or a `pali train` checkpoint (`OUT/checkpoints/step-…`); or a big_vision
+    /// `.npz` (then give `--tokenizer`).
     #[arg(long)]
     pub checkpoint: PathBuf,
     /// Training data: big_vision JSONL (`{"image", "prefix", "suffix"}`) or a shard directory
@@ -85,9 +86,20 @@ pub struct Args {
 pub fn run(a: Args) -> Result<()> {
     let abs = |p: &PathBuf| std::path::absolute(p).with_context(|| format!("{}", p.display()));
     let ckpt = abs(&a.checkpoint)?;
-    let model = pali_model::hf::parse_config(&ckpt.join("config.json"))?;
+    // A big_vision `.npz` (the official release format) is read as it is, its shapes inferred.
+    let npz = ckpt.extension().is_some_and(|e| e == "npz");
+    let model = if npz {
+        pali_model::big_vision::infer_config(&ckpt)?.1
+    } else {
+        pali_model::hf::parse_config(&ckpt.join("config.json"))?
+    };
     let tokenizer = match &a.tokenizer {
         Some(t) => abs(t)?,
+        None if npz => bail!(
+            "{}: a big_vision checkpoint has no tokenizer; pass --tokenizer (PaliGemma's \
+             tokenizer.json)",
+            ckpt.display()
+        ),
         None => ckpt.join("tokenizer.json"),
     };
     if !tokenizer.is_file() {
@@ -117,13 +129,23 @@ pub fn run(a: Args) -> Result<()> {
 
     // The template, then the flags as overrides (checked exactly like a hand-written config).
     let mut doc: toml::Value = toml::from_str(FORKME).context("configs/transfer/forkme.toml")?;
+    if npz {
+        // The template starts from an HF checkpoint; this run starts from the `.npz` instead.
+        if let Some(m) = doc.get_mut("model").and_then(|m| m.as_table_mut()) {
+            m.remove("init_hf");
+        }
+    }
     let quote = |p: &std::path::Path| toml::Value::String(p.display().to_string()).to_string();
     let mut sets = vec![
         "run.name=\"finetune\"".to_string(),
         format!("run.out_dir={}", quote(&out)),
         format!("run.seed={}", a.seed),
         format!("run.dtype=\"{}\"", a.dtype),
-        format!("model.init_hf={}", quote(&ckpt)),
+        format!(
+            "model.{}={}",
+            if npz { "init_big_vision" } else { "init_hf" },
+            quote(&ckpt)
+        ),
         format!("tokenizer.path={}", quote(&tokenizer)),
         format!(
             "stage.1.resolution={}",

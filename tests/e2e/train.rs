@@ -1713,3 +1713,42 @@ fn no_checkpoint_is_written_after_an_anomaly_shows() {
         "checkpoints after the anomaly: {steps:?}"
     );
 }
+
+/// `pali finetune --checkpoint FILE.npz`: transfer starts from a big_vision checkpoint as it is
+/// (shapes inferred, `model.init_big_vision`); without `--tokenizer` it is refused by name.
+#[test]
+fn finetune_starts_from_a_big_vision_npz() {
+    let d = tempfile::tempdir().unwrap();
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let npz = root.join("tests/fixtures/big_vision/tiny-gemma1.npz");
+    let data = d.path().join("data");
+    run_ok(
+        pali()
+            .args(["data", "synth", "--n", "8", "--resolution", "64", "--out"])
+            .arg(&data),
+    );
+    let finetune = |out: &str, tokenizer: bool| {
+        let mut c = pali();
+        c.args(["finetune", "--quiet", "--epochs", "1", "--batch-size", "4"])
+            .args(["--text-len", "40", "--checkpoint"])
+            .arg(&npz)
+            .arg("--train")
+            .arg(data.join("vqa.jsonl"))
+            .arg("--out")
+            .arg(d.path().join(out));
+        if tokenizer {
+            c.arg("--tokenizer")
+                .arg(fixture("tiny-gemma1").join("tokenizer.json"));
+        }
+        c
+    };
+    let e = run_err(&mut finetune("none", false));
+    assert!(
+        e.contains("tiny-gemma1.npz: a big_vision checkpoint has no tokenizer"),
+        "{e}"
+    );
+    run_ok(&mut finetune("ft", true));
+    let resolved = std::fs::read_to_string(d.path().join("ft/config.resolved.toml")).unwrap();
+    assert!(resolved.contains("init_big_vision = "), "{resolved}");
+    assert!(d.path().join("ft/checkpoints").is_dir());
+}

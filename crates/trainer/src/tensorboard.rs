@@ -103,7 +103,8 @@ fn stamp(p: &Path) -> Option<u64> {
         .ok()
 }
 
-fn hostname() -> String {
+/// This machine's name (file-name safe), `localhost` when unknown.
+pub(crate) fn hostname() -> String {
     std::fs::read_to_string("/proc/sys/kernel/hostname")
         .ok()
         .map(|h| h.trim().to_string())

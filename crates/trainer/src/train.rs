@@ -169,10 +169,12 @@ fn big_vision_scratch(
     if let Some(dir) = done.as_ref() {
         return Ok(dir.clone());
     }
-    let dir = config
-        .run
-        .out_dir
-        .join(format!(".big_vision-{}", std::process::id()));
+    // Host and process: ranks on several machines may share `out_dir`.
+    let dir = config.run.out_dir.join(format!(
+        ".big_vision-{}-{}",
+        crate::tensorboard::hostname(),
+        std::process::id()
+    ));
     let _ = std::fs::remove_dir_all(&dir);
     pali_model::big_vision::convert(npz, model, &[], &dir)?;
     *done = Some(dir.clone());
