@@ -386,7 +386,7 @@ pub fn run(cmd: DataCommand) -> Result<()> {
             dataset,
             tokenizer,
             text_len,
-        } if dataset.join(pali_data::shards::INDEX).is_file() => {
+        } if pali_data::shards::is_shard_dir(&dataset) => {
             validate_shards(&dataset, &tokenizer, text_len)
         }
         DataCommand::Validate {
@@ -400,6 +400,23 @@ pub fn run(cmd: DataCommand) -> Result<()> {
             batches,
             out,
         } => inspect(&config, stage.as_deref(), batches, out),
+    }
+}
+
+/// The text-length summary of `pali data validate`: the longest, how many overflow the stage's
+/// text length, and a histogram in buckets of 16 tokens.
+fn print_lengths(hist: &BTreeMap<usize, u64>, max_len: usize, too_long: u64, text_len: usize) {
+    println!(
+        "text length (tokens incl. BOS, \\n, EOS): max {max_len}; {too_long} longer than \
+         text_len+1 = {}",
+        text_len + 1
+    );
+    let rows: u64 = hist.values().sum();
+    for (bucket, n) in hist {
+        println!(
+            "  ≤{bucket:>4}: {n:>7} {}",
+            "#".repeat((60 * n).div_ceil(rows.max(1)) as usize)
+        );
     }
 }
 
@@ -509,18 +526,7 @@ fn validate_shards(
     for (task, n) in &s.tasks {
         println!("  task {task}: {n}");
     }
-    println!(
-        "text length (tokens incl. BOS, \\n, EOS): max {}; {} longer than text_len+1 = {}",
-        s.max_len,
-        s.too_long,
-        text_len + 1
-    );
-    for (bucket, n) in &s.hist {
-        println!(
-            "  ≤{bucket:>4}: {n:>7} {}",
-            "#".repeat((60 * n).div_ceil(s.rows.max(1)) as usize)
-        );
-    }
+    print_lengths(&s.hist, s.max_len, s.too_long, text_len);
     for p in corrupt.iter().chain(&s.problems) {
         println!("problem: {p}");
     }
@@ -537,14 +543,14 @@ fn validate(path: &std::path::Path, tokenizer: &std::path::Path, text_len: usize
     let tok = PaliTokenizer::from_file(tokenizer)?;
     let ds = JsonlDataset::open(path, OnError::Skip, true)?;
     let seq = SequenceBuilder::new(usize::MAX - 1);
-    let mut hist: BTreeMap<usize, usize> = BTreeMap::new();
-    let (mut too_long, mut images, mut max_len) = (0, 0, 0);
+    let mut hist: BTreeMap<usize, u64> = BTreeMap::new();
+    let (mut too_long, mut images, mut max_len) = (0u64, 0, 0);
     for i in 0..ds.len() {
         let ex = ds.get(i)?;
         images += ex.images.len();
         let len = seq.train_unpadded(&tok, &ex.prefix, &ex.suffix)?.ids.len();
         max_len = max_len.max(len);
-        too_long += usize::from(len > text_len + 1);
+        too_long += u64::from(len > text_len + 1);
         *hist.entry(len.div_ceil(16) * 16).or_default() += 1;
     }
     println!(
@@ -554,13 +560,7 @@ fn validate(path: &std::path::Path, tokenizer: &std::path::Path, text_len: usize
         images,
         ds.skipped.len()
     );
-    println!("text length (tokens incl. BOS, \\n, EOS): max {max_len}; {too_long} longer than text_len+1 = {}", text_len + 1);
-    for (bucket, n) in &hist {
-        println!(
-            "  ≤{bucket:>4}: {n:>7} {}",
-            "#".repeat((60 * n).div_ceil(ds.len()))
-        );
-    }
+    print_lengths(&hist, max_len, too_long, text_len);
     for p in &ds.skipped {
         println!("problem: {p}");
     }

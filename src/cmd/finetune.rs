@@ -114,7 +114,7 @@ pub fn run(a: Args) -> Result<()> {
         OnError::Fail
     };
     let train_path = abs(&a.train)?;
-    let kind = if train_path.join(pali_data::shards::INDEX).is_file() {
+    let kind = if pali_data::shards::is_shard_dir(&train_path) {
         "shards"
     } else {
         "jsonl"

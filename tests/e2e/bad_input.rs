@@ -353,12 +353,7 @@ fn a_group_matching_nothing_is_reported() {
 #[test]
 fn a_source_that_changed_before_resume_is_named() {
     let d = tempfile::tempdir().unwrap();
-    let data = d.path().join("data");
-    crate::common::run_ok(
-        pali()
-            .args(["data", "synth", "--n", "12", "--resolution", "32", "--out"])
-            .arg(&data),
-    );
+    let data = crate::common::synth_data(d.path(), 12, 32);
     let cfg = write_config(d.path());
     let text = std::fs::read_to_string(&cfg).unwrap().replacen(
         r#"source = [{ kind = "synth", task = "caption", size = 20 }]"#,

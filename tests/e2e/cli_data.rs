@@ -254,18 +254,12 @@ fn dedup_removes_near_duplicates_of_eval_images() {
 fn packed_shards_train_like_their_jsonl_and_resume() {
     use crate::train::{config, final_model, max_diff, train_s1};
     let d = tempfile::tempdir().unwrap();
-    let data = d.path().join("data");
-    run_ok(
-        pali()
-            .args(["data", "synth", "--n", "30", "--resolution", "32", "--out"])
-            .arg(&data),
-    );
+    let data = synth_data(d.path(), 30, 32);
     let shards = d.path().join("shards");
-    let s = run_ok(
-        pali()
-            .args(["data", "pack", "--shard-size", "4K", "--out"])
-            .arg(&shards)
-            .arg(data.join("caption.jsonl")),
+    let s = pack(
+        &data.join("caption.jsonl"),
+        &shards,
+        &["--shard-size", "4K"],
     );
     assert!(s.contains("30 rows, 30 images"), "{s}");
     let tok = Path::new(env!("CARGO_MANIFEST_DIR")).join("data/tokenizer/tokenizer.json");
@@ -348,12 +342,7 @@ fn packed_shards_train_like_their_jsonl_and_resume() {
 fn two_image_rows_train_with_images_2() {
     use crate::train::{config, train_s1};
     let d = tempfile::tempdir().unwrap();
-    let data = d.path().join("data");
-    run_ok(
-        pali()
-            .args(["data", "synth", "--n", "8", "--resolution", "32", "--out"])
-            .arg(&data),
-    );
+    let data = synth_data(d.path(), 8, 32);
     let pairs: String = (0..8)
         .map(|i| {
             format!(
@@ -365,12 +354,7 @@ fn two_image_rows_train_with_images_2() {
         .collect();
     std::fs::write(data.join("pairs.jsonl"), pairs).unwrap();
     let shards = d.path().join("pairs");
-    run_ok(
-        pali()
-            .args(["data", "pack", "--out"])
-            .arg(&shards)
-            .arg(data.join("pairs.jsonl")),
-    );
+    pack(&data.join("pairs.jsonl"), &shards, &[]);
     let cfg = config(d.path(), "");
     let source = format!(
         "stage.s1.source=[{{ kind = \"shards\", path = \"{}\" }}]",

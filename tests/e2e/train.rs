@@ -765,12 +765,7 @@ fn finetune_a_checkpoint_on_jsonl() {
             && card.contains("| s2 | 6 | 64 |"),
         "{card}"
     );
-    let data = d.path().join("data");
-    run_ok(
-        pali()
-            .args(["data", "synth", "--n", "8", "--resolution", "64", "--out"])
-            .arg(&data),
-    );
+    let data = synth_data(d.path(), 8, 64);
     let out = d.path().join("ft");
     let s = run_ok(
         pali()
@@ -819,12 +814,7 @@ fn finetune_a_checkpoint_on_jsonl() {
     assert_eq!(c.vision.image_size(), 64);
     // The same data packed into shards: finetune reads the directory as a shards source.
     let shards = d.path().join("vqa-shards");
-    run_ok(
-        pali()
-            .args(["data", "pack", "--out"])
-            .arg(&shards)
-            .arg(data.join("vqa.jsonl")),
-    );
+    pack(&data.join("vqa.jsonl"), &shards, &[]);
     let out = d.path().join("ft-shards");
     run_ok(
         pali()
@@ -1721,12 +1711,7 @@ fn finetune_starts_from_a_big_vision_npz() {
     let d = tempfile::tempdir().unwrap();
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
     let npz = root.join("tests/fixtures/big_vision/tiny-gemma1.npz");
-    let data = d.path().join("data");
-    run_ok(
-        pali()
-            .args(["data", "synth", "--n", "8", "--resolution", "64", "--out"])
-            .arg(&data),
-    );
+    let data = synth_data(d.path(), 8, 64);
     let finetune = |out: &str, tokenizer: bool| {
         let mut c = pali();
         c.args(["finetune", "--quiet", "--epochs", "1", "--batch-size", "4"])

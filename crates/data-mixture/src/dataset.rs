@@ -39,8 +39,8 @@ pub struct EncodedImage {
 }
 
 impl EncodedImage {
-    pub fn decode(&self) -> Result<img::Rgb> {
-        img::decode(&self.bytes, Path::new(&self.at))
+    pub fn decode8(&self) -> Result<img::Rgb8> {
+        img::decode8(&self.bytes, Path::new(&self.at))
     }
 }
 
@@ -49,11 +49,7 @@ impl ImageSource {
     pub fn pixels(&self, res: usize, method: ResizeMethod) -> Result<Vec<f32>> {
         match self {
             ImageSource::File(p) => Ok(img::preprocess8(&img::load8(p)?, res, method)),
-            ImageSource::Encoded(e) => Ok(img::preprocess8(
-                &img::decode8(&e.bytes, Path::new(&e.at))?,
-                res,
-                method,
-            )),
+            ImageSource::Encoded(e) => Ok(img::preprocess8(&e.decode8()?, res, method)),
             ImageSource::Synth(s) => Ok(img::to_pixel_values(&s.render(res))),
             ImageSource::Grey => Ok(img::to_pixel_values(&grey(res))),
         }
@@ -63,7 +59,7 @@ impl ImageSource {
     pub fn rgb(&self, res: usize) -> Result<img::Rgb> {
         match self {
             ImageSource::File(p) => img::load(p),
-            ImageSource::Encoded(e) => e.decode(),
+            ImageSource::Encoded(e) => img::decode(&e.bytes, Path::new(&e.at)),
             ImageSource::Synth(s) => Ok(s.render(res)),
             ImageSource::Grey => Ok(grey(res)),
         }

@@ -193,26 +193,6 @@ pub fn resize(img: &Rgb, out_w: usize, out_h: usize, method: ResizeMethod) -> Rg
     }
 }
 
-/// [`resize`] from bytes (the same values: every byte is exact in f32).
-pub fn resize8(img: &Rgb8, out_w: usize, out_h: usize, method: ResizeMethod) -> Rgb {
-    if img.width == out_w && img.height == out_h {
-        return Rgb::from_u8(img.width, img.height, &img.data);
-    }
-    Rgb {
-        width: out_w,
-        height: out_h,
-        data: resize_hwc(
-            &img.data,
-            img.width,
-            img.height,
-            out_w,
-            out_h,
-            method,
-            <[f32]>::to_vec,
-        ),
-    }
-}
-
 /// `x.round().clamp(0.0, 255.0)`, bit for bit (−0.0 included), in operations that vectorise
 /// (`round` is a libm call on baseline x86-64, and was half the resize's time): for x ≥ 0.5,
 /// x + 0.5 is exact or rounds without crossing an integer (0.5 is a multiple of x's ulp), so
@@ -515,8 +495,7 @@ mod tests {
                     .iter()
                     .map(|x| x.to_bits())
                     .collect();
-                let got8: Vec<u32> = resize8(&img8, ow, oh, m)
-                    .data
+                let got8: Vec<u32> = resize_hwc(&img8.data, w, h, ow, oh, m, <[f32]>::to_vec)
                     .iter()
                     .map(|x| x.to_bits())
                     .collect();

@@ -80,6 +80,11 @@ pub struct Index {
     pub sources: Vec<SourceInfo>,
 }
 
+/// Whether `path` is a shard directory (it has an index).
+pub fn is_shard_dir(path: &Path) -> bool {
+    path.join(INDEX).is_file()
+}
+
 impl Index {
     pub fn read(dir: &Path) -> Result<Self> {
         let path = dir.join(INDEX);
@@ -659,7 +664,7 @@ pub fn check_row(ds: &ShardDataset, index: usize) -> std::result::Result<Row, St
         }
     }
     for (k, b) in r.images.iter().enumerate() {
-        img::decode(b, Path::new(&format!("{}: image {k}", ds.at(shard, row))))
+        img::decode8(b, Path::new(&format!("{}: image {k}", ds.at(shard, row))))
             .map_err(|e| e.to_string())?;
     }
     Ok(r)

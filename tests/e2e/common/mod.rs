@@ -164,3 +164,28 @@ pub fn bf16_rounded(v: &[f32]) -> Vec<f32> {
         .map(|x| burn::tensor::bf16::from_f32(*x).to_f32())
         .collect()
 }
+
+/// `pali data synth --n N --resolution R --out DIR/data`: the synthetic world as JSONL + PNG
+/// (one file per task); returns `DIR/data`.
+pub fn synth_data(dir: &Path, n: usize, resolution: usize) -> PathBuf {
+    let data = dir.join("data");
+    run_ok(
+        pali()
+            .args(["data", "synth", "--n", &n.to_string()])
+            .args(["--resolution", &resolution.to_string(), "--out"])
+            .arg(&data),
+    );
+    data
+}
+
+/// `pali data pack JSONL --out OUT ARGS…`: its output.
+pub fn pack(jsonl: &Path, out: &Path, args: &[&str]) -> String {
+    run_ok(
+        pali()
+            .args(["data", "pack"])
+            .args(args)
+            .arg("--out")
+            .arg(out)
+            .arg(jsonl),
+    )
+}
