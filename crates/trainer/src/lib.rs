@@ -9,6 +9,8 @@ pub mod dist;
 pub mod error;
 pub mod evaluate;
 pub mod events;
+#[cfg(feature = "flex")]
+pub mod fused_adam;
 pub mod init;
 pub mod inputs;
 mod metrics;

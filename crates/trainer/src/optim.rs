@@ -18,8 +18,15 @@ use std::collections::HashMap;
 
 use burn::module::{AutodiffModule, ModuleMapper, ModuleVisitor, Param};
 use burn::tensor::backend::{AutodiffBackend, Backend};
-use burn::tensor::{Bool, Tensor};
+use burn::tensor::{Bool, DType, Tensor};
 use pali_model::checkpoint::PathStack;
+
+#[cfg(feature = "flex")]
+use crate::fused_adam::{
+    adam as fused_update, available as fused_available, Scalars as FusedScalars,
+};
+#[cfg(not(feature = "flex"))]
+use no_fused::{adam as fused_update, available as fused_available, Scalars as FusedScalars};
 
 use crate::config::{Group, Optim, Parsed, Pattern, Stage};
 use crate::error::{Error, Result};
@@ -308,14 +315,16 @@ pub fn step<AD: AutodiffBackend, M: AutodiffModule<AD>>(
         }
     }
     let mut sq = None;
-    // Each gradient with its square (summed for the norm, reused for the second moment).
-    type WithSquare<AD> = HashMap<String, (Tensor<Inner<AD>, 1>, Tensor<Inner<AD>, 1>)>;
+    // Each gradient with its square (summed for the norm, reused for the second moment by the
+    // tensor ops; the fused update squares it again instead of holding it).
+    let fused = fused_available::<Inner<AD>>();
+    type WithSquare<AD> = HashMap<String, (Tensor<Inner<AD>, 1>, Option<Tensor<Inner<AD>, 1>>)>;
     let grads: WithSquare<AD> = grads
         .into_iter()
         .map(|(path, g)| {
             let g2 = g.clone() * g.clone();
             accumulate(&mut sq, g2.clone().sum());
-            (path, (g, g2))
+            (path, (g, (!fused).then_some(g2)))
         })
         .collect();
     let mut pn = ParamNorm::<AD> { psq: None };
@@ -397,33 +406,70 @@ pub fn step<AD: AutodiffBackend, M: AutodiffModule<AD>>(
                 }
                 _ => None,
             };
-            let g = g * self.c1.clone();
-            let g2 = g2 * self.c2.clone();
-            let (m, v, t) = match stored {
-                Some((m, v, t)) => (m.mul_scalar(o.b1) + g, v.mul_scalar(o.b2) + g2, t + 1),
-                None => (g, g2, 1),
-            };
+            let t = stored.as_ref().map_or(1, |s| s.2 + 1);
             let bc1 = 1.0 - o.b1.powi(t as i32);
             let bc2 = (1.0 - o.b2.powi(t as i32)).sqrt();
             let sched = self.cfg.sched[group];
             let alpha = sched * o.lr * gcfg.mult * bc2 / bc1;
-            let step = (m.clone() / v.clone().sqrt().add_scalar(o.eps * bc2)).mul_scalar(alpha);
+            let decay = (o.weight_decay > 0.0 && self.cfg.groups.wd.is_match(&path))
+                .then_some(1.0 - sched * gcfg.mult * o.weight_decay);
             let value = p.val();
             let dims = value.dims();
             let flat = value.inner().reshape([n]);
-            let decayed = if o.weight_decay > 0.0 && self.cfg.groups.wd.is_match(&path) {
-                flat.clone()
-                    .mul_scalar(1.0 - sched * gcfg.mult * o.weight_decay)
-            } else {
-                flat.clone()
+            let f32s = [&flat, &g]
+                .into_iter()
+                .chain(stored.iter().flat_map(|(m, v, _)| [m, v]))
+                .all(|t| t.dtype() == DType::F32);
+            let (new, m, v) = match g2 {
+                // The backend is flex (`fused`), which does not store `g2`.
+                None if f32s => {
+                    let u = fused_update(
+                        flat,
+                        g,
+                        stored.map(|(m, v, _)| (m, v)),
+                        &self.c1,
+                        &self.c2,
+                        &self.applied,
+                        FusedScalars {
+                            b1: o.b1 as f32,
+                            b2: o.b2 as f32,
+                            eps: (o.eps * bc2) as f32,
+                            alpha: alpha as f32,
+                            decay: decay.map(|d| d as f32),
+                        },
+                        self.cfg.norms,
+                    );
+                    if let Some(usq) = u.update_sq {
+                        let d = u.param.device();
+                        accumulate(&mut self.usq, Tensor::from_floats([usq as f32], &d));
+                    }
+                    (u.param, u.m, u.v)
+                }
+                g2 => {
+                    let g2 = g2.unwrap_or_else(|| g.clone() * g.clone());
+                    let g = g * self.c1.clone();
+                    let g2 = g2 * self.c2.clone();
+                    let (m, v) = match stored {
+                        Some((m, v, _)) => (m.mul_scalar(o.b1) + g, v.mul_scalar(o.b2) + g2),
+                        None => (g, g2),
+                    };
+                    let step =
+                        (m.clone() / v.clone().sqrt().add_scalar(o.eps * bc2)).mul_scalar(alpha);
+                    let decayed = match decay {
+                        Some(d) => flat.clone().mul_scalar(d),
+                        None => flat.clone(),
+                    };
+                    let keep = self.applied.clone().bool_not().expand([n]);
+                    let new = (decayed - step).mask_where(keep, flat.clone());
+                    // The update made (none on a skipped step), as the fused update counts it.
+                    if self.cfg.norms {
+                        let update = flat - new.clone();
+                        accumulate(&mut self.usq, update.powi_scalar(2).sum());
+                    }
+                    (new, m, v)
+                }
             };
-            let new = decayed - step;
-            if self.cfg.norms {
-                let update = flat.clone() - new.clone();
-                accumulate(&mut self.usq, update.powi_scalar(2).sum());
-            }
-            let keep = self.applied.clone().bool_not().expand([n]);
-            let new = new.mask_where(keep, flat).reshape(dims);
+            let new = new.reshape(dims);
             self.state.m.insert(path.clone(), m);
             self.state.v.insert(path.clone(), v);
             self.state.t.insert(path, t);
@@ -452,6 +498,42 @@ pub fn step<AD: AutodiffBackend, M: AutodiffModule<AD>>(
             applied,
         },
     )
+}
+
+/// Without flex there is no fused update: `available` is false, so `adam` is never called.
+#[cfg(not(feature = "flex"))]
+mod no_fused {
+    use burn::tensor::backend::Backend;
+    use burn::tensor::Tensor;
+    pub fn available<B: Backend>() -> bool {
+        false
+    }
+    pub struct Scalars {
+        pub b1: f32,
+        pub b2: f32,
+        pub eps: f32,
+        pub alpha: f32,
+        pub decay: Option<f32>,
+    }
+    pub struct Update<B: Backend> {
+        pub param: Tensor<B, 1>,
+        pub m: Tensor<B, 1>,
+        pub v: Tensor<B, 1>,
+        pub update_sq: Option<f64>,
+    }
+    #[allow(clippy::too_many_arguments)]
+    pub fn adam<B: Backend>(
+        _: Tensor<B, 1>,
+        _: Tensor<B, 1>,
+        _: Option<(Tensor<B, 1>, Tensor<B, 1>)>,
+        _: &Tensor<B, 1>,
+        _: &Tensor<B, 1>,
+        _: &Tensor<B, 1, burn::tensor::Bool>,
+        _: Scalars,
+        _: bool,
+    ) -> Update<B> {
+        unreachable!("no fused update without the flex feature")
+    }
 }
 
 #[cfg(test)]
@@ -597,6 +679,88 @@ mod tests {
         for (i, (a, b)) in got.iter().zip(&want).enumerate() {
             assert!((a - b).abs() < 1e-6 * scale, "element {i}: {a} vs {b}");
         }
+    }
+
+    /// The fused update (flex) and the tensor ops give the same weights and moments, bit for
+    /// bit, over steps with clipping, weight decay on some parameters, a schedule and a
+    /// non-finite step (skipped, and every later one with it).
+    #[test]
+    #[cfg(feature = "flex")]
+    fn the_fused_update_equals_the_tensor_ops_bit_for_bit() {
+        let d = Default::default();
+        let init = pali_model::presets::tiny(300, 299, 16).init::<AD>(&d);
+        values_of(&init); // parameters are lazy: initialise them once, before the clones
+        let run = |tensor_ops: bool| {
+            crate::fused_adam::TENSOR_OPS.with(|c| c.set(tensor_ops));
+            let mut model = init.clone();
+            let mut optim = Optim::new(3e-3);
+            optim.weight_decay = 0.1;
+            optim.grad_clip = 0.5;
+            optim.weight_decay_params = Parsed::new(".*(up_proj|q_proj).*").unwrap();
+            let groups = Groups::from_parts(&[], &optim.weight_decay_params);
+            let mut adam = AdamState::default();
+            let mut norms = Vec::new();
+            for (k, sched) in [1.0, 0.5, 0.25, 0.2].into_iter().enumerate() {
+                let cfg = StepConfig {
+                    optim: &optim,
+                    groups: &groups,
+                    sched: vec![sched],
+                    norms: true,
+                };
+                let loss = if k == 3 { f32::NAN } else { 1.0 };
+                let loss = Tensor::<Flex, 1>::from_floats([loss], &d);
+                let gk = grads_of(&model, |j, i| {
+                    ((i * 7 + j * 5 + k * 3) % 11) as f32 * 0.02 - 0.1
+                });
+                let (next, stats) = step(model, gk, &mut adam, &cfg, loss);
+                norms.push(stats.update_norm.into_scalar());
+                model = next;
+            }
+            crate::fused_adam::TENSOR_OPS.with(|c| c.set(false));
+            let bits = |t: Tensor<Flex, 1>| -> Vec<u32> {
+                let v: Vec<f32> = t.into_data().to_vec().unwrap();
+                v.into_iter().map(f32::to_bits).collect()
+            };
+            let weights: Vec<Vec<u32>> = values_of(&model).into_iter().map(bits).collect();
+            let mut moments: Vec<(String, Vec<u32>, Vec<u32>)> = adam
+                .m
+                .iter()
+                .map(|(p, m)| (p.clone(), bits(m.clone()), bits(adam.v[p].clone())))
+                .collect();
+            moments.sort();
+            (weights, moments, norms)
+        };
+        let (w_fused, m_fused, n_fused) = run(false);
+        let (w_ops, m_ops, n_ops) = run(true);
+        assert_eq!(w_fused.len(), w_ops.len());
+        for (i, (a, b)) in w_fused.iter().zip(&w_ops).enumerate() {
+            let k = a.iter().zip(b).position(|(x, y)| x != y);
+            assert!(k.is_none(), "parameter {i} differs at element {k:?}");
+        }
+        assert!(m_fused == m_ops, "moments differ");
+        // The update norm is summed in another order (f64 per chunk): equal to rounding.
+        for (a, b) in n_fused.iter().zip(&n_ops) {
+            assert!(
+                (a - b).abs() <= 1e-5 * b.abs().max(1e-12),
+                "update norm {a} vs {b}"
+            );
+        }
+        assert_eq!(n_fused[3], 0.0, "the non-finite step changed the weights");
+    }
+
+    /// Every parameter's values, flattened, in visit order.
+    fn values_of(m: &pali_model::PaliGemma<AD>) -> Vec<Tensor<Flex, 1>> {
+        struct All(Vec<Tensor<Flex, 1>>);
+        impl ModuleVisitor<AD> for All {
+            fn visit_float<const D: usize>(&mut self, p: &Param<Tensor<AD, D>>) {
+                let t = p.val().inner();
+                let n = t.shape().num_elements();
+                self.0.push(t.reshape([n]));
+            }
+        }
+        let mut a = All(Vec::new());
+        m.visit(&mut a);
+        a.0
     }
 
     /// Parameters named like the reference's (`img.kernel`, …), so optax's results can be
