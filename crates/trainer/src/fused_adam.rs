@@ -9,8 +9,8 @@
 use std::any::{Any, TypeId};
 
 use burn::tensor::backend::Backend;
-use burn::tensor::{Bool, Bytes, DType, Shape, Tensor, TensorPrimitive};
-use burn_flex::{FlexTensor, Layout};
+use burn::tensor::{Bool, DType, Shape, Tensor, TensorPrimitive};
+use burn_flex::FlexTensor;
 use rayon::prelude::*;
 
 /// Elements per task.
@@ -102,11 +102,11 @@ pub fn adam<B: Backend>(
 ) -> Update<B> {
     let (c1, c2) = (scalar(c1.clone()), scalar(c2.clone()));
     let keep = scalar(applied.clone().float()) == 0.0;
-    let p = flat(p);
+    // The parameter and the moments are updated in place (copied first only if something
+    // else holds them: a caller that keeps the old weights still has them).
+    let mut p = flat(p);
     let g = flat(g);
-    let (p, g) = (p.storage::<f32>(), g.storage::<f32>());
-    let n = p.len();
-    // The moments are updated in place (copied first only if something else holds them).
+    let n = g.storage::<f32>().len();
     let (mut m, mut v, first) = match mv {
         Some((m, v)) => (flat(m), flat(v), false),
         None => {
@@ -115,19 +115,19 @@ pub fn adam<B: Backend>(
         }
     };
     assert!(
-        g.len() == n && m.storage::<f32>().len() == n && v.storage::<f32>().len() == n,
+        [&p, &m, &v].iter().all(|t| t.storage::<f32>().len() == n),
         "fused Adam: parameter, gradient and moments differ in size"
     );
-    let mut out = vec![0f32; n];
     let (b1, b2, eps, alpha) = (s.b1, s.b2, s.eps, s.alpha);
-    let sq: f64 = out
+    let sq: f64 = p
+        .storage_mut::<f32>()
         .par_chunks_mut(CHUNK)
         .zip(m.storage_mut::<f32>().par_chunks_mut(CHUNK))
         .zip(v.storage_mut::<f32>().par_chunks_mut(CHUNK))
-        .zip(p.par_chunks(CHUNK).zip(g.par_chunks(CHUNK)))
-        .map(|(((o, m), v), (p, g))| {
+        .zip(g.storage::<f32>().par_chunks(CHUNK))
+        .map(|(((p, m), v), g)| {
             let mut sq = 0f64;
-            for i in 0..o.len() {
+            for i in 0..p.len() {
                 let (gi, pi) = (g[i], p[i]);
                 // The tensor ops' expressions, term by term: g·c1 and (g·g)·c2 first.
                 let (gm, gv) = (gi * c1, (gi * gi) * c2);
@@ -138,13 +138,16 @@ pub fn adam<B: Backend>(
                 };
                 m[i] = mi;
                 v[i] = vi;
+                if keep {
+                    continue;
+                }
                 let step = (mi / (vi.sqrt() + eps)) * alpha;
                 let decayed = match s.decay {
                     Some(d) => pi * d,
                     None => pi,
                 };
-                let new = if keep { pi } else { decayed - step };
-                o[i] = new;
+                let new = decayed - step;
+                p[i] = new;
                 if norms {
                     let u = (pi - new) as f64;
                     sq += u * u;
@@ -153,13 +156,8 @@ pub fn adam<B: Backend>(
             sq
         })
         .sum();
-    let param = FlexTensor::new(
-        Bytes::from_elems(out),
-        Layout::contiguous(Shape::new([n])),
-        DType::F32,
-    );
     Update {
-        param: from_flex(param),
+        param: from_flex(p),
         m: from_flex(m),
         v: from_flex(v),
         update_sq: norms.then_some(sq),

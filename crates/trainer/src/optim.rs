@@ -413,7 +413,10 @@ pub fn step<AD: AutodiffBackend, M: AutodiffModule<AD>>(
             let alpha = sched * o.lr * gcfg.mult * bc2 / bc1;
             let decay = (o.weight_decay > 0.0 && self.cfg.groups.wd.is_match(&path))
                 .then_some(1.0 - sched * gcfg.mult * o.weight_decay);
-            let value = p.val();
+            // The parameter is taken apart so that its values have no other owner and the
+            // fused update can write them in place.
+            let require_grad = p.val().is_require_grad();
+            let (id, value, mapper) = p.consume();
             let dims = value.dims();
             let flat = value.inner().reshape([n]);
             let f32s = [&flat, &g]
@@ -473,8 +476,10 @@ pub fn step<AD: AutodiffBackend, M: AutodiffModule<AD>>(
             self.state.m.insert(path.clone(), m);
             self.state.v.insert(path.clone(), v);
             self.state.t.insert(path, t);
-            let id = p.id;
-            p.transform_for_load(Tensor::from_inner(new), id)
+            let value = mapper
+                .on_load(Tensor::from_inner(new))
+                .set_require_grad(require_grad);
+            Param::from_mapped_value(id, value, mapper)
         }
     }
     let mut a = Apply::<AD> {
