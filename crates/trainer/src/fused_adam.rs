@@ -1,7 +1,7 @@
 //! Adam's update of one parameter in one pass over its elements, on the CPU backend (flex).
 //!
 //! Written with tensor ops ([`crate::optim::step`]) the update is 12 passes over each
-//! parameter's elements, each a separate loop over memory: a third of a 63 M-parameter CPU
+//! parameter's elements, each a separate loop over memory: a quarter of a 63 M-parameter CPU
 //! step. Here every element goes through the same f32 expressions in the same order (so the
 //! weights and moments are bit-identical to the tensor ops'), in one loop on rayon's pool.
 //! Other backends keep the tensor ops, which their fusion compiles into few kernels.
