@@ -119,7 +119,37 @@ pub fn adam<B: Backend>(
         "fused Adam: parameter, gradient and moments differ in size"
     );
     let (b1, b2, eps, alpha) = (s.b1, s.b2, s.eps, s.alpha);
-    let sq: f64 = p
+    // The tensor ops' expressions, term by term: g·c1 and (g·g)·c2 first.
+    let moments = |gi: f32, m: f32, v: f32| {
+        let (gm, gv) = (gi * c1, (gi * gi) * c2);
+        if first {
+            (gm, gv)
+        } else {
+            (m * b1 + gm, v * b2 + gv)
+        }
+    };
+    if keep {
+        // A skipped step: the moments take the gradient, the parameter is left as it is
+        // (not even copied when shared).
+        m.storage_mut::<f32>()
+            .par_chunks_mut(CHUNK)
+            .zip(v.storage_mut::<f32>().par_chunks_mut(CHUNK))
+            .zip(g.storage::<f32>().par_chunks(CHUNK))
+            .for_each(|((m, v), g)| {
+                for i in 0..m.len() {
+                    (m[i], v[i]) = moments(g[i], m[i], v[i]);
+                }
+            });
+        return Update {
+            param: from_flex(p),
+            m: from_flex(m),
+            v: from_flex(v),
+            update_sq: norms.then_some(0.0),
+        };
+    }
+    // Per-chunk sums collected in chunk order and added serially: the update norm does not
+    // depend on how rayon splits the work.
+    let sq: Vec<f64> = p
         .storage_mut::<f32>()
         .par_chunks_mut(CHUNK)
         .zip(m.storage_mut::<f32>().par_chunks_mut(CHUNK))
@@ -128,19 +158,10 @@ pub fn adam<B: Backend>(
         .map(|(((p, m), v), g)| {
             let mut sq = 0f64;
             for i in 0..p.len() {
-                let (gi, pi) = (g[i], p[i]);
-                // The tensor ops' expressions, term by term: g·c1 and (g·g)·c2 first.
-                let (gm, gv) = (gi * c1, (gi * gi) * c2);
-                let (mi, vi) = if first {
-                    (gm, gv)
-                } else {
-                    (m[i] * b1 + gm, v[i] * b2 + gv)
-                };
+                let pi = p[i];
+                let (mi, vi) = moments(g[i], m[i], v[i]);
                 m[i] = mi;
                 v[i] = vi;
-                if keep {
-                    continue;
-                }
                 let step = (mi / (vi.sqrt() + eps)) * alpha;
                 let decayed = match s.decay {
                     Some(d) => pi * d,
@@ -155,7 +176,8 @@ pub fn adam<B: Backend>(
             }
             sq
         })
-        .sum();
+        .collect();
+    let sq: f64 = sq.iter().sum();
     Update {
         param: from_flex(p),
         m: from_flex(m),
