@@ -387,9 +387,8 @@ impl FlexTensor {
         } else {
             // General fallback: covers negative strides (flipped
             // tensors) and ND layouts that can't collapse to ≤2D.
-            for idx in crate::strided_index::StridedIter::new(&self.layout) {
-                dst.push(src[idx]);
-            }
+            // pali patch: a row at a time (`StridedIter` walked every element).
+            dst = crate::ops::par::copy_rows(src, &self.layout);
         }
 
         let bytes = Bytes::from_elems(dst);

@@ -382,15 +382,8 @@ where
         _ if lhs.layout().num_dims() == 2 => {
             apply_2d_strided(lhs_storage, rhs_storage, lhs.layout(), rhs.layout(), op)
         }
-        // General fallback
-        _ => {
-            let lhs_iter = StridedIter::new(lhs.layout());
-            let rhs_iter = StridedIter::new(rhs.layout());
-            lhs_iter
-                .zip(rhs_iter)
-                .map(|(li, ri)| op(lhs_storage[li], rhs_storage[ri]))
-                .collect()
-        }
+        // General fallback (pali patch: a row at a time, see `super::par::zip_rows`)
+        _ => super::par::zip_rows(lhs_storage, lhs.layout(), rhs_storage, rhs.layout(), op),
     };
 
     make_tensor(result, shape, dtype)

@@ -96,12 +96,52 @@ pub fn matmul(lhs: FlexTensor, rhs: FlexTensor) -> FlexTensor {
     let k_rhs = rhs_shape[rhs_rank - 2];
     assert_eq!(k_lhs, k_rhs, "matmul: inner dimensions must match");
 
-    match lhs.dtype() {
+    #[cfg(feature = "std")]
+    let (start, flops) = {
+        let batch: usize = lhs_shape[..lhs_rank - 2]
+            .iter()
+            .zip(&rhs_shape[..rhs_rank - 2])
+            .map(|(a, b)| *a.max(b))
+            .product::<usize>()
+            .max(1);
+        let mnk = lhs_shape[lhs_rank - 2] * k_lhs * rhs_shape[rhs_rank - 1];
+        (std::time::Instant::now(), 2 * (batch * mnk) as u64)
+    };
+    let out = match lhs.dtype() {
         DType::F32 => matmul_gemm::<f32>(lhs, rhs),
         DType::F64 => matmul_gemm::<f64>(lhs, rhs),
         DType::F16 => matmul_gemm::<f16>(lhs, rhs),
         DType::BF16 => matmul_bf16(lhs, rhs),
         _ => panic!("matmul: unsupported dtype {:?}", lhs.dtype()),
+    };
+    #[cfg(feature = "std")]
+    stats::add(flops, start.elapsed().as_nanos() as u64);
+    out
+}
+
+/// pali patch: the work and time of every float matmul since the process started, so a
+/// benchmark can say how much of a step is matrix products and how fast they ran.
+#[cfg(feature = "std")]
+pub mod stats {
+    use core::sync::atomic::{AtomicU64, Ordering::Relaxed};
+
+    static CALLS: AtomicU64 = AtomicU64::new(0);
+    static FLOPS: AtomicU64 = AtomicU64::new(0);
+    static NANOS: AtomicU64 = AtomicU64::new(0);
+
+    pub(super) fn add(flops: u64, nanos: u64) {
+        CALLS.fetch_add(1, Relaxed);
+        FLOPS.fetch_add(flops, Relaxed);
+        NANOS.fetch_add(nanos, Relaxed);
+    }
+
+    /// Totals so far: calls, floating-point operations (2·m·n·k per product), nanoseconds.
+    pub fn get() -> (u64, u64, u64) {
+        (
+            CALLS.load(Relaxed),
+            FLOPS.load(Relaxed),
+            NANOS.load(Relaxed),
+        )
     }
 }
 

@@ -4,6 +4,9 @@
 //! elements), which left a training step of activations of ~1 M elements mostly serial.
 //! Every element is computed by the same expression as before, so results are bit-identical.
 
+use crate::layout::Layout;
+use crate::strided_index::Rows;
+
 /// Smallest slice split across threads.
 pub(crate) const THRESHOLD: usize = 32 * 1024;
 /// Elements per task.
@@ -76,4 +79,121 @@ where
             .collect();
     }
     xs.iter().zip(ys).map(|(&x, &y)| f(x, y)).collect()
+}
+
+/// `op` over two layouts of one shape (broadcast, permuted, sliced), a row at a time
+/// ([`Rows`]): the result in row-major order, as `StridedIter` gave it element by element.
+pub(crate) fn zip_rows<E, Op>(
+    lhs: &[E],
+    lhs_layout: &Layout,
+    rhs: &[E],
+    rhs_layout: &Layout,
+    op: Op,
+) -> alloc::vec::Vec<E>
+where
+    E: bytemuck::Pod + Send + Sync,
+    Op: Fn(E, E) -> E + Sync + Send,
+{
+    let rows = Rows::new(
+        lhs_layout.shape(),
+        [
+            (lhs_layout.strides(), lhs_layout.start_offset() as isize),
+            (rhs_layout.strides(), rhs_layout.start_offset() as isize),
+        ],
+    );
+    let n = rows.row_len;
+    let total = n * rows.num_rows();
+    let mut out = alloc::vec![E::zeroed(); total];
+    if total == 0 {
+        return out;
+    }
+    let [ls, rs] = rows.row_strides;
+    let fill = |dst: &mut [E], first_row: usize| {
+        let mut k = 0;
+        rows.for_each(first_row, first_row + dst.len() / n, |[lo, ro]| {
+            let d = &mut dst[k..k + n];
+            k += n;
+            let (lo, ro) = (lo as usize, ro as usize);
+            match (ls, rs) {
+                (1, 1) => {
+                    for ((d, &a), &b) in d.iter_mut().zip(&lhs[lo..lo + n]).zip(&rhs[ro..ro + n]) {
+                        *d = op(a, b);
+                    }
+                }
+                (1, 0) => {
+                    let b = rhs[ro];
+                    for (d, &a) in d.iter_mut().zip(&lhs[lo..lo + n]) {
+                        *d = op(a, b);
+                    }
+                }
+                (0, 1) => {
+                    let a = lhs[lo];
+                    for (d, &b) in d.iter_mut().zip(&rhs[ro..ro + n]) {
+                        *d = op(a, b);
+                    }
+                }
+                _ => {
+                    for (j, d) in d.iter_mut().enumerate() {
+                        let li = (lo as isize + j as isize * ls) as usize;
+                        let ri = (ro as isize + j as isize * rs) as usize;
+                        *d = op(lhs[li], rhs[ri]);
+                    }
+                }
+            }
+        });
+    };
+    #[cfg(feature = "rayon")]
+    if total >= THRESHOLD {
+        use rayon::prelude::*;
+        let rows_per_task = (CHUNK / n).max(1);
+        out.par_chunks_mut(rows_per_task * n)
+            .enumerate()
+            .for_each(|(t, dst)| fill(dst, t * rows_per_task));
+        return out;
+    }
+    fill(&mut out, 0);
+    out
+}
+
+/// A strided layout's values copied to row-major order, a row at a time ([`Rows`]).
+pub(crate) fn copy_rows<E>(src: &[E], layout: &Layout) -> alloc::vec::Vec<E>
+where
+    E: bytemuck::Pod + Send + Sync,
+{
+    let rows = Rows::new(
+        layout.shape(),
+        [(layout.strides(), layout.start_offset() as isize)],
+    );
+    let n = rows.row_len;
+    let total = n * rows.num_rows();
+    let mut out = alloc::vec![E::zeroed(); total];
+    if total == 0 {
+        return out;
+    }
+    let [st] = rows.row_strides;
+    let fill = |dst: &mut [E], first_row: usize| {
+        let mut k = 0;
+        rows.for_each(first_row, first_row + dst.len() / n, |[o]| {
+            let d = &mut dst[k..k + n];
+            k += n;
+            if st == 1 {
+                d.copy_from_slice(&src[o as usize..o as usize + n]);
+            } else {
+                for (j, d) in d.iter_mut().enumerate() {
+                    *d = src[(o + j as isize * st) as usize];
+                }
+            }
+        });
+    };
+    #[cfg(feature = "rayon")]
+    if total >= THRESHOLD {
+        use rayon::prelude::*;
+        let rows_per_task = (CHUNK / n).max(1);
+        out.par_chunks_mut(rows_per_task * n)
+            .enumerate()
+            .for_each(|(t, dst)| fill(dst, t * rows_per_task));
+        return out;
+    }
+    fill(&mut out, 0);
+    out
 }
