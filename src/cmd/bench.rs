@@ -118,6 +118,7 @@ pub fn run(args: Args) -> Result<()> {
             "inputs_s": b.inputs_s, "forward_s": b.forward_s, "backward_s": b.backward_s,
             "optimizer_s": b.optimizer_s, "host_sync_s": b.host_sync_s,
         })),
+        "matmuls": measured.matmuls,
     });
     println!("{}", serde_json::to_string_pretty(&json)?);
     Ok(())
@@ -283,7 +284,11 @@ fn steps<AD: AutodiffBackend>(
     let mut adam = AdamState::default();
     let batch = synthetic_batch(c, a.batch, a.text_len);
     let mut times = Vec::new();
+    let mut before = None;
     for step in 0..a.warmup + a.steps {
+        if step == a.warmup {
+            before = matmul_counters();
+        }
         let mut b = batch.clone();
         let start = Instant::now();
         let inputs = step_inputs::<AD>(&mut b, c, Attention::PrefixLm, LossOn::Suffix, &device)?;
@@ -300,6 +305,21 @@ fn steps<AD: AutodiffBackend>(
             times.push(start.elapsed().as_secs_f64());
         }
     }
+    let matmuls = match (before, matmul_counters()) {
+        (Some(b), Some(e)) if e.0 > b.0 => {
+            let n = a.steps as f64;
+            let secs = (e.2 - b.2) as f64 * 1e-9 / n;
+            let flop = (e.1 - b.1) as f64 / n;
+            Some(serde_json::json!({
+                "calls_per_step": (e.0 - b.0) as f64 / n,
+                "gflop_per_step": flop / 1e9,
+                "seconds_per_step": secs,
+                "gflops_per_s": flop / secs / 1e9,
+                "share_of_step": secs * n / times.iter().sum::<f64>(),
+            }))
+        }
+        _ => None,
+    };
     let breakdown = if a.forward_only {
         None
     } else {
@@ -313,13 +333,28 @@ fn steps<AD: AutodiffBackend>(
             a.steps.clamp(1, 3),
         )?)
     };
-    Ok(Measured { times, breakdown })
+    Ok(Measured {
+        times,
+        breakdown,
+        matmuls,
+    })
+}
+
+/// Calls, floating-point operations and nanoseconds of the CPU backend's matmuls so far
+/// (counted by the patched burn-flex; other backends count nothing).
+fn matmul_counters() -> Option<(u64, u64, u64)> {
+    #[cfg(feature = "flex")]
+    return Some(burn_flex::ops::matmul::stats::get());
+    #[cfg(not(feature = "flex"))]
+    None
 }
 
 /// What the timed steps measured, and where a step's time goes.
 struct Measured {
     times: Vec<f64>,
     breakdown: Option<Breakdown>,
+    /// The timed steps' matrix products, per step: calls, work, time, rate, share of the step.
+    matmuls: Option<serde_json::Value>,
 }
 
 /// Median seconds of each phase of a step, measured in up to 3 extra steps that wait for the
