@@ -210,23 +210,13 @@ impl<B: Backend> GemmaAttention<B> {
             "attention mask has shape {:?} but q is [{b}, {h}, {s}, {dh}] and k is [{b}, {hkv}, {sk}, {dh}]",
             blocked.dims()
         );
-        // GQA/MQA: kv head j serves query heads j·rep … (j+1)·rep−1 (HF `repeat_kv`).
-        let rep = h / hkv;
-        let expand = |t: Tensor<B, 4>| {
-            if rep == 1 {
-                t
-            } else {
-                t.unsqueeze_dim::<5>(2)
-                    .expand([b, hkv, rep, sk, dh])
-                    .reshape([b, h, sk, dh])
-            }
-        };
         let opts = AttentionModuleOptions {
             scale: Some(self.scale),
             softcap: self.softcap,
             is_causal: false,
         };
-        let o = c.attention(q, expand(k), expand(v), Some(blocked), opts); // [B, H, Sq, Dh]
+        // GQA/MQA: kv head j serves query heads j·rep … (j+1)·rep−1 (HF `repeat_kv`).
+        let o = c.attention(q, k, v, Some(blocked), opts); // [B, H, Sq, Dh]
         c.linear(&self.o_proj, o.swap_dims(1, 2).reshape([b, s, h * dh]))
     }
 }

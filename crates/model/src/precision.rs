@@ -114,8 +114,11 @@ impl Compute {
     /// autodiff decomposes its attention into ops that keep three [B, H, Sq, Sk] matrices per
     /// layer for the backward pass, and several more alive while they are computed.
     ///
+    /// Grouped-query attention (MQA/GQA) takes `Hkv` key/value heads, a divisor of `H`: kv head
+    /// `j` serves query heads `j·rep … (j+1)·rep − 1` (HF `repeat_kv`).
+    ///
     /// # Shapes
-    /// - q: [B, H, Sq, Dh], k, v: [B, H, Sk, Dh], mask: [B, H, Sq, Sk] → [B, H, Sq, Dh]
+    /// - q: [B, H, Sq, Dh], k, v: [B, Hkv, Sk, Dh], mask: [B, H, Sq, Sk] → [B, H, Sq, Dh]
     pub fn attention<B: Backend>(
         self,
         q: Tensor<B, 4>,
@@ -125,7 +128,8 @@ impl Compute {
         opts: AttentionModuleOptions,
     ) -> Tensor<B, 4> {
         if self == Compute::F32 && !B::ad_enabled(&q.device()) {
-            return attention(q, k, v, mask, None, opts);
+            let h = q.dims()[1];
+            return attention(q, repeat_kv(k, h), repeat_kv(v, h), mask, None, opts);
         }
         let [b, h, _, _] = q.dims();
         let row_bytes = b * h * k.dims()[2] * 4;
@@ -141,6 +145,10 @@ impl Compute {
     /// before the next one starts. The matmuls run in this dtype; scores, soft-cap and
     /// normalisation in f32.
     ///
+    /// With grouped heads the `rep` query heads of a kv head are stacked as rows of one matrix,
+    /// [B, Hkv, rep·r, Dh], so the keys and values are used as they are: one matmul per kv head
+    /// instead of `rep` on copies (and no sum of `rep` copies' gradients).
+    ///
     /// # Shapes
     /// - as [`Compute::attention`]
     pub fn attention_in_chunks<B: Backend>(
@@ -153,7 +161,12 @@ impl Compute {
         rows: usize,
     ) -> Tensor<B, 4> {
         let [b, h, sq, dh] = q.dims();
-        let sk = k.dims()[2];
+        let [_, hkv, sk, _] = k.dims();
+        assert!(
+            hkv > 0 && h % hkv == 0,
+            "{h} query heads do not share {hkv} key/value heads evenly"
+        );
+        let rep = h / hkv;
         let scale = opts.scale.unwrap_or_else(|| (dh as f64).powf(-0.5));
         let kt = k.swap_dims(2, 3); // [B, H, Dh, Sk]
         let ones = Tensor::<B, 4>::ones([1, 1, sk, 1], &v.device());
@@ -161,12 +174,14 @@ impl Compute {
         for r0 in (0..sq).step_by(rows.max(1)) {
             let r1 = (r0 + rows).min(sq);
             let whole = r0 == 0 && r1 == sq;
+            let r = r1 - r0;
             let qc = if whole {
                 q.clone()
             } else {
                 q.clone().slice([0..b, 0..h, r0..r1, 0..dh])
             };
-            let mut s = self.matmul(qc, kt.clone()).mul_scalar(scale); // [B, H, r, Sk]
+            let qc = qc.reshape([b, hkv, rep * r, dh]);
+            let mut s = self.matmul(qc, kt.clone()).mul_scalar(scale); // [B, Hkv, rep·r, Sk]
             if let Some(cap) = opts.softcap {
                 s = s.div_scalar(cap).tanh().mul_scalar(cap);
             }
@@ -176,14 +191,14 @@ impl Compute {
                 } else {
                     m.clone().slice([0..b, 0..h, r0..r1, 0..sk])
                 };
-                s = s.mask_fill(m, f32::NEG_INFINITY);
+                s = s.mask_fill(m.reshape([b, hkv, rep * r, sk]), f32::NEG_INFINITY);
             }
             let max = s.clone().detach().max_dim(3).clamp_min(f32::MIN);
             let e = (s - max).exp();
             // rowsum(E) as a matmul with a ones column: a fused `sum_dim` over the exp gave
             // wrong sums on wgpu (tested by train::wgpu_training_matches_cpu).
             let sum = e.clone().matmul(ones.clone()).clamp_min(f32::MIN_POSITIVE);
-            out.push(self.matmul(e, v.clone()) / sum);
+            out.push((self.matmul(e, v.clone()) / sum).reshape([b, h, r, dh]));
         }
         if out.len() == 1 {
             out.pop().expect("one block")
@@ -191,6 +206,20 @@ impl Compute {
             Tensor::cat(out, 2)
         }
     }
+}
+
+/// `t` with each of its heads repeated for the query heads it serves (HF `repeat_kv`).
+///
+/// # Shapes
+/// - t: [B, Hkv, S, Dh] → [B, heads, S, Dh]
+pub fn repeat_kv<B: Backend>(t: Tensor<B, 4>, heads: usize) -> Tensor<B, 4> {
+    let [b, hkv, s, dh] = t.dims();
+    if hkv == heads {
+        return t;
+    }
+    t.unsqueeze_dim::<5>(2)
+        .expand([b, hkv, heads / hkv, s, dh])
+        .reshape([b, heads, s, dh])
 }
 
 /// Bytes of one block's score matrix in [`Compute::attention`] (f32, all batch rows and
@@ -215,13 +244,25 @@ mod tests {
     /// A [2, 3, q, k] mask: key `ki` blocked for query `qi` when `ki > qi + ahead`, and every
     /// key blocked for query `dead` of batch 1 (a fully masked row).
     fn mask<X: Backend>(q: usize, k: usize, ahead: usize, dead: usize) -> Tensor<X, 4, Bool> {
-        let blocked: Vec<bool> = (0..2 * 3 * q * k)
+        mask_heads(3, q, k, ahead, dead)
+    }
+
+    /// [`mask`] with `h` heads, head `hi` seeing `hi` keys further ahead (heads differ).
+    fn mask_heads<X: Backend>(
+        h: usize,
+        q: usize,
+        k: usize,
+        ahead: usize,
+        dead: usize,
+    ) -> Tensor<X, 4, Bool> {
+        let blocked: Vec<bool> = (0..2 * h * q * k)
             .map(|i| {
-                let (b, qi, ki) = (i / (3 * q * k), (i / k) % q, i % k);
+                let (b, hi, qi, ki) = (i / (h * q * k), (i / (q * k)) % h, (i / k) % q, i % k);
+                let ahead = if h == 3 { ahead } else { ahead + hi };
                 ki > qi + ahead || (b == 1 && qi == dead)
             })
             .collect();
-        let data = burn::tensor::TensorData::new(blocked, [2, 3, q, k]);
+        let data = burn::tensor::TensorData::new(blocked, [2, h, q, k]);
         Tensor::from_data(data, &Default::default())
     }
 
@@ -314,6 +355,59 @@ mod tests {
             let d = (a.clone() - b.clone()).abs().max().into_scalar();
             let m = b.abs().max().into_scalar();
             assert!(d <= 1e-5 * m.max(1.0), "{name}: differs by {d} (max {m})");
+        }
+    }
+
+    /// Grouped heads (4 query heads on 2 and on 1 kv heads), in blocks of 2 queries: Burn's
+    /// attention on repeated keys and values, and its gradients (summed over the repeats), to
+    /// float rounding.
+    #[test]
+    fn grouped_attention_matches_burn_on_repeated_kv() {
+        type A = Autodiff<B>;
+        let dev = Default::default();
+        let rand = |s: [usize; 4]| {
+            Tensor::<A, 4>::random(s, Distribution::Normal(0.0, 1.0), &dev).require_grad()
+        };
+        for hkv in [2, 1] {
+            let (q, k, v) = (
+                rand([2, 4, 5, 8]),
+                rand([2, hkv, 6, 8]),
+                rand([2, hkv, 6, 8]),
+            );
+            let mask = mask_heads::<A>(4, 5, 6, 1, 3);
+            let w = Tensor::<A, 4>::random([2, 4, 5, 8], Distribution::Normal(0.0, 1.0), &dev);
+            let run = |grouped: bool| {
+                let (q, k, v) = (q.clone(), k.clone(), v.clone());
+                let o = if grouped {
+                    Compute::F32.attention_in_chunks(
+                        q.clone(),
+                        k.clone(),
+                        v.clone(),
+                        Some(mask.clone()),
+                        OPTS,
+                        2,
+                    )
+                } else {
+                    let (kr, vr) = (repeat_kv(k.clone(), 4), repeat_kv(v.clone(), 4));
+                    attention(q.clone(), kr, vr, Some(mask.clone()), None, OPTS)
+                };
+                let g = (o.clone() * w.clone()).sum().backward();
+                let grad = |t: &Tensor<A, 4>| t.grad(&g).unwrap();
+                [o.inner(), grad(&q), grad(&k), grad(&v)]
+            };
+            let (ours, burn) = (run(true), run(false));
+            for (name, (a, b)) in ["output", "dq", "dk", "dv"]
+                .iter()
+                .zip(ours.into_iter().zip(burn))
+            {
+                assert_eq!(a.dims(), b.dims(), "{name}");
+                let d = (a.clone() - b.clone()).abs().max().into_scalar();
+                let m = b.abs().max().into_scalar();
+                assert!(
+                    d <= 1e-5 * m.max(1.0),
+                    "{hkv} kv heads, {name}: differs by {d} (max {m})"
+                );
+            }
         }
     }
 }
