@@ -199,8 +199,8 @@ fn checkpoints_resume_across_world_sizes() {
     launch2(&cfg, "one-two", &then);
     // Two processes sum the batch's gradients in another order than one, and Adam turns a
     // rounding difference in a near-zero gradient into one of up to ~lr (3e-3) in its update:
-    // measured 1.8-2.2e-5 on a 2-core AVX2 machine, under 1e-5 on CI (other matmul kernels). A lost,
-    // repeated or reordered batch, or moments not carried over, moves weights by ~lr.
+    // measured 1.8-2.2e-5 on a 2-core AVX2 machine, under 1e-5 on CI (other matmul kernels).
+    // A lost, repeated or reordered batch, or moments not carried over, moves weights by ~lr.
     for run in ["two-one", "one-two"] {
         let diff = max_diff(&one, &final_model(&d.path().join(run)));
         eprintln!("{run}: max weight difference to one process {diff}");

@@ -98,6 +98,13 @@ fn permuted_tensors_copy_to_the_right_order() {
         .map(|[a, b, c, d]| at(&v, SHAPE, [a, c, b, d]))
         .collect();
     assert_eq!(got, want);
+    // Flipped too (negative strides where the backend flips by layout).
+    let t = tensor(&v, SHAPE).flip([3]).swap_dims(1, 2).reshape([8, 15]);
+    let got: Vec<f32> = t.into_data().to_vec().unwrap();
+    let want: Vec<f32> = indices([2, 4, 3, 5])
+        .map(|[a, b, c, d]| at(&v, SHAPE, [a, c, b, 4 - d]))
+        .collect();
+    assert_eq!(got, want);
     // Large enough to be split across threads (the copy runs in tasks of rows).
     let n = [4, 64, 8, 64];
     let big: Vec<f32> = (0..n.iter().product::<usize>()).map(|i| i as f32).collect();

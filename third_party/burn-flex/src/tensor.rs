@@ -335,7 +335,6 @@ impl FlexTensor {
     fn copy_contiguous<E: Element + bytemuck::Pod>(&self) -> Self {
         let src: &[E] = bytemuck::cast_slice(&self.data);
         let n = self.layout.num_elements();
-        let mut dst = Vec::with_capacity(n);
 
         // Squeeze size-1 dims and merge adjacent stride-contiguous
         // runs so e.g. a permuted `[N, H, W, C]` ConvNeXt layer-norm
@@ -346,8 +345,18 @@ impl FlexTensor {
         let (shape, strides) = collapsed.as_slices();
         let offset = self.layout.start_offset() as isize;
         let all_positive = strides.iter().all(|&s| s >= 0);
+        // pali patch: the general case (negative strides, or ND layouts that do not collapse
+        // to 2 dims) is a row at a time; `StridedIter` walked every element.
+        if shape.len() > 2 || !all_positive {
+            return Self {
+                data: Arc::new(Bytes::from_elems(crate::ops::par::copy_rows(src, &self.layout))),
+                layout: Layout::contiguous(self.layout.shape().clone()),
+                dtype: self.dtype,
+            };
+        }
+        let mut dst = Vec::with_capacity(n);
 
-        if shape.len() <= 1 && all_positive {
+        if shape.len() <= 1 {
             // 0-D scalar or 1-D run with a uniform stride. Empty
             // collapsed shape means rank 0 (numel 1); otherwise
             // numel is the single dim's size (which may be 0 for
@@ -372,7 +381,7 @@ impl FlexTensor {
                     }
                 }
             }
-        } else if shape.len() == 2 && all_positive {
+        } else {
             // 2D positive-stride (transpose-like): tile both dims so
             // reads stay in cache. The loop-nesting chooser inside
             // `copy_2d_tiled` picks whichever ordering puts the
@@ -384,11 +393,6 @@ impl FlexTensor {
             copy_2d_tiled(
                 &mut dst, src, offset, shape[0], shape[1], strides[0], strides[1],
             );
-        } else {
-            // General fallback: covers negative strides (flipped
-            // tensors) and ND layouts that can't collapse to ≤2D.
-            // pali patch: a row at a time (`StridedIter` walked every element).
-            dst = crate::ops::par::copy_rows(src, &self.layout);
         }
 
         let bytes = Bytes::from_elems(dst);

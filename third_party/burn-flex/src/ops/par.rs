@@ -101,58 +101,36 @@ where
             (rhs_layout.strides(), rhs_layout.start_offset() as isize),
         ],
     );
-    let n = rows.row_len;
-    let total = n * rows.num_rows();
-    let mut out = alloc::vec![E::zeroed(); total];
-    if total == 0 {
-        return out;
-    }
     let [ls, rs] = rows.row_strides;
-    let fill = |dst: &mut [E], first_row: usize| {
-        let mut k = 0;
-        rows.for_each(first_row, first_row + dst.len() / n, |[lo, ro]| {
-            let d = &mut dst[k..k + n];
-            k += n;
-            let (lo, ro) = (lo as usize, ro as usize);
-            match (ls, rs) {
-                (1, 1) => {
-                    for ((d, &a), &b) in d.iter_mut().zip(&lhs[lo..lo + n]).zip(&rhs[ro..ro + n]) {
-                        *d = op(a, b);
-                    }
-                }
-                (1, 0) => {
-                    let b = rhs[ro];
-                    for (d, &a) in d.iter_mut().zip(&lhs[lo..lo + n]) {
-                        *d = op(a, b);
-                    }
-                }
-                (0, 1) => {
-                    let a = lhs[lo];
-                    for (d, &b) in d.iter_mut().zip(&rhs[ro..ro + n]) {
-                        *d = op(a, b);
-                    }
-                }
-                _ => {
-                    for (j, d) in d.iter_mut().enumerate() {
-                        let li = (lo as isize + j as isize * ls) as usize;
-                        let ri = (ro as isize + j as isize * rs) as usize;
-                        *d = op(lhs[li], rhs[ri]);
-                    }
+    collect_rows(&rows, |d: &mut [E], [lo, ro]| {
+        let (n, lo, ro) = (d.len(), lo as usize, ro as usize);
+        match (ls, rs) {
+            (1, 1) => {
+                for ((d, &a), &b) in d.iter_mut().zip(&lhs[lo..lo + n]).zip(&rhs[ro..ro + n]) {
+                    *d = op(a, b);
                 }
             }
-        });
-    };
-    #[cfg(feature = "rayon")]
-    if total >= THRESHOLD {
-        use rayon::prelude::*;
-        let rows_per_task = (CHUNK / n).max(1);
-        out.par_chunks_mut(rows_per_task * n)
-            .enumerate()
-            .for_each(|(t, dst)| fill(dst, t * rows_per_task));
-        return out;
-    }
-    fill(&mut out, 0);
-    out
+            (1, 0) => {
+                let b = rhs[ro];
+                for (d, &a) in d.iter_mut().zip(&lhs[lo..lo + n]) {
+                    *d = op(a, b);
+                }
+            }
+            (0, 1) => {
+                let a = lhs[lo];
+                for (d, &b) in d.iter_mut().zip(&rhs[ro..ro + n]) {
+                    *d = op(a, b);
+                }
+            }
+            _ => {
+                for (j, d) in d.iter_mut().enumerate() {
+                    let li = (lo as isize + j as isize * ls) as usize;
+                    let ri = (ro as isize + j as isize * rs) as usize;
+                    *d = op(lhs[li], rhs[ri]);
+                }
+            }
+        }
+    })
 }
 
 /// A strided layout's values copied to row-major order, a row at a time ([`Rows`]).
@@ -164,25 +142,38 @@ where
         layout.shape(),
         [(layout.strides(), layout.start_offset() as isize)],
     );
+    let [st] = rows.row_strides;
+    collect_rows(&rows, |d: &mut [E], [o]| {
+        if st == 1 {
+            d.copy_from_slice(&src[o as usize..o as usize + d.len()]);
+        } else {
+            for (j, d) in d.iter_mut().enumerate() {
+                *d = src[(o + j as isize * st) as usize];
+            }
+        }
+    })
+}
+
+/// The row-major output of `rows`, each row written by `row(dst, offsets)`; rows are split
+/// across rayon's pool in tasks of about `CHUNK` elements from `THRESHOLD` elements.
+fn collect_rows<E, const N: usize>(
+    rows: &Rows<N>,
+    row: impl Fn(&mut [E], [isize; N]) + Sync,
+) -> alloc::vec::Vec<E>
+where
+    E: bytemuck::Pod + Send + Sync,
+{
     let n = rows.row_len;
     let total = n * rows.num_rows();
     let mut out = alloc::vec![E::zeroed(); total];
     if total == 0 {
         return out;
     }
-    let [st] = rows.row_strides;
     let fill = |dst: &mut [E], first_row: usize| {
-        let mut k = 0;
-        rows.for_each(first_row, first_row + dst.len() / n, |[o]| {
-            let d = &mut dst[k..k + n];
-            k += n;
-            if st == 1 {
-                d.copy_from_slice(&src[o as usize..o as usize + n]);
-            } else {
-                for (j, d) in d.iter_mut().enumerate() {
-                    *d = src[(o + j as isize * st) as usize];
-                }
-            }
+        let count = dst.len() / n;
+        let mut chunks = dst.chunks_exact_mut(n);
+        rows.for_each(first_row, first_row + count, |off| {
+            row(chunks.next().expect("one chunk per row"), off)
         });
     };
     #[cfg(feature = "rayon")]
