@@ -446,6 +446,10 @@ fn bad_configs_fail_before_training_with_the_reason() {
             "model.vision.num_layers = \"two\": invalid type",
         ),
         (
+            "model.vision.posemb_init=\"polar\"",
+            "model.vision.posemb_init = \"polar\": unknown variant `polar`, expected `normal` or `sincos2d`",
+        ),
+        (
             "model.vision.image_size=64",
             "model.vision.image_size: the resolution is each stage's `resolution`",
         ),

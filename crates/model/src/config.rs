@@ -35,6 +35,21 @@ pub struct SiglipConfig {
     /// LayerNorm epsilon (Flax and HF SigLIP use 1e-6).
     #[config(default = 1e-6)]
     pub layer_norm_eps: f64,
+    /// How a fresh encoder's (always learned) position embedding starts. An init choice only:
+    /// checkpoints carry the table itself, so it is not part of the HF config.
+    #[config(default = "PosembInit::Normal")]
+    pub posemb_init: PosembInit,
+}
+
+/// Initial values of the learned position embedding.
+#[derive(Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum PosembInit {
+    /// Normal with std 1/sqrt(D): big_vision's `posemb = "learn"` (SigLIP, PaliGemma).
+    Normal,
+    /// big_vision's `posemb_sincos_2d` table (x then y, sin and cos, temperature 10⁴), still
+    /// learned: every patch starts with its row and column legible.
+    Sincos2d,
 }
 
 impl SiglipConfig {

@@ -22,7 +22,7 @@ pub mod two_tower;
 pub mod vqvae;
 
 pub use config::{
-    GemmaConfig, ImageEncoder, LayerType, PaliGemmaConfig, ProjectorKind, SiglipConfig,
+    GemmaConfig, ImageEncoder, LayerType, PaliGemmaConfig, PosembInit, ProjectorKind, SiglipConfig,
 };
 pub use error::{Error, Result};
 pub use gemma::AttentionMasks;

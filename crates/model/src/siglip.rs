@@ -15,7 +15,7 @@ use burn::tensor::backend::Backend;
 use burn::tensor::ops::AttentionModuleOptions;
 use burn::tensor::Tensor;
 
-use crate::config::SiglipConfig;
+use crate::config::{PosembInit, SiglipConfig};
 use crate::precision::Compute;
 
 #[derive(Module, Debug)]
@@ -112,13 +112,19 @@ impl SiglipConfig {
                 },
             })
             .collect();
-        // Position embeddings: normal with std 1/sqrt(D), as big_vision's `pos_embedding` init.
-        let pos = EmbeddingConfig::new(self.num_patches(), d)
+        // Position embeddings: normal with std 1/sqrt(D), as big_vision's `pos_embedding` init,
+        // or that learned table started at the sincos values.
+        let mut pos = EmbeddingConfig::new(self.num_patches(), d)
             .with_initializer(burn::nn::Initializer::Normal {
                 mean: 0.0,
                 std: (d as f64).powf(-0.5),
             })
             .init(device);
+        if self.posemb_init == PosembInit::Sincos2d {
+            let g = self.grid();
+            let table = Tensor::<B, 1>::from_floats(posemb_sincos_2d(g, g, d).as_slice(), device);
+            pos.weight = Param::from_tensor(table.reshape([g * g, d]));
+        }
         SiglipVision {
             head: None,
             embeddings: SiglipEmbeddings {
@@ -131,6 +137,27 @@ impl SiglipConfig {
             post_layernorm: ln(),
         }
     }
+}
+
+/// big_vision `posemb_sincos_2d(h, w, width)`, row-major patches: for patch (y, x) the row
+/// is `[sin(x·ω), cos(x·ω), sin(y·ω), cos(y·ω)]` with ω_i = 10000^(-i / (width/4 - 1)).
+/// A width that is not a multiple of 4 leaves its last columns zero.
+pub fn posemb_sincos_2d(h: usize, w: usize, width: usize) -> Vec<f32> {
+    let q = width / 4;
+    let omega: Vec<f64> = (0..q)
+        .map(|i| 10000f64.powf(-(i as f64) / (q.max(2) - 1) as f64))
+        .collect();
+    let mut out = vec![0f32; h * w * width];
+    for (n, row) in out.chunks_mut(width).enumerate() {
+        let (y, x) = ((n / w) as f64, (n % w) as f64);
+        for (i, om) in omega.iter().enumerate() {
+            row[i] = (x * om).sin() as f32;
+            row[q + i] = (x * om).cos() as f32;
+            row[2 * q + i] = (y * om).sin() as f32;
+            row[3 * q + i] = (y * om).cos() as f32;
+        }
+    }
+    out
 }
 
 impl SiglipConfig {
@@ -298,4 +325,45 @@ pub fn patchify<B: Backend>(pixels: Tensor<B, 4>, p: usize) -> Tensor<B, 3> {
         .reshape([b, c, gh, p, gw, p])
         .permute([0, 2, 4, 3, 5, 1]) // [B, gh, gw, p, p, C]
         .reshape([b, gh * gw, p * p * c])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::TestBackend as B;
+
+    #[test]
+    fn sincos_table_is_big_vision_s() {
+        // h = w = 2, width 8: ω = [1, 1e-4]; row 3 is patch (y 1, x 1), row 1 is (y 0, x 1).
+        let t = posemb_sincos_2d(2, 2, 8);
+        let (s, c) = (1f32.sin(), 1f32.cos());
+        let (s4, c4) = (1e-4f32.sin(), 1e-4f32.cos());
+        assert_eq!(&t[8..16], &[s, s4, c, c4, 0.0, 0.0, 1.0, 1.0]);
+        assert_eq!(&t[24..32], &[s, s4, c, c4, s, s4, c, c4]);
+    }
+
+    #[test]
+    fn sincos_init_fills_the_learned_table() {
+        let device = Default::default();
+        let cfg = SiglipConfig::new()
+            .with_image_size(16)
+            .with_patch_size(8)
+            .with_hidden_size(8)
+            .with_intermediate_size(8)
+            .with_num_layers(1)
+            .with_num_heads(2);
+        let pos = |c: &SiglipConfig| -> Vec<f32> {
+            let v = c.init::<B>(&device);
+            v.embeddings
+                .position_embedding
+                .weight
+                .val()
+                .into_data()
+                .to_vec()
+                .unwrap()
+        };
+        let sincos = pos(&cfg.clone().with_posemb_init(PosembInit::Sincos2d));
+        assert_eq!(sincos, posemb_sincos_2d(2, 2, 8));
+        assert_ne!(pos(&cfg), sincos);
+    }
 }
