@@ -462,6 +462,18 @@ fn bad_configs_fail_before_training_with_the_reason() {
         assert!(e.contains(want), "{set}: {e}");
         assert_eq!(e.trim().lines().count(), 1, "{e}");
     }
+    let e = train_err(
+        &cfg,
+        &[
+            "--set",
+            "model.vision={ hidden_size = 50, num_heads = 2, posemb_init = \"sincos2d\" }",
+        ],
+    );
+    assert!(
+        e.contains("posemb_init = \"sincos2d\" needs hidden_size (50) a multiple of 4"),
+        "{e}"
+    );
+    assert_eq!(e.trim().lines().count(), 1, "{e}");
     let siglip = d.path().join("siglip.safetensors");
     std::fs::write(&siglip, b"").unwrap();
     let e = train_err(

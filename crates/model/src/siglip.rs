@@ -112,19 +112,22 @@ impl SiglipConfig {
                 },
             })
             .collect();
-        // Position embeddings: normal with std 1/sqrt(D), as big_vision's `pos_embedding` init,
-        // or that learned table started at the sincos values.
-        let mut pos = EmbeddingConfig::new(self.num_patches(), d)
-            .with_initializer(burn::nn::Initializer::Normal {
-                mean: 0.0,
-                std: (d as f64).powf(-0.5),
-            })
-            .init(device);
-        if self.posemb_init == PosembInit::Sincos2d {
-            let g = self.grid();
-            let table = Tensor::<B, 1>::from_floats(posemb_sincos_2d(g, g, d).as_slice(), device);
-            pos.weight = Param::from_tensor(table.reshape([g * g, d]));
-        }
+        let (n, g) = (self.num_patches(), self.grid());
+        let pos = match self.posemb_init {
+            // Normal with std 1/sqrt(D), as big_vision's `pos_embedding` init.
+            PosembInit::Normal => EmbeddingConfig::new(n, d)
+                .with_initializer(burn::nn::Initializer::Normal {
+                    mean: 0.0,
+                    std: (d as f64).powf(-0.5),
+                })
+                .init(device),
+            PosembInit::Sincos2d => Embedding {
+                weight: Param::from_tensor(
+                    Tensor::<B, 1>::from_floats(posemb_sincos_2d(g, g, d).as_slice(), device)
+                        .reshape([n, d]),
+                ),
+            },
+        };
         SiglipVision {
             head: None,
             embeddings: SiglipEmbeddings {
@@ -141,8 +144,12 @@ impl SiglipConfig {
 
 /// big_vision `posemb_sincos_2d(h, w, width)`, row-major patches: for patch (y, x) the row
 /// is `[sin(x·ω), cos(x·ω), sin(y·ω), cos(y·ω)]` with ω_i = 10000^(-i / (width/4 - 1)).
-/// A width that is not a multiple of 4 leaves its last columns zero.
+/// `width` must be a multiple of 4 (configs are checked before this; big_vision asserts it).
 pub fn posemb_sincos_2d(h: usize, w: usize, width: usize) -> Vec<f32> {
+    assert!(
+        width % 4 == 0,
+        "posemb_sincos_2d: width {width} is not a multiple of 4"
+    );
     let q = width / 4;
     let omega: Vec<f64> = (0..q)
         .map(|i| 10000f64.powf(-(i as f64) / (q.max(2) - 1) as f64))

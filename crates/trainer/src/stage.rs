@@ -485,6 +485,12 @@ fn shape_problem(c: &PaliGemmaConfig) -> Option<String> {
                 v.hidden_size, v.num_heads
             ));
         }
+        if v.posemb_init == pali_model::PosembInit::Sincos2d && v.hidden_size % 4 != 0 {
+            return Some(format!(
+                "vision: posemb_init = \"sincos2d\" needs hidden_size ({}) a multiple of 4",
+                v.hidden_size
+            ));
+        }
     }
     None
 }
