@@ -147,7 +147,7 @@ impl SiglipConfig {
 /// `width` must be a multiple of 4 (configs are checked before this; big_vision asserts it).
 pub fn posemb_sincos_2d(h: usize, w: usize, width: usize) -> Vec<f32> {
     assert!(
-        width % 4 == 0,
+        width.is_multiple_of(4),
         "posemb_sincos_2d: width {width} is not a multiple of 4"
     );
     let q = width / 4;

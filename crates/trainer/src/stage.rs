@@ -485,7 +485,7 @@ fn shape_problem(c: &PaliGemmaConfig) -> Option<String> {
                 v.hidden_size, v.num_heads
             ));
         }
-        if v.posemb_init == pali_model::PosembInit::Sincos2d && v.hidden_size % 4 != 0 {
+        if v.posemb_init == pali_model::PosembInit::Sincos2d && !v.hidden_size.is_multiple_of(4) {
             return Some(format!(
                 "vision: posemb_init = \"sincos2d\" needs hidden_size ({}) a multiple of 4",
                 v.hidden_size
